@@ -1,0 +1,106 @@
+"""The pretrained baseline: trained once per config, cached on disk, reused by every trial."""
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .config import Config, baseline_key
+from .data import DeviceData
+from .errors import UserError
+from .measure import count_macs
+from .models import build_model
+from .train import evaluate, prepare, pretrain, steps_per_epoch
+
+
+@dataclass
+class Baseline:
+    model: nn.Module
+    val_accuracy: float  # fraction of the validation split
+    test_accuracy: float  # fraction of the test split
+    macs: int  # at one 3x32x32 input
+    params: int  # conv and linear weights and biases
+    pretrain_seconds: float  # 0 when read from the cache
+
+    def metrics(self) -> dict:
+        return {
+            "val_accuracy": self.val_accuracy,
+            "test_accuracy": self.test_accuracy,
+            "macs": self.macs,
+            "params": self.params,
+        }
+
+
+def baseline_path(config: Config) -> Path:
+    return Path(config.baseline_dir) / f"{config.model}-w{config.width:g}-{baseline_key(config)}.pt"
+
+
+def new_model(config: Config) -> nn.Module:
+    return build_model(config.model, num_classes=config.num_classes, width=config.width)
+
+
+def load_baseline(path: Path, config: Config, device: torch.device) -> Baseline:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = new_model(config)
+        model.load_state_dict(saved["state_dict"])
+        metrics = saved["metrics"]
+    except Exception as error:
+        raise UserError(
+            f"baseline checkpoint {path} is unreadable ({type(error).__name__}); delete it to pretrain again"
+        ) from None
+    return Baseline(prepare(model, device), **metrics, pretrain_seconds=0.0)
+
+
+def _save(path: Path, baseline: Baseline, config: Config) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    payload = {
+        "state_dict": {k: v.cpu() for k, v in baseline.model.state_dict().items()},
+        "metrics": baseline.metrics(),
+        "config": config.to_dict(),
+    }
+    torch.save(payload, partial)
+    os.replace(partial, path)  # never a half-written checkpoint under the real name
+
+
+def train_baseline(config: Config, data: DeviceData) -> Baseline:
+    torch.manual_seed(config.seed)
+    model = prepare(new_model(config), data.device)
+    total = config.pretrain_epochs * steps_per_epoch(data, config.batch_size)
+    start = time.perf_counter()
+    with tqdm(total=total, desc="pretraining baseline", unit="step", file=sys.stderr, leave=False) as bar:
+        pretrain(model, data, config, progress=bar)
+    seconds = time.perf_counter() - start
+    macs, params = count_macs(model)
+    return Baseline(
+        model,
+        evaluate(model, data, "val", config.eval_batch_size),
+        evaluate(model, data, "test", config.eval_batch_size),
+        macs,
+        params,
+        seconds,
+    )
+
+
+def ensure_baseline(config: Config, data: DeviceData) -> Baseline:
+    """The cached baseline for ``config``, pretraining it first when there is none."""
+    path = baseline_path(config)
+    if path.exists():
+        baseline = load_baseline(path, config, data.device)
+        print(f"baseline: {path} (cached)", file=sys.stderr)
+    else:
+        baseline = train_baseline(config, data)
+        _save(path, baseline, config)
+        print(f"baseline: pretrained in {baseline.pretrain_seconds:.0f} s, saved to {path}", file=sys.stderr)
+    print(
+        f"baseline: val {baseline.val_accuracy:.2%}  test {baseline.test_accuracy:.2%}  "
+        f"MACs {baseline.macs:,}  params {baseline.params:,}",
+        file=sys.stderr,
+    )
+    return baseline

@@ -1,0 +1,143 @@
+"""One typed config, resolved once from a YAML file plus command-line flags and passed down."""
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .models import RANK_STEPS, check_rank, model_names
+
+
+@dataclass
+class Config:
+    # model
+    model: str = "vgg16"  # architecture from the model registry
+    width: float = 1.0  # channel multiplier (1.0 = the standard 64..512 channels)
+    num_classes: int = 10  # classes in the dataset
+    # data
+    data_dir: str = "data"  # CIFAR-10: ImageFolder tree (train/, test/) or torchvision's folder
+    download: bool = True  # fetch torchvision's CIFAR-10 into data_dir when it holds none
+    val_size: int = 5000  # images held out of the training set; the search measures these
+    split_seed: int = 0  # seed of the train / val split
+    batch_size: int = 128  # training images per step
+    eval_batch_size: int = 1000  # images per evaluation forward pass
+    # baseline pretraining
+    pretrain_epochs: int = 30  # epochs over the training split
+    pretrain_lr: float = 0.1  # peak learning rate of the one-cycle schedule, per batch of batch_size
+    momentum: float = 0.9  # SGD (Nesterov) momentum, pretraining and fine-tuning
+    weight_decay: float = 5e-4  # L2 penalty on all weights
+    label_smoothing: float = 0.1  # cross-entropy label smoothing, pretraining and fine-tuning
+    baseline_dir: str = "studies/baselines"  # cached baselines, one file per config hash
+    # trials
+    finetune_steps: int = 200  # SGD steps after decomposition in each trial
+    finetune_lr: float = 0.01  # initial fine-tune learning rate
+    finetune_schedule: str = "cosine"  # "cosine" (to 0) or "constant"
+    rank_min: float = 1 / RANK_STEPS  # smallest normalized rank the search may pick (on the 1/32 grid)
+    rank_max: float = 1.0  # largest normalized rank the search may pick (on the 1/32 grid)
+    # search
+    sampler: str = "tpe"  # "tpe" (Optuna's default multi-objective TPE) or "nsga2"
+    seed: int = 0  # seeds the sampler, the pretraining and each trial's fine-tune
+    trials: int = 200  # trials a `run` adds to the study
+    study_name: str = "vgg16-cifar10"  # Optuna study name
+    storage: str | None = None  # Optuna storage URL; default sqlite:///studies/<study_name>.db
+    device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
+    enqueue_ranks: list[list[float]] = field(default_factory=list)  # rank vectors to try first
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///studies/{self.study_name}.db"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Fields that change what a trial measures; a resumed study must agree on all of them.
+RUN_CONTROL = {"data_dir", "download", "trials", "study_name", "storage", "device", "enqueue_ranks", "baseline_dir"}
+BASELINE_FIELDS = (
+    "model", "width", "num_classes", "val_size", "split_seed", "batch_size",
+    "pretrain_epochs", "pretrain_lr", "momentum", "weight_decay", "label_smoothing", "seed",
+)  # fmt: skip
+CHOICES = {"finetune_schedule": ("cosine", "constant"), "sampler": ("tpe", "nsga2"), "device": ("auto", "cpu", "cuda")}
+
+
+def search_fields(config: Config) -> dict:
+    """The config values that define a study: everything but run control."""
+    return {k: v for k, v in config.to_dict().items() if k not in RUN_CONTROL}
+
+
+def baseline_key(config: Config) -> str:
+    """Hash of the fields that define the pretrained baseline."""
+    values = {k: getattr(config, k) for k in BASELINE_FIELDS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _coerce(name: str, value, kind):
+    """Check a file or flag value against the field's type."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind == str | None:
+        kind = (str, type(None))
+    elif kind == list[list[float]]:
+        if not (isinstance(value, list) and all(isinstance(r, list) for r in value)):
+            raise UserError(f"config key {name!r} must be a list of rank lists, got {value!r}")
+        try:
+            return [[float(v) for v in ranks] for ranks in value]
+        except (TypeError, ValueError):
+            raise UserError(f"config key {name!r} must hold numbers, got {value!r}") from None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"config key {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> Config:
+    """Config from a YAML file (or the defaults), then ``overrides`` (flags set on the command line)."""
+    values: dict = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as error:
+            raise UserError(f"cannot read config {path}: {error.strerror}; pass an existing --config file") from None
+        except yaml.YAMLError as error:
+            raise UserError(f"config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"config {path} must be a mapping of keys to values")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+    config = Config(**{k: _coerce(k, v, fields[k]) for k, v in values.items()})
+    validate(config)
+    return config
+
+
+def _on_grid(name: str, value: float) -> float:
+    try:
+        return check_rank(value)
+    except ValueError as error:
+        raise UserError(f"{name}: {error}") from None
+
+
+def validate(config: Config) -> None:
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise UserError(f"{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+    if config.model not in model_names():
+        raise UserError(f"model must be one of {', '.join(model_names())}, got {config.model!r}")
+    if config.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {config.trials}")
+    positive = ("width", "num_classes", "val_size", "batch_size", "eval_batch_size", "pretrain_lr", "finetune_lr")
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise UserError(f"{name} must be positive, got {getattr(config, name)}")
+    for name in ("pretrain_epochs", "finetune_steps"):
+        if getattr(config, name) < 0:
+            raise UserError(f"{name} must be 0 or more, got {getattr(config, name)}")
+    config.rank_min = _on_grid("rank_min", config.rank_min)
+    config.rank_max = _on_grid("rank_max", config.rank_max)
+    if config.rank_min > config.rank_max:
+        raise UserError(f"rank_min {config.rank_min} is above rank_max {config.rank_max}")
+    config.enqueue_ranks = [[_on_grid("enqueued rank", r) for r in ranks] for ranks in config.enqueue_ranks]

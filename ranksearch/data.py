@@ -1,0 +1,244 @@
+"""CIFAR-10 as uint8 tensors: find it, decode it once, cache it, split it, and cut batches on the device.
+
+Accepted in ``--data-dir``: an ImageFolder tree with ``train/`` and ``test/`` (one folder per class),
+or torchvision's CIFAR-10 folder (``cifar-10-batches-py``), which torchvision can also download.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGE_SIZE = 32
+CROP_PADDING = 4
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+CACHE_NAME = ".ranksearch-cache-v1.pt"
+ACCEPTED = (
+    "an ImageFolder tree with train/ and test/ (one subfolder per class), "
+    "or torchvision's CIFAR-10 folder (cifar-10-batches-py)"
+)
+
+
+@dataclass
+class ImageTensors:
+    images: torch.Tensor  # (N, 3, 32, 32) uint8
+    labels: torch.Tensor  # (N,) int64
+
+
+@dataclass
+class Dataset:
+    train: ImageTensors
+    test: ImageTensors
+    classes: list[str]
+    source: str  # "imagefolder" or "torchvision"
+
+
+def _torchvision_root(data_dir: Path) -> Path | None:
+    if (data_dir / "cifar-10-batches-py").is_dir():
+        return data_dir
+    if data_dir.name == "cifar-10-batches-py" and data_dir.is_dir():
+        return data_dir.parent
+    return None
+
+
+def detect_source(data_dir: Path) -> str | None:
+    """"imagefolder", "torchvision", or None when ``data_dir`` holds neither layout."""
+    if (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
+        return "imagefolder"
+    if _torchvision_root(data_dir) is not None:
+        return "torchvision"
+    return None
+
+
+def load_dataset(data_dir: str | Path, download: bool = False) -> Dataset:
+    """Load CIFAR-10 from ``data_dir``, downloading torchvision's copy there if allowed and needed."""
+    data_dir = Path(data_dir).expanduser()
+    source = detect_source(data_dir)
+    if source is None and download:
+        _download(data_dir)
+        source = detect_source(data_dir)
+    if source is None:
+        raise UserError(
+            f"no CIFAR-10 found in --data-dir {data_dir}: point it at {ACCEPTED}"
+            + ("" if download else ", or allow downloading with --download")
+        )
+    if source == "torchvision":
+        return _load_torchvision(_torchvision_root(data_dir))
+    return _load_imagefolder_cached(data_dir)
+
+
+def _download(data_dir: Path) -> None:
+    from torchvision.datasets import CIFAR10
+
+    print(f"downloading CIFAR-10 into {data_dir} ...", file=sys.stderr)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        CIFAR10(str(data_dir), train=True, download=True)
+    except Exception as error:  # no network, no permission, ...
+        raise UserError(
+            f"no CIFAR-10 in --data-dir {data_dir} and the download failed ({error}); "
+            f"point --data-dir at {ACCEPTED}"
+        ) from None
+
+
+def _load_torchvision(root: Path) -> Dataset:
+    from torchvision.datasets import CIFAR10
+
+    def split(train: bool) -> tuple[ImageTensors, list[str]]:
+        ds = CIFAR10(str(root), train=train, download=False)
+        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+        return ImageTensors(images, torch.tensor(ds.targets, dtype=torch.long)), list(ds.classes)
+
+    try:
+        (train, classes), (test, _) = split(True), split(False)
+    except RuntimeError as error:
+        raise UserError(f"torchvision CIFAR-10 folder in {root} is incomplete ({error})") from None
+    return Dataset(train, test, classes, "torchvision")
+
+
+def _image_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    files = [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted((split_dir / name).iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    return classes, files
+
+
+def _decode(files: list[tuple[Path, int]]) -> ImageTensors:
+    from PIL import Image
+
+    images = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for index, (path, _) in enumerate(files):
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            images[index] = np.asarray(image)
+    labels = torch.tensor([label for _, label in files], dtype=torch.long)
+    return ImageTensors(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
+
+
+def _load_imagefolder_cached(data_dir: Path) -> Dataset:
+    """Decode the ImageFolder tree once; later starts read the uint8 cache saved beside it."""
+    (classes, train_files), (test_classes, test_files) = (
+        _image_files(data_dir / "train"),
+        _image_files(data_dir / "test"),
+    )
+    if not train_files or not test_files:
+        raise UserError(f"--data-dir {data_dir} has no images under train/ or test/: it needs {ACCEPTED}")
+    if classes != test_classes:
+        raise UserError(f"--data-dir {data_dir}: train/ and test/ hold different class folders")
+    fingerprint = [len(train_files), len(test_files), classes]
+    cache = data_dir / CACHE_NAME
+    if cache.is_file():
+        try:
+            saved = torch.load(cache, weights_only=True)
+            if saved["fingerprint"] == fingerprint:
+                return Dataset(
+                    ImageTensors(saved["train_images"], saved["train_labels"]),
+                    ImageTensors(saved["test_images"], saved["test_labels"]),
+                    classes,
+                    "imagefolder",
+                )
+        except Exception:
+            pass  # stale or broken cache: decode again and overwrite it
+    dataset = Dataset(_decode(train_files), _decode(test_files), classes, "imagefolder")
+    _save_cache(cache, dataset, fingerprint)
+    return dataset
+
+
+def _save_cache(cache: Path, dataset: Dataset, fingerprint: list) -> None:
+    payload = {
+        "fingerprint": fingerprint,
+        "train_images": dataset.train.images,
+        "train_labels": dataset.train.labels,
+        "test_images": dataset.test.images,
+        "test_labels": dataset.test.labels,
+    }
+    partial = cache.with_suffix(".partial")
+    try:
+        torch.save(payload, partial)
+        os.replace(partial, cache)
+    except OSError as error:
+        print(f"note: cannot write the decode cache {cache} ({error}); decoding each start", file=sys.stderr)
+
+
+def split_train_val(train: ImageTensors, val_size: int, seed: int) -> tuple[ImageTensors, ImageTensors]:
+    """Hold ``val_size`` images out of the training set, chosen by a fixed seed."""
+    if not 0 < val_size < len(train.labels):
+        raise UserError(f"val_size {val_size} must be between 1 and {len(train.labels) - 1} (training images - 1)")
+    order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
+    return (
+        ImageTensors(train.images[train_idx], train.labels[train_idx]),
+        ImageTensors(train.images[val_idx], train.labels[val_idx]),
+    )
+
+
+class DeviceData:
+    """Train / val / test splits resident on the training device as uint8; batches cut there."""
+
+    def __init__(self, dataset: Dataset, val_size: int, split_seed: int, device: torch.device):
+        train, val = split_train_val(dataset.train, val_size, split_seed)
+        self.device = device
+        self.classes = dataset.classes
+        self.splits = {
+            name: ImageTensors(t.images.to(device), t.labels.to(device))
+            for name, t in (("train", train), ("val", val), ("test", dataset.test))
+        }
+        self.mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def size(self, split: str) -> int:
+        return len(self.splits[split].labels)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+    def train_batches(self, batch_size: int, generator: torch.Generator):
+        """Endless augmented batches: a fresh permutation per epoch, each image its own crop and flip."""
+        train = self.splits["train"]
+        n = len(train.labels)
+        batch_size = min(batch_size, n)
+        while True:
+            order = torch.randperm(n, generator=generator).to(self.device)
+            for start in range(0, n - batch_size + 1, batch_size):
+                idx = order[start : start + batch_size]
+                images = augment(train.images[idx], generator)
+                yield self.normalize(images), train.labels[idx]
+
+    def eval_batches(self, split: str, batch_size: int):
+        data = self.splits[split]
+        for start in range(0, len(data.labels), batch_size):
+            yield self.normalize(data.images[start : start + batch_size]), data.labels[start : start + batch_size]
+
+
+def device_data(config, device: torch.device) -> DeviceData:
+    """The config's dataset, split and moved to ``device``."""
+    dataset = load_dataset(config.data_dir, config.download)
+    return DeviceData(dataset, config.val_size, config.split_seed, device)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int = CROP_PADDING) -> torch.Tensor:
+    """Per-image random crop (zero padding) and horizontal flip of a uint8 batch (B, C, H, W)."""
+    b, c, h, w = images.shape
+    device = images.device
+    shifts = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(device)  # (2, B)
+    flips = (torch.rand(b, generator=generator) < 0.5).to(device)  # (B,)
+    padded = torch.nn.functional.pad(images, (padding,) * 4)  # (B, C, H+2p, W+2p)
+    rows = shifts[0, :, None] + torch.arange(h, device=device)  # (B, H)
+    cols = shifts[1, :, None] + torch.arange(w, device=device)  # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # a flip reverses the column order
+    batch = torch.arange(b, device=device)[:, None, None, None]
+    channel = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)

@@ -1,0 +1,153 @@
+"""Tucker-2 decomposition of convs over their channel modes (Kim et al. 2015, arXiv 1511.06530).
+
+A k x k conv Cin -> Cout becomes 1x1 Cin -> R_in, k x k R_in -> R_out (the core), 1x1 R_out -> Cout.
+Three layers of code: ``tucker2_factors`` (pure math on a weight tensor), ``Tucker2Conv.from_conv``
+(one conv into its replacement) and ``decompose`` (walks a model by its rank buffers).
+"""
+
+import copy
+import warnings
+
+import tensorly as tl
+import torch
+from tensorly.decomposition import partial_tucker
+from torch import nn
+
+from .models import rank_modules
+
+
+def tucker2_ranks(rank: float, in_channels: int, out_channels: int) -> tuple[int, int]:
+    """(R_in, R_out) for a normalized rank: R = max(1, round(r * Cout)), clamped to each mode."""
+    r = max(1, round(rank * out_channels))
+    return min(r, in_channels), min(r, out_channels)
+
+
+def conv_macs_per_pixel(conv: nn.Conv2d) -> int:
+    """MACs of a plain conv per output pixel: Cout * Cin/groups * kh * kw."""
+    kh, kw = conv.kernel_size
+    return conv.out_channels * conv.in_channels // conv.groups * kh * kw
+
+
+def tucker2_macs_per_pixel(conv: nn.Conv2d, rank_in: int, rank_out: int) -> float:
+    """MACs of the Tucker-2 form per output pixel; the first 1x1 runs at the input resolution."""
+    kh, kw = conv.kernel_size
+    input_pixels_per_output = conv.stride[0] * conv.stride[1]
+    return (
+        input_pixels_per_output * conv.in_channels * rank_in
+        + rank_in * rank_out * kh * kw
+        + rank_out * conv.out_channels
+    )
+
+
+def should_decompose(conv: nn.Conv2d, rank: float) -> bool:
+    """True when the conv is decomposable and its Tucker-2 form has fewer MACs than the conv."""
+    if conv.groups != 1 or conv.kernel_size == (1, 1):
+        return False
+    rank_in, rank_out = tucker2_ranks(rank, conv.in_channels, conv.out_channels)
+    return tucker2_macs_per_pixel(conv, rank_in, rank_out) < conv_macs_per_pixel(conv)
+
+
+def tucker2_factors(
+    weight: torch.Tensor, rank_in: int, rank_out: int, n_iter_max: int = 100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tucker-2 of a conv weight (Cout, Cin, kh, kw) over modes 0 and 1, by HOOI (TensorLy).
+
+    Returns (first, core, last): first (R_in, Cin), core (R_out, R_in, kh, kw), last (Cout, R_out),
+    with weight ~= core x_0 last x_1 first.T.
+    """
+    out_channels, in_channels = weight.shape[:2]
+    rank_in, rank_out = min(rank_in, in_channels), min(rank_out, out_channels)
+    w = weight.detach().to(torch.float64)
+    with tl.backend_context("pytorch"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TensorLy warns on full-rank modes, which are exact anyway
+        (core, (last, first_t)), _ = partial_tucker(
+            w, rank=[rank_out, rank_in], modes=[0, 1], n_iter_max=n_iter_max, init="svd"
+        )
+    dtype = weight.dtype
+    return first_t.T.contiguous().to(dtype), core.contiguous().to(dtype), last.contiguous().to(dtype)
+
+
+class Tucker2Conv(nn.Module):
+    """1x1 Cin -> R_in, k x k R_in -> R_out (stride, padding, dilation of the original), 1x1 R_out -> Cout."""
+
+    def __init__(self, conv: nn.Conv2d, rank: float):
+        super().__init__()
+        rank_in, rank_out = tucker2_ranks(rank, conv.in_channels, conv.out_channels)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.first = nn.Conv2d(conv.in_channels, rank_in, 1, bias=False)
+        self.core = nn.Conv2d(
+            rank_in,
+            rank_out,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            padding_mode=conv.padding_mode,
+            bias=False,
+        )
+        self.last = nn.Conv2d(rank_out, conv.out_channels, 1, bias=conv.bias is not None)
+        self.register_buffer("rank", torch.tensor(float(rank)))
+        self.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: float) -> "Tucker2Conv":
+        """The Tucker-2 replacement of ``conv`` with its factors as weights."""
+        layer = cls(conv, rank)
+        first, core, last = tucker2_factors(conv.weight, layer.first.out_channels, layer.core.out_channels)
+        with torch.no_grad():
+            layer.first.weight.copy_(first[:, :, None, None])  # (R_in, Cin, 1, 1)
+            layer.core.weight.copy_(core)  # (R_out, R_in, kh, kw)
+            layer.last.weight.copy_(last[:, :, None, None])  # (Cout, R_out, 1, 1)
+            if conv.bias is not None:
+                layer.last.bias.copy_(conv.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.core(self.first(x)))
+
+
+def decompose(model: nn.Module, inplace: bool = False, factorize: bool = True) -> nn.Module:
+    """Replace every conv whose rank buffer makes Tucker-2 cheaper by its Tucker-2 form.
+
+    Convs that would not get cheaper stay as they are (their buffer still records the rank).
+    ``factorize=False`` builds the layer shapes only (to load a decomposed state_dict into).
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    for layers in rank_modules(model).values():
+        for name, layer in layers:
+            if not isinstance(layer, nn.Conv2d):
+                continue  # already decomposed
+            rank = float(layer.rank)
+            if should_decompose(layer, rank):
+                new = Tucker2Conv.from_conv(layer, rank) if factorize else Tucker2Conv(layer, rank)
+                model.set_submodule(name, new)
+    return model
+
+
+def decomposed_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Load a (possibly decomposed) state_dict into an undecomposed ``model`` of the same architecture.
+
+    The rank buffers in ``state_dict`` alone decide which convs take their Tucker-2 shape.
+    """
+    for layers in rank_modules(model).values():
+        for name, layer in layers:
+            key = f"{name}.rank"
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no rank buffer {key!r}: not a ranksearch model")
+            layer.rank.copy_(state_dict[key])
+    model = decompose(model, inplace=True, factorize=False)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def reconstruction_error(conv: nn.Conv2d, layer: Tucker2Conv) -> float:
+    """Relative Frobenius error of the Tucker-2 weight against the conv's weight."""
+    with torch.no_grad():
+        first = layer.first.weight[:, :, 0, 0]  # (R_in, Cin)
+        last = layer.last.weight[:, :, 0, 0]  # (Cout, R_out)
+        full = torch.einsum("or,rshw,si->oihw", last, layer.core.weight, first)  # (Cout, Cin, kh, kw)
+        return float(torch.linalg.norm(full - conv.weight) / torch.linalg.norm(conv.weight))
+
+
+__all__ = ["decompose", "Tucker2Conv", "tucker2_factors", "tucker2_ranks", "should_decompose"]

@@ -1,0 +1,121 @@
+"""Training loops: baseline pretraining (one-cycle) and the brief per-trial fine-tune (cosine / constant)."""
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from .config import Config
+from .data import DeviceData
+from .measure import predict_correct
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import UserError
+
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings mean something."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prepare(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _sgd(model: nn.Module, lr: float, config: Config) -> torch.optim.SGD:
+    return torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
+
+
+def train_steps(
+    model: nn.Module,
+    data: DeviceData,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    steps: int,
+    config: Config,
+    generator: torch.Generator,
+    progress=None,
+) -> float:
+    """Run ``steps`` SGD steps; return the mean loss of the last ones. No host sync inside the loop."""
+    model.train()
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    batches = data.train_batches(config.batch_size, generator)
+    recent = torch.zeros((), device=data.device)
+    window = max(1, min(50, steps))
+    for step in range(steps):
+        images, labels = next(batches)
+        with autocast(data.device):
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step >= steps - window:
+            recent = recent + loss.detach().float()
+        if progress is not None:
+            progress.update(1)
+    mean_loss = float(recent) / window if steps else 0.0
+    if not math.isfinite(mean_loss):
+        raise TrainingDiverged(f"training loss became {mean_loss} (try a lower learning rate)")
+    return mean_loss
+
+
+def steps_per_epoch(data: DeviceData, batch_size: int) -> int:
+    return max(1, data.size("train") // batch_size)
+
+
+def pretrain(model: nn.Module, data: DeviceData, config: Config, progress=None) -> float:
+    """Train the baseline for ``pretrain_epochs`` with a one-cycle schedule; returns the final loss."""
+    steps = config.pretrain_epochs * steps_per_epoch(data, config.batch_size)
+    if steps == 0:
+        return 0.0
+    optimizer = _sgd(model, config.pretrain_lr, config)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.pretrain_lr, total_steps=steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    return train_steps(model, data, optimizer, scheduler, steps, config, generator, progress)
+
+
+def finetune(model: nn.Module, data: DeviceData, config: Config, seed: int) -> float:
+    """The brief fine-tune of a decomposed model: ``finetune_steps`` of SGD, cosine or constant rate."""
+    steps = config.finetune_steps
+    if steps == 0:
+        return 0.0
+    optimizer = _sgd(model, config.finetune_lr, config)
+    if config.finetune_schedule == "cosine":
+        factor = lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731
+    else:
+        factor = lambda step: 1.0  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    generator = torch.Generator().manual_seed(seed)
+    return train_steps(model, data, optimizer, scheduler, steps, config, generator)
+
+
+def evaluate(model: nn.Module, data: DeviceData, split: str, batch_size: int) -> float:
+    """Top-1 accuracy (fraction) on ``split`` ("val" or "test")."""
+    with autocast(data.device):
+        return predict_correct(model, data.eval_batches(split, batch_size))

@@ -1,0 +1,94 @@
+import pytest
+import torch
+from torch import nn
+
+from ranksearch import decompose, set_ranks, vgg16_cifar
+from ranksearch.decompose import (
+    Tucker2Conv,
+    decomposed_from_state_dict,
+    reconstruction_error,
+    should_decompose,
+    tucker2_factors,
+)
+from ranksearch.models import ranked_conv
+
+
+def conv_weights(layer: nn.Module) -> int:
+    return sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("stride,bias", [(1, False), (2, True)])
+def test_full_rank_tucker2_reproduces_the_conv(stride, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, stride=stride, padding=1, bias=bias)
+    layer = Tucker2Conv.from_conv(conv, rank=1.0)
+    x = torch.randn(2, 16, 9, 9)
+    torch.testing.assert_close(layer(x), conv(x), atol=1e-4, rtol=1e-4)
+    assert layer.core.stride == (stride, stride) and layer.core.padding == (1, 1)
+    assert (layer.last.bias is not None) == bias
+
+
+def test_factor_shapes_and_clamping():
+    weight = torch.randn(128, 64, 3, 3)
+    first, core, last = tucker2_factors(weight, rank_in=32, rank_out=32)
+    assert first.shape == (32, 64) and core.shape == (32, 32, 3, 3) and last.shape == (128, 32)
+    first, core, last = tucker2_factors(torch.randn(8, 3, 3, 3), rank_in=100, rank_out=100)
+    assert first.shape == (3, 3) and core.shape == (8, 3, 3, 3) and last.shape == (8, 8)
+
+
+def test_64_to_128_conv_at_r32_has_15360_weights():
+    conv = nn.Conv2d(64, 128, 3, padding=1, bias=False)
+    assert conv_weights(conv) == 73_728
+    layer = Tucker2Conv.from_conv(conv, rank=32 / 128)  # R = round(0.25 * 128) = 32
+    assert (layer.first.out_channels, layer.core.out_channels) == (32, 32)
+    assert conv_weights(layer) == 15_360
+
+
+def test_reconstruction_error_falls_as_rank_grows():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+    errors = [reconstruction_error(conv, Tucker2Conv.from_conv(conv, k / 32)) for k in (2, 4, 8, 16, 32)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-5
+
+
+def test_layers_that_would_not_get_cheaper_stay():
+    first_conv = ranked_conv(3, 64)
+    assert not should_decompose(first_conv, 1.0)  # 3*3 + 9*3*64 + 64*64 > 9*3*64
+    assert should_decompose(first_conv, 1 / 32)
+    assert not should_decompose(ranked_conv(64, 64), 1.0)
+    model = decompose(set_ranks(vgg16_cifar(width=0.25), [1.0, 1.0, 0.25, 1 / 32, 1.0]))
+    kinds = {name: type(layers[0][1]) for name, layers in _modules(model).items()}
+    assert kinds == {
+        "block1": nn.Conv2d, "block2": nn.Conv2d, "block3": Tucker2Conv, "block4": Tucker2Conv, "block5": nn.Conv2d
+    }  # fmt: skip
+
+
+def _modules(model):
+    from ranksearch.models import rank_modules
+
+    return rank_modules(model)
+
+
+def test_decompose_returns_a_copy_and_keeps_every_rank_buffer():
+    model = set_ranks(vgg16_cifar(width=0.25), [0.5, 0.25, 0.125, 1 / 16, 1 / 32])
+    decomposed = decompose(model)
+    assert all(isinstance(m, nn.Conv2d) for m in model.features.block3 if hasattr(m, "rank"))  # untouched
+    ranks = {k: float(v) for k, v in decomposed.state_dict().items() if k.endswith(".rank")}
+    assert len(ranks) == 13 and ranks["features.block5.0.rank"] == 1 / 32
+
+
+def test_decomposed_model_rebuilds_from_its_state_dict(tmp_path):
+    torch.manual_seed(0)
+    model = decompose(set_ranks(vgg16_cifar(width=0.25), [1.0, 0.5, 0.25, 2 / 32, 1 / 32])).eval()
+    torch.save(model.state_dict(), tmp_path / "decomposed.pt")
+    state = torch.load(tmp_path / "decomposed.pt", weights_only=True)
+    rebuilt = decomposed_from_state_dict(vgg16_cifar(width=0.25), state).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_rebuild_refuses_a_state_dict_without_rank_buffers():
+    state = {k: v for k, v in vgg16_cifar(width=0.25).state_dict().items() if not k.endswith(".rank")}
+    with pytest.raises(ValueError, match="no rank buffer"):
+        decomposed_from_state_dict(vgg16_cifar(width=0.25), state)
