@@ -48,7 +48,7 @@ class Config:
     enqueue_ranks: list[list[float]] = field(default_factory=list)  # rank vectors to try first
 
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///studies/{self.study_name}.db"
+        return self.storage or f"sqlite:///studies/{self.study_name}.db"  # see search.default_storage_url
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -118,6 +118,20 @@ def _storage(url: str) -> optuna.storages.BaseStorage:
         ) from None
 
 
+def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
+    """A study that must already exist (for export, report, dashboard); a clear error otherwise."""
+    storage = _storage(storage_url)
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+    if study_name not in names:
+        known = ", ".join(names) if names else "none"
+        raise UserError(f"no study {study_name!r} in {storage_url} (studies there: {known}); check --study-name")
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def default_storage_url(study_name: str) -> str:
+    return f"sqlite:///studies/{study_name}.db"
+
+
 def _check_compatible(study: optuna.Study, config: Config) -> None:
     """Refuse to add trials to a study made with other directions or another config."""
     if study.directions != _DIRECTIONS:
