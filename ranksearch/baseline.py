@@ -1,5 +1,6 @@
 """The pretrained baseline: trained once per config, cached on disk, reused by every trial."""
 
+import hashlib
 import os
 import sys
 import time
@@ -12,6 +13,7 @@ from tqdm import tqdm
 
 from .config import Config, baseline_key
 from .data import DeviceData
+from .decompose import Bases, model_bases
 from .errors import UserError
 from .measure import count_macs
 from .models import build_model
@@ -86,6 +88,35 @@ def train_baseline(config: Config, data: DeviceData) -> Baseline:
         params,
         seconds,
     )
+
+
+def _weights_key(model: nn.Module) -> str:
+    """A digest of the conv weights: the bases cache belongs to exactly these weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name.endswith(".weight") and tensor.dim() == 4:
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_bases(model: nn.Module, checkpoint: Path) -> dict[str, Bases]:
+    """The channel bases of the baseline's convs, computed once and cached beside its checkpoint."""
+    path = checkpoint.with_suffix(".bases.pt")
+    key = _weights_key(model)
+    if path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["key"] == key:
+                device = next(model.parameters()).device
+                return {name: (u_out.to(device), u_in.to(device)) for name, (u_out, u_in) in saved["bases"].items()}
+        except Exception:
+            pass  # stale or broken: compute again and overwrite
+    bases = model_bases(model)
+    partial = path.with_suffix(".partial")
+    cpu_bases = {name: (u_out.cpu(), u_in.cpu()) for name, (u_out, u_in) in bases.items()}
+    torch.save({"key": key, "bases": cpu_bases}, partial)
+    os.replace(partial, path)
+    return bases
 
 
 def ensure_baseline(config: Config, data: DeviceData) -> Baseline:

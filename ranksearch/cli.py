@@ -3,6 +3,7 @@
 import argparse
 import sys
 from fractions import Fraction
+from pathlib import Path
 
 from . import __version__
 from .config import Config, load_config
@@ -74,10 +75,82 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study-name", required=True, help="the study to read")
+    parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study-name>.db)")
+
+
+def _storage_url(args: argparse.Namespace) -> str:
+    return args.storage or f"sqlite:///studies/{args.study_name}.db"
+
+
+def _open_study(args: argparse.Namespace):
+    from .search import load_existing_study
+
+    return load_existing_study(_storage_url(args), args.study_name)
+
+
+def _export_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trial", default="best", help="a trial number, or 'best' (default): the Pareto trial "
+                        "with fewest MACs within --max-drop of the baseline's val accuracy")  # fmt: skip
+    parser.add_argument("--max-drop", type=float, default=1.0, help="percentage points of val accuracy (default 1.0)")
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the chosen model E epochs longer")
+    parser.add_argument("--format", default="pt", help="pt, onnx, torchscript, comma-separated (.pt always written)")
+    parser.add_argument("--out", required=True, type=Path, help="output path; other formats get their own suffix")
+    parser.add_argument("--data-dir", help="the study's data (default: the folder recorded in the study)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import choose_trial, export_trial, parse_formats
+    from .train import resolve_device
+
+    formats = parse_formats(args.format)
+    if args.finetune_epochs < 0 or args.max_drop < 0:
+        raise UserError("--finetune-epochs and --max-drop must be 0 or more")
+    study = _open_study(args)
+    trial = choose_trial(study, args.trial, args.max_drop)
+    device = resolve_device(args.device)
+    export_trial(study, trial, args.data_dir, device, args.out, formats, args.finetune_epochs)
+    return 0
+
+
+def _report_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="folder for trials.csv, pareto.html, pareto.png")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import summary, write_report
+
+    study = _open_study(args)
+    paths = write_report(study, args.out)
+    print(summary(study))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _dashboard_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import serve
+
+    serve(_storage_url(args), args.host, args.port, study_name=args.study_name)
+    return 0
+
+
 _COMMANDS = {
     "run": (cmd_run, "search Tucker-2 ranks: pretrain the baseline if needed, then add --trials trials", True),
     "pretrain": (cmd_pretrain, "train (or show) the cached baseline for the config", False),
+    "export": (cmd_export, "write a trial's model (.pt, ONNX, TorchScript), verified against the study", None),
+    "report": (cmd_report, "write the trials table (CSV) and Pareto plot (HTML, PNG); print a summary", None),
+    "dashboard": (cmd_dashboard, "serve optuna-dashboard for a study on 127.0.0.1 (Ctrl-C to stop)", None),
 }
+
+
+_EXTRA_FLAGS = {"export": _export_flags, "report": _report_flags, "dashboard": _dashboard_flags}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(_COMMANDS) + "}")
     for name, (_, help_text, is_search) in _COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
+        if is_search is None:  # reads an existing study
+            _inspect_flags(sub)
+            _EXTRA_FLAGS[name](sub)
+            continue
         _config_flags(sub)
         if is_search:
             _run_flags(sub)

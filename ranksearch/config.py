@@ -36,6 +36,11 @@ class Config:
     finetune_steps: int = 200  # SGD steps after decomposition in each trial
     finetune_lr: float = 0.01  # initial fine-tune learning rate
     finetune_schedule: str = "cosine"  # "cosine" (to 0) or "constant"
+    decompose_method: str = "hosvd"  # "hosvd" (cached bases, truncated), "hosvd+refine" or "hooi" (partial_tucker)
+    refine_iters: int = 2  # HOOI sweeps after the HOSVD start, for "hosvd+refine"
+    distill_weight: float = 0.0  # knowledge distillation from the baseline in the fine-tune: 0 = off, 1 = KD only
+    distill_temperature: float = 4.0  # softmax temperature of the distillation loss
+    compile: bool = False  # torch.compile the fine-tuned model (pays a compile per trial: for GPUs)
     rank_min: float = 1 / RANK_STEPS  # smallest normalized rank the search may pick (on the 1/32 grid)
     rank_max: float = 1.0  # largest normalized rank the search may pick (on the 1/32 grid)
     # search
@@ -46,21 +51,32 @@ class Config:
     storage: str | None = None  # Optuna storage URL; default sqlite:///studies/<study_name>.db
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     enqueue_ranks: list[list[float]] = field(default_factory=list)  # rank vectors to try first
+    weights_dir: str | None = None  # Pareto trials' weights; default studies/<study_name>-weights
 
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///studies/{self.study_name}.db"  # see search.default_storage_url
+        return self.storage or f"sqlite:///studies/{self.study_name}.db"
+
+    def weights_path(self) -> str:
+        return self.weights_dir or f"studies/{self.study_name}-weights"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 # Fields that change what a trial measures; a resumed study must agree on all of them.
-RUN_CONTROL = {"data_dir", "download", "trials", "study_name", "storage", "device", "enqueue_ranks", "baseline_dir"}
+RUN_CONTROL = {
+    "data_dir", "download", "trials", "study_name", "storage", "device", "enqueue_ranks", "baseline_dir", "weights_dir"
+}  # fmt: skip
 BASELINE_FIELDS = (
     "model", "width", "num_classes", "val_size", "split_seed", "batch_size",
     "pretrain_epochs", "pretrain_lr", "momentum", "weight_decay", "label_smoothing", "seed",
 )  # fmt: skip
-CHOICES = {"finetune_schedule": ("cosine", "constant"), "sampler": ("tpe", "nsga2"), "device": ("auto", "cpu", "cuda")}
+CHOICES = {
+    "finetune_schedule": ("cosine", "constant"),
+    "sampler": ("tpe", "nsga2"),
+    "device": ("auto", "cpu", "cuda"),
+    "decompose_method": ("hosvd", "hosvd+refine", "hooi"),
+}
 
 
 def search_fields(config: Config) -> dict:
@@ -133,7 +149,9 @@ def validate(config: Config) -> None:
     for name in positive:
         if not getattr(config, name) > 0:
             raise UserError(f"{name} must be positive, got {getattr(config, name)}")
-    for name in ("pretrain_epochs", "finetune_steps"):
+    if not 0 <= config.distill_weight <= 1 or config.distill_temperature <= 0:
+        raise UserError("distill_weight must be within 0..1 and distill_temperature positive")
+    for name in ("pretrain_epochs", "finetune_steps", "refine_iters"):
         if getattr(config, name) < 0:
             raise UserError(f"{name} must be 0 or more, got {getattr(config, name)}")
     config.rank_min = _on_grid("rank_min", config.rank_min)

@@ -49,7 +49,7 @@ def _torchvision_root(data_dir: Path) -> Path | None:
 
 
 def detect_source(data_dir: Path) -> str | None:
-    """"imagefolder", "torchvision", or None when ``data_dir`` holds neither layout."""
+    """ "imagefolder", "torchvision", or None when ``data_dir`` holds neither layout."""
     if (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
         return "imagefolder"
     if _torchvision_root(data_dir) is not None:
@@ -83,8 +83,7 @@ def _download(data_dir: Path) -> None:
         CIFAR10(str(data_dir), train=True, download=True)
     except Exception as error:  # no network, no permission, ...
         raise UserError(
-            f"no CIFAR-10 in --data-dir {data_dir} and the download failed ({error}); "
-            f"point --data-dir at {ACCEPTED}"
+            f"no CIFAR-10 in --data-dir {data_dir} and the download failed ({error}); point --data-dir at {ACCEPTED}"
         ) from None
 
 

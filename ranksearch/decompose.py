@@ -67,6 +67,64 @@ def tucker2_factors(
     return first_t.T.contiguous().to(dtype), core.contiguous().to(dtype), last.contiguous().to(dtype)
 
 
+METHODS = ("hooi", "hosvd", "hosvd+refine")  # see tucker2_factors and hosvd_factors
+Bases = tuple[torch.Tensor, torch.Tensor]  # (U_out (Cout, Cout), U_in (Cin, Cin)), most significant first
+
+
+def _leading_left_vectors(matrix: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` leading left singular vectors of ``matrix`` (rows, cols), count <= rows.
+
+    Eigenvectors of the (rows, rows) Gram matrix: much cheaper than an SVD when cols >> rows, and
+    defined even when count > cols (the extra vectors then span the null space).
+    """
+    _, vectors = torch.linalg.eigh(matrix @ matrix.T)  # ascending eigenvalues
+    return vectors.flip(1)[:, :count]
+
+
+def channel_bases(weight: torch.Tensor) -> Bases:
+    """Left singular vectors of a conv weight's mode-0 and mode-1 unfoldings, in float64.
+
+    Computed once per conv of the baseline: a Tucker-2 at any rank is then a truncation of these.
+    """
+    w = weight.detach().to(torch.float64)  # (Cout, Cin, kh, kw)
+    u_out = _leading_left_vectors(w.flatten(1), w.shape[0])  # (Cout, Cout)
+    u_in = _leading_left_vectors(w.transpose(0, 1).flatten(1), w.shape[1])  # (Cin, Cin)
+    return u_out, u_in
+
+
+def hosvd_factors(
+    weight: torch.Tensor, rank_in: int, rank_out: int, bases: Bases | None = None, refine_iters: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tucker-2 by truncated HOSVD from (cached) channel bases, then ``refine_iters`` HOOI sweeps.
+
+    Returns (first, core, last) like ``tucker2_factors``.
+    """
+    w = weight.detach().to(torch.float64)  # (Cout, Cin, kh, kw)
+    u_out, u_in = bases if bases is not None else channel_bases(weight)
+    rank_in, rank_out = min(rank_in, w.shape[1]), min(rank_out, w.shape[0])
+    last, first_t = u_out[:, :rank_out], u_in[:, :rank_in]  # (Cout, R_out), (Cin, R_in)
+    for _ in range(refine_iters):  # alternate: best output basis for the input basis, then the reverse
+        projected = torch.einsum("oihw,is->oshw", w, first_t)  # (Cout, R_in, kh, kw)
+        last = _leading_left_vectors(projected.flatten(1), rank_out)
+        projected = torch.einsum("oihw,or->irhw", w, last)  # (Cin, R_out, kh, kw)
+        first_t = _leading_left_vectors(projected.flatten(1), rank_in)
+    core = torch.einsum("oihw,or,is->rshw", w, last, first_t)  # (R_out, R_in, kh, kw)
+    dtype = weight.dtype
+    return first_t.T.contiguous().to(dtype), core.contiguous().to(dtype), last.contiguous().to(dtype)
+
+
+def factorize(
+    weight: torch.Tensor, rank_in: int, rank_out: int, method: str = "hooi", bases: Bases | None = None,
+    refine_iters: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Tucker-2 factors by ``method``: "hooi" (TensorLy), "hosvd", or "hosvd+refine"."""
+    if method == "hooi":
+        return tucker2_factors(weight, rank_in, rank_out)
+    if method not in METHODS:
+        raise ValueError(f"unknown decomposition method {method!r}; choose one of {', '.join(METHODS)}")
+    return hosvd_factors(weight, rank_in, rank_out, bases, refine_iters if method == "hosvd+refine" else 0)
+
+
 class Tucker2Conv(nn.Module):
     """1x1 Cin -> R_in, k x k R_in -> R_out (stride, padding, dilation of the original), 1x1 R_out -> Cout."""
 
@@ -90,10 +148,12 @@ class Tucker2Conv(nn.Module):
         self.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, rank: float) -> "Tucker2Conv":
-        """The Tucker-2 replacement of ``conv`` with its factors as weights."""
+    def from_conv(cls, conv: nn.Conv2d, rank: float, method: str = "hooi", bases: Bases | None = None,
+                  refine_iters: int = 2) -> "Tucker2Conv":  # fmt: skip
+        """The Tucker-2 replacement of ``conv`` with its factors (by ``method``) as weights."""
         layer = cls(conv, rank)
-        first, core, last = tucker2_factors(conv.weight, layer.first.out_channels, layer.core.out_channels)
+        rank_in, rank_out = layer.first.out_channels, layer.core.out_channels
+        first, core, last = factorize(conv.weight, rank_in, rank_out, method, bases, refine_iters)
         with torch.no_grad():
             layer.first.weight.copy_(first[:, :, None, None])  # (R_in, Cin, 1, 1)
             layer.core.weight.copy_(core)  # (R_out, R_in, kh, kw)
@@ -106,10 +166,15 @@ class Tucker2Conv(nn.Module):
         return self.last(self.core(self.first(x)))
 
 
-def decompose(model: nn.Module, inplace: bool = False, factorize: bool = True) -> nn.Module:
+def decompose(
+    model: nn.Module, inplace: bool = False, factorize: bool = True, method: str = "hooi",
+    bases: dict[str, Bases] | None = None, refine_iters: int = 2,
+) -> nn.Module:  # fmt: skip
     """Replace every conv whose rank buffer makes Tucker-2 cheaper by its Tucker-2 form.
 
     Convs that would not get cheaper stay as they are (their buffer still records the rank).
+    ``method``: "hooi" (TensorLy's partial_tucker), "hosvd" or "hosvd+refine" (truncations of
+    ``bases``, the cached ``channel_bases`` by conv name, computed here when absent).
     ``factorize=False`` builds the layer shapes only (to load a decomposed state_dict into).
     """
     if not inplace:
@@ -119,10 +184,25 @@ def decompose(model: nn.Module, inplace: bool = False, factorize: bool = True) -
             if not isinstance(layer, nn.Conv2d):
                 continue  # already decomposed
             rank = float(layer.rank)
-            if should_decompose(layer, rank):
-                new = Tucker2Conv.from_conv(layer, rank) if factorize else Tucker2Conv(layer, rank)
-                model.set_submodule(name, new)
+            if not should_decompose(layer, rank):
+                continue
+            if factorize:
+                conv_bases = (bases or {}).get(name)
+                new = Tucker2Conv.from_conv(layer, rank, method, conv_bases, refine_iters)
+            else:
+                new = Tucker2Conv(layer, rank)
+            model.set_submodule(name, new)
     return model
+
+
+def model_bases(model: nn.Module) -> dict[str, Bases]:
+    """``channel_bases`` of every undecomposed conv of ``model``, by qualified name."""
+    return {
+        name: channel_bases(layer.weight)
+        for layers in rank_modules(model).values()
+        for name, layer in layers
+        if isinstance(layer, nn.Conv2d)
+    }
 
 
 def decomposed_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:

@@ -131,7 +131,7 @@ def set_ranks(model: nn.Module, ranks: Sequence[float] | Mapping[str, float]) ->
         ranks = list(ranks)
         if len(ranks) != len(modules):
             raise ValueError(f"expected {len(modules)} ranks (one per module), got {len(ranks)}")
-        ranks = dict(zip(modules, ranks))
+        ranks = dict(zip(modules, ranks, strict=True))
     unknown = set(ranks) - set(modules)
     if unknown:
         raise ValueError(f"unknown modules {sorted(unknown)}; the model has {list(modules)}")

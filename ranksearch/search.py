@@ -1,7 +1,6 @@
 """The multi-objective Optuna search: one trial = one normalized rank per module -> (val accuracy, MACs)."""
 
 import copy
-import sys
 import time
 from pathlib import Path
 
@@ -10,14 +9,15 @@ import torch
 from torch import nn
 
 from . import __version__
-from .baseline import Baseline, ensure_baseline, new_model
+from .baseline import Baseline, baseline_path, cached_bases, ensure_baseline, new_model
 from .config import Config, search_fields
 from .data import DeviceData, device_data
-from .decompose import decompose, should_decompose, tucker2_ranks
+from .decompose import Bases, decompose, should_decompose
 from .errors import UserError
 from .measure import count_macs
 from .models import RANK_STEPS, rank_modules, set_ranks
 from .train import evaluate, finetune, prepare, resolve_device, synchronize
+from .weights import WeightsStore
 
 DIRECTIONS = ["maximize", "minimize"]  # (validation accuracy, MACs)
 _DIRECTIONS = [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
@@ -38,20 +38,57 @@ def conv_ranks(model: nn.Module) -> tuple[dict[str, int], list[str]]:
     ranks, kept = {}, []
     for layers in rank_modules(model).values():
         for name, layer in layers:
-            conv = layer if isinstance(layer, nn.Conv2d) else None
             rank = float(layer.rank)
-            out_channels = layer.out_channels
-            ranks[name] = max(1, round(rank * out_channels))
-            if conv is not None and not should_decompose(conv, rank):
+            ranks[name] = max(1, round(rank * layer.out_channels))
+            if isinstance(layer, nn.Conv2d) and not should_decompose(layer, rank):
                 kept.append(name)
     return ranks, kept
+
+
+def trial_seed(config: Config, number: int) -> int:
+    """The seed of trial ``number``'s fine-tune: export re-runs a trial from it."""
+    return config.seed * 1_000_003 + number
+
+
+def _timed(fn, device: torch.device):
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def trial_model(
+    baseline: nn.Module, ranks: dict[str, float], config: Config, data: DeviceData, seed: int,
+    bases: dict[str, Bases] | None = None,
+) -> tuple[nn.Module, dict[str, float]]:  # fmt: skip
+    """A trial's model: the baseline decomposed at ``ranks`` and fine-tuned; also the seconds of each part.
+
+    ``bases``: the baseline's cached channel bases (for the hosvd methods; computed when absent).
+    """
+    torch.manual_seed(seed)
+    baseline.eval()  # the teacher, when distilling; the copy below is set to train mode by the fine-tune
+
+    def decomposed() -> nn.Module:
+        model = set_ranks(copy.deepcopy(baseline), ranks)
+        model = decompose(
+            model, inplace=True, method=config.decompose_method, bases=bases, refine_iters=config.refine_iters
+        )
+        return prepare(model, data.device)
+
+    model, decompose_s = _timed(decomposed, data.device)
+    teacher = baseline if config.distill_weight > 0 else None
+    _, finetune_s = _timed(lambda: finetune(model, data, config, seed, teacher), data.device)
+    return model, {"decompose_s": decompose_s, "finetune_s": finetune_s}
 
 
 class Objective:
     """Decompose the baseline at the trial's ranks, fine-tune, and measure (val accuracy, MACs)."""
 
-    def __init__(self, config: Config, data: DeviceData, baseline: Baseline):
-        self.config, self.data, self.baseline = config, data, baseline
+    def __init__(
+        self, config: Config, data: DeviceData, baseline: Baseline, weights: WeightsStore | None = None,
+        bases: dict[str, Bases] | None = None,
+    ):  # fmt: skip
+        self.config, self.data, self.baseline, self.weights, self.bases = config, data, baseline, weights, bases
         self.modules = list(rank_modules(baseline.model))
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
@@ -61,23 +98,14 @@ class Objective:
             trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}")
             raise
 
-    def _timed(self, fn):
-        start = time.perf_counter()
-        result = fn()
-        synchronize(self.data.device)
-        return result, time.perf_counter() - start
-
     def _measure(self, trial: optuna.Trial) -> tuple[float, float]:
-        config, base = self.config, self.baseline
+        config, base, device = self.config, self.baseline, self.data.device
         ranks = suggest_ranks(trial, self.modules, config)
-        seed = config.seed * 1_000_003 + trial.number
-        torch.manual_seed(seed)
-        model = set_ranks(copy.deepcopy(base.model), ranks)
+        seed = trial_seed(config, trial.number)
+        model, seconds = trial_model(base.model, ranks, config, self.data, seed, self.bases)
         integer_ranks, kept = conv_ranks(model)
-        model, decompose_s = self._timed(lambda: prepare(decompose(model, inplace=True), self.data.device))
-        _, finetune_s = self._timed(lambda: finetune(model, self.data, config, seed))
-        accuracy, eval_s = self._timed(lambda: evaluate(model, self.data, "val", config.eval_batch_size))
-        (macs, params), count_s = self._timed(lambda: count_macs(model))
+        accuracy, eval_s = _timed(lambda: evaluate(model, self.data, "val", config.eval_batch_size), device)
+        (macs, params), count_s = _timed(lambda: count_macs(model), device)
         attrs = {
             "val_accuracy": accuracy,
             "macs": macs,
@@ -86,14 +114,25 @@ class Objective:
             "params_ratio": params / base.params,
             "conv_ranks": integer_ranks,
             "kept_convs": kept,
-            "decompose_s": decompose_s,
-            "finetune_s": finetune_s,
+            "seed": seed,
+            **seconds,
             "eval_s": eval_s,
             "count_s": count_s,
         }
+        if device.type == "cuda":
+            attrs["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        if self.weights is not None:
+            self.weights.save(trial, model)
         return accuracy, float(macs)
+
+
+def trial_bases(config: Config, baseline: Baseline) -> dict[str, Bases] | None:
+    """The baseline's channel bases when the method truncates them (cached on disk beside the baseline)."""
+    if config.decompose_method == "hooi":
+        return None
+    return cached_bases(baseline.model, baseline_path(config))
 
 
 def make_sampler(config: Config, seed: int) -> optuna.samplers.BaseSampler:
@@ -120,16 +159,14 @@ def _storage(url: str) -> optuna.storages.BaseStorage:
 
 def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
     """A study that must already exist (for export, report, dashboard); a clear error otherwise."""
+    if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no study database {storage_url.removeprefix('sqlite:///')}; check --study-name / --storage")
     storage = _storage(storage_url)
     names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
     if study_name not in names:
         known = ", ".join(names) if names else "none"
         raise UserError(f"no study {study_name!r} in {storage_url} (studies there: {known}); check --study-name")
     return optuna.load_study(study_name=study_name, storage=storage)
-
-
-def default_storage_url(study_name: str) -> str:
-    return f"sqlite:///studies/{study_name}.db"
 
 
 def _check_compatible(study: optuna.Study, config: Config) -> None:
@@ -222,13 +259,18 @@ def run_search(config: Config) -> tuple[optuna.Study, list[optuna.trial.FrozenTr
     study = open_study(config)
     data = device_data(config, device)
     baseline = ensure_baseline(config, data)
+    weights = WeightsStore(config.weights_path())
     study.set_user_attr("baseline", baseline.metrics())
+    study.set_user_attr("weights_dir", str(weights.directory))
+    study.set_user_attr("baseline_path", str(baseline_path(config).resolve()))
+    study.set_user_attr("data_dir", str(Path(config.data_dir).resolve()))
     for ranks in config.enqueue_ranks:
-        study.enqueue_trial({param_name(m): r for m, r in zip(modules, ranks)}, skip_if_exists=True)
+        study.enqueue_trial({param_name(m): r for m, r in zip(modules, ranks, strict=True)}, skip_if_exists=True)
     before = len(study.trials)
+    objective = Objective(config, data, baseline, weights, trial_bases(config, baseline))
     study.optimize(
-        Objective(config, data, baseline), n_trials=config.trials, catch=(Exception,),
-        callbacks=[report_trial(modules)],
+        objective, n_trials=config.trials, catch=(Exception,),
+        callbacks=[report_trial(modules), lambda study, _: weights.prune(study)],
     )  # fmt: skip
     print(pareto_summary(study, modules), flush=True)
     return study, study.trials[before:]

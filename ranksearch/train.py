@@ -4,6 +4,7 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
@@ -51,6 +52,13 @@ def _sgd(model: nn.Module, lr: float, config: Config) -> torch.optim.SGD:
     )
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s KD term: T^2 * KL(teacher || student) on temperature-softened logits."""
+    log_student = F.log_softmax(student.float() / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher.float() / temperature, dim=1)
+    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
 def train_steps(
     model: nn.Module,
     data: DeviceData,
@@ -60,17 +68,29 @@ def train_steps(
     config: Config,
     generator: torch.Generator,
     progress=None,
+    teacher: nn.Module | None = None,
 ) -> float:
-    """Run ``steps`` SGD steps; return the mean loss of the last ones. No host sync inside the loop."""
+    """Run ``steps`` SGD steps; return the mean loss of the last ones. No host sync inside the loop.
+
+    With a ``teacher`` (in eval mode), the loss mixes in distillation by ``config.distill_weight``.
+    """
     model.train()
+    forward = torch.compile(model) if config.compile else model
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     batches = data.train_batches(config.batch_size, generator)
     recent = torch.zeros((), device=data.device)
     window = max(1, min(50, steps))
+    alpha = config.distill_weight if teacher is not None else 0.0
     for step in range(steps):
         images, labels = next(batches)
         with autocast(data.device):
-            loss = criterion(model(images), labels)
+            logits = forward(images)
+            loss = criterion(logits, labels)
+            if alpha > 0:
+                with torch.no_grad():
+                    target = teacher(images)
+                kd = distillation_loss(logits, target, config.distill_temperature)
+                loss = (1 - alpha) * loss + alpha * kd
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -100,8 +120,11 @@ def pretrain(model: nn.Module, data: DeviceData, config: Config, progress=None) 
     return train_steps(model, data, optimizer, scheduler, steps, config, generator, progress)
 
 
-def finetune(model: nn.Module, data: DeviceData, config: Config, seed: int) -> float:
-    """The brief fine-tune of a decomposed model: ``finetune_steps`` of SGD, cosine or constant rate."""
+def finetune(model: nn.Module, data: DeviceData, config: Config, seed: int, teacher: nn.Module | None = None) -> float:
+    """The brief fine-tune of a decomposed model: ``finetune_steps`` of SGD, cosine or constant rate.
+
+    ``teacher`` (the baseline, in eval mode) is used when ``config.distill_weight`` > 0.
+    """
     steps = config.finetune_steps
     if steps == 0:
         return 0.0
@@ -112,7 +135,7 @@ def finetune(model: nn.Module, data: DeviceData, config: Config, seed: int) -> f
         factor = lambda step: 1.0  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generator = torch.Generator().manual_seed(seed)
-    return train_steps(model, data, optimizer, scheduler, steps, config, generator)
+    return train_steps(model, data, optimizer, scheduler, steps, config, generator, teacher=teacher)
 
 
 def evaluate(model: nn.Module, data: DeviceData, split: str, batch_size: int) -> float:

@@ -28,7 +28,10 @@ def assert_one_line_error(result, *fragments):
         (("run", *SMOKE, "--ranks", "eight"), ("comma-separated ranks",)),
         (("run", "--config", "no/such/config.yaml"), ("cannot read config",)),
         (("run", *SMOKE, "--device", "tpu"), ("device must be one of",)),
-        (("pretrain", *SMOKE, "--data-dir", "no-data-here"), ("--data-dir", "train/ and test/", "cifar-10-batches-py")),
+        (
+            ("pretrain", *SMOKE, "--data-dir", "no-data-here"),
+            ("--data-dir", "train/ and test/", "cifar-10-batches-py"),
+        ),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(tmp_path, args, fragments):

@@ -4,8 +4,11 @@ from torch import nn
 
 from ranksearch import decompose, set_ranks, vgg16_cifar
 from ranksearch.decompose import (
+    METHODS,
     Tucker2Conv,
+    channel_bases,
     decomposed_from_state_dict,
+    model_bases,
     reconstruction_error,
     should_decompose,
     tucker2_factors,
@@ -48,7 +51,7 @@ def test_reconstruction_error_falls_as_rank_grows():
     torch.manual_seed(0)
     conv = nn.Conv2d(32, 64, 3, padding=1, bias=False)
     errors = [reconstruction_error(conv, Tucker2Conv.from_conv(conv, k / 32)) for k in (2, 4, 8, 16, 32)]
-    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
     assert errors[-1] < 1e-5
 
 
@@ -92,3 +95,60 @@ def test_rebuild_refuses_a_state_dict_without_rank_buffers():
     state = {k: v for k, v in vgg16_cifar(width=0.25).state_dict().items() if not k.endswith(".rank")}
     with pytest.raises(ValueError, match="no rank buffer"):
         decomposed_from_state_dict(vgg16_cifar(width=0.25), state)
+
+
+def test_cached_bases_are_the_singular_vectors_of_a_fresh_svd():
+    torch.manual_seed(0)
+    weight = torch.randn(48, 32, 3, 3)
+    u_out, u_in = channel_bases(weight)
+    fresh_out = torch.linalg.svd(weight.double().flatten(1), full_matrices=False).U
+    fresh_in = torch.linalg.svd(weight.double().transpose(0, 1).flatten(1), full_matrices=False).U
+    for cached, fresh in ((u_out, fresh_out), (u_in, fresh_in)):
+        signs = torch.sign((cached * fresh).sum(0))  # singular vectors are defined up to sign
+        torch.testing.assert_close(cached * signs, fresh, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["hosvd", "hosvd+refine"])
+def test_truncated_hosvd_at_full_rank_reproduces_the_conv(method):
+    torch.manual_seed(0)
+    for conv in (nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(16, 24, 3, stride=2, padding=1)):  # R_in = Cin
+        layer = Tucker2Conv.from_conv(conv, 1.0, method, channel_bases(conv.weight))
+        x = torch.randn(2, conv.in_channels, 8, 8)
+        torch.testing.assert_close(layer(x), conv(x), atol=1e-4, rtol=1e-4)
+
+
+def test_refinement_lowers_the_hosvd_error_towards_hooi():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+    with torch.no_grad():  # a decaying channel spectrum, like a trained layer's
+        conv.weight.mul_(torch.logspace(0, -2, 64)[:, None, None, None])
+    bases = channel_bases(conv.weight)
+    errors = {m: reconstruction_error(conv, Tucker2Conv.from_conv(conv, 4 / 32, m, bases)) for m in METHODS}
+    assert errors["hooi"] <= errors["hosvd+refine"] + 1e-6 <= errors["hosvd"] + 2e-6
+    assert errors["hosvd+refine"] < errors["hosvd"]
+
+
+def test_decompose_with_cached_bases_equals_decompose_without():
+    torch.manual_seed(0)
+    model = set_ranks(vgg16_cifar(width=0.25), [0.5, 0.25, 0.125, 2 / 32, 1 / 32])
+    with_cache = decompose(model, method="hosvd", bases=model_bases(model)).eval()
+    without = decompose(model, method="hosvd").eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(with_cache(x), without(x))
+
+
+def test_bases_are_cached_on_disk_for_exactly_the_baseline_weights(tmp_path):
+    from ranksearch.baseline import cached_bases
+
+    model = vgg16_cifar(width=0.125)
+    checkpoint = tmp_path / "baseline.pt"
+    first = cached_bases(model, checkpoint)
+    assert (tmp_path / "baseline.bases.pt").is_file()
+    saved = torch.load(tmp_path / "baseline.bases.pt", weights_only=True)
+    assert set(saved["bases"]) == set(first)
+    again = cached_bases(model, checkpoint)
+    assert all(torch.equal(again[k][0], first[k][0]) for k in first)
+    with torch.no_grad():
+        model.features.block1[0].weight.add_(1.0)  # other weights: the cache must not be used
+    changed = cached_bases(model, checkpoint)
+    assert not torch.equal(changed["features.block1.0"][1], first["features.block1.0"][1])

@@ -13,7 +13,7 @@ VGG16_CHANNELS = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 
 def expected_macs(ranks, width=1.0, num_classes=10):
     """Tucker-2 MACs written out from the method's definition, independently of the package."""
     total, cin, side = 0, 3, 32
-    for r, block in zip(ranks, VGG16_CHANNELS):
+    for r, block in zip(ranks, VGG16_CHANNELS, strict=True):
         for channels in block:
             cout = max(1, round(channels * width))
             plain = side * side * cin * cout * 9

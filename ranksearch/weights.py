@@ -1,0 +1,55 @@
+"""Fine-tuned weights of trials, kept as Optuna artifacts while the trial is on the Pareto front.
+
+Dominated trials lose their weights (200 trials must not fill the disk); export re-runs their fine-tune
+from the recorded seed instead.
+"""
+
+import tempfile
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+from torch import nn
+
+WEIGHTS_ATTR = "weights_artifact_id"
+
+
+class WeightsStore:
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).resolve()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.store = FileSystemArtifactStore(self.directory)
+
+    def save(self, trial: optuna.Trial, model: nn.Module) -> None:
+        """Upload the trial's state_dict and record its artifact id in a user attr."""
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / f"trial-{trial.number}.pt"
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+            artifact_id = upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial)
+        trial.set_user_attr(WEIGHTS_ATTR, artifact_id)
+
+    def load(self, trial: optuna.trial.FrozenTrial) -> dict[str, torch.Tensor] | None:
+        """The trial's state_dict, or None when its weights were not kept."""
+        artifact_id = trial.user_attrs.get(WEIGHTS_ATTR)
+        if artifact_id is None:
+            return None
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "weights.pt"
+            try:
+                download_artifact(artifact_store=self.store, file_path=str(path), artifact_id=artifact_id)
+            except ArtifactNotFound:
+                return None
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+    def prune(self, study: optuna.Study) -> None:
+        """Delete the weights of every complete trial that is not on the Pareto front."""
+        front = {t.number for t in study.best_trials}
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            artifact_id = trial.user_attrs.get(WEIGHTS_ATTR)
+            if artifact_id is not None and trial.number not in front:
+                try:
+                    self.store.remove(artifact_id)
+                except ArtifactNotFound:
+                    pass  # removed earlier

@@ -1,0 +1,147 @@
+"""Reports on a hand-built study: the trials table (CSV), the Pareto plot (HTML, PNG), the console summary."""
+
+import math
+import re
+
+import optuna
+import pandas as pd
+import pytest
+from plotly.io.json import to_json_plotly
+
+from ranksearch.report import pareto_figure, summary, trials_table, write_report
+
+DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)
+MODULES = ["block1", "block2", "block3", "block4", "block5"]
+BASELINE = {"val_accuracy": 0.90, "test_accuracy": 0.89, "macs": 1000, "params": 200}
+# (ranks as k of k/32, val accuracy, MACs, params); the baseline has 1000 MACs, so MACs ratio = MACs / 1000.
+TRIALS = [
+    ([2, 2, 1, 1, 1], 0.86, 80, 20),  # 0: Pareto
+    ([3, 2, 2, 1, 1], 0.88, 100, 24),  # 1: Pareto; exactly 10 % of the MACs: best at <= 10 %
+    ([3, 3, 2, 2, 1], 0.87, 120, 30),  # 2: dominated by 1
+    ([6, 5, 4, 2, 2], 0.895, 240, 50),  # 3: Pareto; best at <= 25 %
+    ([7, 6, 4, 3, 2], 0.85, 300, 60),  # 4: dominated by 3
+    ([16, 12, 8, 6, 4], 0.91, 600, 120),  # 5: Pareto; better than the baseline, above 25 %
+]
+FAILED_RANKS = [1, 1, 1, 1, 32]
+PARETO = {0, 1, 3, 5}
+
+
+def _params(ranks: list[int]) -> dict[str, float]:
+    return {f"rank_{m}": k / 32 for m, k in zip(MODULES, ranks, strict=True)}
+
+
+def _attrs(ranks: list[int], accuracy: float, macs: int, params: int) -> dict:
+    return {
+        "val_accuracy": accuracy, "macs": macs, "params": params,
+        "macs_ratio": macs / 1000, "params_ratio": params / 200,
+        "conv_ranks": {f"features.{i}": 4 * k for i, k in enumerate(ranks)}, "kept_convs": ["features.0"],
+        "decompose_s": 0.5, "finetune_s": 4.0, "eval_s": 1.0, "count_s": 0.1, "seed": 7,
+    }  # fmt: skip
+
+
+def hand_built_study(storage: str, trials=TRIALS, name: str = "s") -> optuna.Study:
+    """A ranksearch-like study: ``trials`` complete, then one failed trial."""
+    study = optuna.create_study(directions=["maximize", "minimize"], storage=storage, study_name=name)
+    study.set_user_attr("baseline", BASELINE)
+    study.set_user_attr("config", {"model": "vgg16", "trials": len(trials) + 1})
+    study.set_user_attr("ranksearch_version", "0.1.0")
+    distributions = {name: DIST for name in _params(FAILED_RANKS)}
+    for ranks, accuracy, macs, params in trials:
+        study.add_trial(optuna.trial.create_trial(
+            params=_params(ranks), distributions=distributions, values=[accuracy, float(macs)],
+            user_attrs=_attrs(ranks, accuracy, macs, params),
+        ))  # fmt: skip
+    study.add_trial(optuna.trial.create_trial(
+        params=_params(FAILED_RANKS), distributions=distributions, state=optuna.trial.TrialState.FAIL, values=None,
+        user_attrs={"fail_reason": "RuntimeError: CUDA out of memory"},
+    ))  # fmt: skip
+    return study
+
+
+@pytest.fixture
+def study(tmp_path) -> optuna.Study:
+    return hand_built_study(f"sqlite:///{tmp_path}/s.db")
+
+
+def test_the_hand_built_pareto_front_is_the_expected_one(study):
+    assert {t.number for t in study.best_trials} == PARETO
+
+
+def test_csv_has_every_trial_with_its_columns_and_pareto_flags(study, tmp_path):
+    paths = write_report(study, tmp_path / "report" / "nested")
+    assert [p.name for p in paths] == ["trials.csv", "pareto.html", "pareto.png"] and all(p.is_file() for p in paths)
+    table = pd.read_csv(paths[0])
+    rank_columns = [f"rank_{m}_k32" for m in MODULES]
+    assert list(table.columns) == [
+        "number", "state", *rank_columns, "val_accuracy", "macs", "params", "macs_ratio", "params_ratio",
+        "decompose_s", "finetune_s", "eval_s", "count_s", "seconds", "pareto", "fail_reason",
+    ]  # fmt: skip
+    assert list(table["number"]) == list(range(len(TRIALS) + 1))
+    assert list(table["state"]) == ["COMPLETE"] * len(TRIALS) + ["FAIL"]
+    assert set(table.loc[table["pareto"], "number"]) == {t.number for t in study.best_trials} == PARETO
+    for number, (ranks, accuracy, macs, params) in enumerate(TRIALS):
+        row = table.iloc[number]
+        assert [row[c] for c in rank_columns] == ranks
+        assert (row["val_accuracy"], row["macs"], row["params"]) == (accuracy, macs, params)
+        assert row["macs_ratio"] == pytest.approx(macs / 1000) and row["params_ratio"] == pytest.approx(params / 200)
+        assert row["finetune_s"] == 4.0 and row["seconds"] >= 0 and pd.isna(row["fail_reason"])
+    failed = table.iloc[-1]
+    assert [failed[c] for c in rank_columns] == FAILED_RANKS and not failed["pareto"]
+    assert failed["fail_reason"] == "RuntimeError: CUDA out of memory"
+    assert all(math.isnan(failed[c]) for c in ["val_accuracy", "macs", "params", "macs_ratio", "finetune_s"])
+
+
+def test_table_keeps_rank_integers_and_nan_for_failed_trials(study):
+    table = trials_table(study)
+    assert str(table["rank_block1_k32"].dtype) == "Int64" and table["rank_block5_k32"].tolist()[-1] == 32
+    assert table["pareto"].dtype == bool and table.loc[6, "macs"] != table.loc[6, "macs"]  # NaN
+
+
+def test_html_is_self_contained_and_shows_every_pareto_trial(study, tmp_path):
+    text = write_report(study, tmp_path / "r")[1].read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", text) and len(text) > 1_000_000  # plotly.js inlined, not loaded
+    for number in PARETO:
+        ranks = "/".join(map(str, TRIALS[number][0])) + " /32"
+        assert to_json_plotly([number, ranks]).rstrip("]") in text  # the hover data: trial number, ranks...
+    assert "baseline" in text
+
+
+def test_figure_highlights_the_front_as_a_step_line_and_marks_the_baseline(study):
+    traces = {trace.name: trace for trace in pareto_figure(study).data}
+    front = traces["Pareto front"]
+    assert [row[0] for row in front.customdata] == [0, 1, 3, 5]  # sorted by MACs
+    assert list(front.x) == [0.08, 0.1, 0.24, 0.6] and list(front.y) == pytest.approx([86, 88, 89.5, 91])
+    assert front.line.shape == "hv" and "lines" in front.mode
+    assert sorted(row[0] for row in traces["trials"].customdata) == [2, 4]  # the failed trial is not plotted
+    assert (traces["baseline"].x[0], traces["baseline"].y[0]) == (1.0, pytest.approx(90.0))
+    assert front.customdata[1][1] == "3/2/2/1/1 /32" and front.customdata[1][2] == "100"
+
+
+def test_png_is_a_png(study, tmp_path):
+    png = write_report(study, tmp_path)[2]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_summary_picks_the_best_accuracy_within_each_macs_budget(study):
+    text = summary(study)
+    assert "7 trials (6 complete, 1 failed)" in text
+    assert "Pareto front: 4 of 6 complete trials" in text
+    # by hand: at <= 10 % of the MACs trials 0 (86 %) and 1 (88 %, exactly 10 %) qualify -> trial 1;
+    # at <= 25 % also 2 (87 %) and 3 (89.5 %) -> trial 3; trial 5 (91 %) needs 60 %.
+    assert "best val accuracy at <= 10% of baseline MACs: 88.00% (trial 1, ranks 3/2/2/1/1 /32, MACs 0.100x)" in text
+    assert "best val accuracy at <= 25% of baseline MACs: 89.50% (trial 3, ranks 6/5/4/2/2 /32, MACs 0.240x)" in text
+    assert "baseline: val 90.00%, test 89.00%, 1,000 MACs, 200 params" in text
+
+
+def test_summary_says_none_when_no_trial_fits_a_budget(tmp_path):
+    study = hand_built_study(f"sqlite:///{tmp_path}/big.db", trials=[TRIALS[5], TRIALS[4]])
+    text = summary(study)
+    assert "3 trials (2 complete, 1 failed)" in text
+    assert "at <= 10% of baseline MACs: none" in text and "at <= 25% of baseline MACs: none" in text
+
+
+def test_a_study_without_complete_trials_still_reports(tmp_path):
+    study = hand_built_study(f"sqlite:///{tmp_path}/empty.db", trials=[])
+    paths = write_report(study, tmp_path / "out")
+    assert len(pd.read_csv(paths[0])) == 1 and paths[2].read_bytes()[:4] == b"\x89PNG"
+    assert "Pareto front: 0 of 0 complete trials" in summary(study) and "MACs: none" in summary(study)
