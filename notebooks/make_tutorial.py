@@ -365,7 +365,7 @@ torch.manual_seed(0)
 conv = ranked_conv(64, 128)  # 3x3, padding 1, no bias, a `rank` buffer; freshly initialized weights
 rank = 32 / 128
 print("R_in, R_out =", tucker2_ranks(rank, 64, 128))
-layer = Tucker2Conv.from_conv(conv, rank)
+layer = Tucker2Conv.from_conv(conv, rank, method="hooi")
 print(layer)
 """)
 

@@ -6,7 +6,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from . import __version__
-from .config import Config, load_config
+from .config import Config, default_storage_url, load_config
 from .errors import UserError
 
 
@@ -81,7 +81,7 @@ def _inspect_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _storage_url(args: argparse.Namespace) -> str:
-    return args.storage or f"sqlite:///studies/{args.study_name}.db"
+    return args.storage or default_storage_url(args.study_name)
 
 
 def _open_study(args: argparse.Namespace):

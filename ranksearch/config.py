@@ -12,6 +12,11 @@ from .errors import UserError
 from .models import RANK_STEPS, check_rank, model_names
 
 
+def default_storage_url(study_name: str) -> str:
+    """Where a study lives unless --storage says otherwise."""
+    return f"sqlite:///studies/{study_name}.db"
+
+
 @dataclass
 class Config:
     # model
@@ -54,7 +59,7 @@ class Config:
     weights_dir: str | None = None  # Pareto trials' weights; default studies/<study_name>-weights
 
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///studies/{self.study_name}.db"
+        return self.storage or default_storage_url(self.study_name)
 
     def weights_path(self) -> str:
         return self.weights_dir or f"studies/{self.study_name}-weights"

@@ -148,7 +148,7 @@ class Tucker2Conv(nn.Module):
         self.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, rank: float, method: str = "hooi", bases: Bases | None = None,
+    def from_conv(cls, conv: nn.Conv2d, rank: float, method: str = "hosvd", bases: Bases | None = None,
                   refine_iters: int = 2) -> "Tucker2Conv":  # fmt: skip
         """The Tucker-2 replacement of ``conv`` with its factors (by ``method``) as weights."""
         layer = cls(conv, rank)
@@ -167,14 +167,14 @@ class Tucker2Conv(nn.Module):
 
 
 def decompose(
-    model: nn.Module, inplace: bool = False, factorize: bool = True, method: str = "hooi",
+    model: nn.Module, inplace: bool = False, factorize: bool = True, method: str = "hosvd",
     bases: dict[str, Bases] | None = None, refine_iters: int = 2,
 ) -> nn.Module:  # fmt: skip
     """Replace every conv whose rank buffer makes Tucker-2 cheaper by its Tucker-2 form.
 
     Convs that would not get cheaper stay as they are (their buffer still records the rank).
-    ``method``: "hooi" (TensorLy's partial_tucker), "hosvd" or "hosvd+refine" (truncations of
-    ``bases``, the cached ``channel_bases`` by conv name, computed here when absent).
+    ``method``: "hosvd" (the default, as in the config), "hosvd+refine" (truncations of ``bases``, the
+    cached ``channel_bases`` by conv name, computed here when absent) or "hooi" (TensorLy's partial_tucker).
     ``factorize=False`` builds the layer shapes only (to load a decomposed state_dict into).
     """
     if not inplace:

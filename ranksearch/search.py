@@ -101,6 +101,8 @@ class Objective:
     def _measure(self, trial: optuna.Trial) -> tuple[float, float]:
         config, base, device = self.config, self.baseline, self.data.device
         ranks = suggest_ranks(trial, self.modules, config)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # peak_gpu_mib is this trial's peak
         seed = trial_seed(config, trial.number)
         model, seconds = trial_model(base.model, ranks, config, self.data, seed, self.bases)
         integer_ranks, kept = conv_ranks(model)

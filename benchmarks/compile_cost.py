@@ -1,0 +1,71 @@
+"""What `compile: true` (torch.compile) costs and gains per trial: one process, same ranks, seeds and steps.
+
+    python benchmarks/compile_cost.py --config configs/cpu.yaml --data-dir /tmp/data/cifar10-jpeg --trials 2
+
+For each of ``--trials`` random rank vectors: the fine-tune eager, then compiled (a new model, so a new graph,
+as in a search), then that compiled model's fine-tune again (the graph is cached: the steady-state speed).
+Needs the config's baseline (run `python -m ranksearch pretrain` with the same config first).
+"""
+
+import argparse
+import copy
+import dataclasses
+import random
+import time
+
+import torch
+
+from ranksearch.baseline import baseline_path, load_baseline
+from ranksearch.config import load_config
+from ranksearch.data import device_data
+from ranksearch.decompose import decompose, model_bases
+from ranksearch.models import rank_modules, set_ranks
+from ranksearch.train import finetune, prepare, resolve_device, synchronize
+
+
+def timed_finetune(model, data, config, seed: int) -> float:
+    start = time.perf_counter()
+    finetune(model, data, config, seed)
+    synchronize(data.device)
+    return time.perf_counter() - start
+
+
+def trial_model(baseline, ranks, config, bases):
+    """The baseline decomposed at ``ranks``, on the config's device (not fine-tuned)."""
+    model = set_ranks(copy.deepcopy(baseline), ranks)
+    model = decompose(model, inplace=True, method=config.decompose_method, bases=bases)
+    return prepare(model, resolve_device(config.device))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/cpu.yaml")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--trials", type=int, default=2)
+    args = parser.parse_args()
+    config = load_config(args.config, {"data_dir": args.data_dir})
+    device = resolve_device(config.device)
+    data = device_data(config, device)
+    baseline = load_baseline(baseline_path(config), config, device).model
+    bases = model_bases(baseline)
+    eager_config = dataclasses.replace(config, compile=False)
+    compiled_config = dataclasses.replace(config, compile=True)
+    rng = random.Random(0)
+    rows = []
+    for trial in range(args.trials):
+        ranks = {module: rng.randint(2, 16) / 32 for module in rank_modules(baseline)}
+        eager = timed_finetune(trial_model(baseline, ranks, config, bases), data, eager_config, seed=trial)
+        model = trial_model(baseline, ranks, config, bases)
+        first = timed_finetune(model, data, compiled_config, seed=trial)
+        warm = timed_finetune(model, data, compiled_config, seed=trial)
+        rows.append((eager, first, warm))
+        print(f"trial {trial}: eager {eager:.2f} s, compiled: new graph {first:.2f} s, cached graph {warm:.2f} s")
+    eager, first, warm = (sum(column) / len(rows) for column in zip(*rows, strict=True))
+    steps = config.finetune_steps
+    print(f"{steps} steps, {torch.get_num_threads()} threads, {device}")
+    print(f"compile time per new graph: {first - warm:.1f} s; steady-state speed-up {eager / warm:.2f}x")
+    print(f"per trial with compile: {first / eager:.2f}x the eager trial's fine-tune time")
+
+
+if __name__ == "__main__":
+    main()
