@@ -8,7 +8,6 @@ Needs the config's baseline (run `python -m ranksearch pretrain` with the same c
 """
 
 import argparse
-import copy
 import dataclasses
 import random
 import time
@@ -18,9 +17,10 @@ import torch
 from ranksearch.baseline import baseline_path, load_baseline
 from ranksearch.config import load_config
 from ranksearch.data import device_data
-from ranksearch.decompose import decompose, model_bases
-from ranksearch.models import rank_modules, set_ranks
-from ranksearch.train import finetune, prepare, resolve_device, synchronize
+from ranksearch.decompose import model_bases
+from ranksearch.models import rank_modules
+from ranksearch.search import decomposed_model
+from ranksearch.train import finetune, resolve_device, synchronize
 
 
 def timed_finetune(model, data, config, seed: int) -> float:
@@ -28,13 +28,6 @@ def timed_finetune(model, data, config, seed: int) -> float:
     finetune(model, data, config, seed)
     synchronize(data.device)
     return time.perf_counter() - start
-
-
-def trial_model(baseline, ranks, config, bases):
-    """The baseline decomposed at ``ranks``, on the config's device (not fine-tuned)."""
-    model = set_ranks(copy.deepcopy(baseline), ranks)
-    model = decompose(model, inplace=True, method=config.decompose_method, bases=bases)
-    return prepare(model, resolve_device(config.device))
 
 
 def main() -> None:
@@ -54,10 +47,10 @@ def main() -> None:
     rows = []
     for trial in range(args.trials):
         ranks = {module: rng.randint(2, 16) / 32 for module in rank_modules(baseline)}
-        eager = timed_finetune(trial_model(baseline, ranks, config, bases), data, eager_config, seed=trial)
-        model = trial_model(baseline, ranks, config, bases)
-        first = timed_finetune(model, data, compiled_config, seed=trial)
-        warm = timed_finetune(model, data, compiled_config, seed=trial)
+        eager = timed_finetune(decomposed_model(baseline, ranks, config, device, bases), data, eager_config, trial)
+        model = decomposed_model(baseline, ranks, config, device, bases)
+        first = timed_finetune(model, data, compiled_config, trial)
+        warm = timed_finetune(model, data, compiled_config, trial)
         rows.append((eager, first, warm))
         print(f"trial {trial}: eager {eager:.2f} s, compiled: new graph {first:.2f} s, cached graph {warm:.2f} s")
     eager, first, warm = (sum(column) / len(rows) for column in zip(*rows, strict=True))

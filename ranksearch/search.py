@@ -57,6 +57,16 @@ def _timed(fn, device: torch.device):
     return result, time.perf_counter() - start
 
 
+def decomposed_model(
+    baseline: nn.Module, ranks: dict[str, float], config: Config, device: torch.device,
+    bases: dict[str, Bases] | None = None,
+) -> nn.Module:  # fmt: skip
+    """A copy of the baseline decomposed at ``ranks`` by the config's method, on ``device`` (not fine-tuned)."""
+    model = set_ranks(copy.deepcopy(baseline), ranks)
+    method, refine_iters = config.decompose_method, config.refine_iters
+    return prepare(decompose(model, inplace=True, method=method, bases=bases, refine_iters=refine_iters), device)
+
+
 def trial_model(
     baseline: nn.Module, ranks: dict[str, float], config: Config, data: DeviceData, seed: int,
     bases: dict[str, Bases] | None = None,
@@ -67,15 +77,7 @@ def trial_model(
     """
     torch.manual_seed(seed)
     baseline.eval()  # the teacher, when distilling; the copy below is set to train mode by the fine-tune
-
-    def decomposed() -> nn.Module:
-        model = set_ranks(copy.deepcopy(baseline), ranks)
-        model = decompose(
-            model, inplace=True, method=config.decompose_method, bases=bases, refine_iters=config.refine_iters
-        )
-        return prepare(model, data.device)
-
-    model, decompose_s = _timed(decomposed, data.device)
+    model, decompose_s = _timed(lambda: decomposed_model(baseline, ranks, config, data.device, bases), data.device)
     teacher = baseline if config.distill_weight > 0 else None
     _, finetune_s = _timed(lambda: finetune(model, data, config, seed, teacher), data.device)
     return model, {"decompose_s": decompose_s, "finetune_s": finetune_s}
