@@ -39,7 +39,7 @@ def main() -> None:
     config = load_config(args.config, {"data_dir": args.data_dir})
     device = resolve_device(config.device)
     data = device_data(config, device)
-    baseline = load_baseline(baseline_path(config), config, device).model
+    baseline = load_baseline(baseline_path(config, data.identity), config, device, data.identity).model
     bases = model_bases(baseline)
     eager_config = dataclasses.replace(config, compile=False)
     compiled_config = dataclasses.replace(config, compile=True)

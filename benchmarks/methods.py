@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from ranksearch.baseline import baseline_path, cached_bases, ensure_baseline
+from ranksearch.baseline import cached_bases, ensure_baseline
 from ranksearch.config import load_config
 from ranksearch.data import device_data
 from ranksearch.decompose import Tucker2Conv, reconstruction_error
@@ -48,7 +48,7 @@ def main() -> None:
     data = device_data(config, resolve_device(config.device))
     baseline = ensure_baseline(config, data)
     start = time.perf_counter()
-    bases = cached_bases(baseline.model, baseline_path(config))
+    bases = cached_bases(baseline.model, baseline.path)
     print(f"channel bases of the baseline: {time.perf_counter() - start:.2f} s (once per baseline)")
     rng = random.Random(0)
     modules = list(rank_modules(baseline.model))

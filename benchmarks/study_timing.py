@@ -40,7 +40,7 @@ def batch_prep_share(study: optuna.Study, data_dir: str, steps: int) -> float:
         next(batches)
     prep = (time.perf_counter() - start) / steps
 
-    baseline = load_baseline(baseline_path(config), config, device)
+    baseline = load_baseline(baseline_path(config, data.identity), config, device, data.identity)
     ranks = {module: 8 / 32 for module in rank_modules(baseline.model)}
     _, seconds = trial_model(baseline.model, ranks, config, data, seed=0)
     step = seconds["finetune_s"] / steps

@@ -501,7 +501,7 @@ import pandas as pd
 
 from ranksearch.errors import UserError
 from ranksearch.models import RANK_STEPS
-from ranksearch.search import load_existing_study
+from ranksearch.study import load_existing_study
 
 STORAGE = os.environ.get("RANKSEARCH_STUDY_STORAGE", "sqlite:///../studies/vgg16-cifar10-cpu.db")
 STUDY = os.environ.get("RANKSEARCH_STUDY_NAME", "vgg16-cifar10-cpu")

@@ -1,7 +1,6 @@
 """The pretrained baseline: trained once per config, cached on disk, reused by every trial."""
 
 import hashlib
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from .config import Config, baseline_key
 from .data import DeviceData
 from .decompose import Bases, model_bases
 from .errors import UserError
+from .files import atomic_save, check_writable
 from .measure import count_macs
 from .models import build_model
 from .train import evaluate, prepare, pretrain, steps_per_epoch
@@ -28,6 +28,7 @@ class Baseline:
     macs: int  # at one 3x32x32 input
     params: int  # conv and linear weights and biases
     pretrain_seconds: float  # 0 when read from the cache
+    path: Path = Path()  # its checkpoint (the cache file)
 
     def metrics(self) -> dict:
         return {
@@ -38,37 +39,43 @@ class Baseline:
         }
 
 
-def baseline_path(config: Config) -> Path:
-    return Path(config.baseline_dir) / f"{config.model}-w{config.width:g}-{baseline_key(config)}.pt"
+def baseline_path(config: Config, data_identity: dict) -> Path:
+    """The cached baseline of ``config`` trained on the data (and split) of ``data_identity``."""
+    return Path(config.baseline_dir) / f"{config.model}-w{config.width:g}-{baseline_key(config, data_identity)}.pt"
 
 
 def new_model(config: Config) -> nn.Module:
     return build_model(config.model, num_classes=config.num_classes, width=config.width)
 
 
-def load_baseline(path: Path, config: Config, device: torch.device) -> Baseline:
+def load_baseline(path: Path, config: Config, device: torch.device, data_identity: dict | None = None) -> Baseline:
+    """The checkpoint at ``path``; with ``data_identity``, it must have been trained on that data."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model = new_model(config)
         model.load_state_dict(saved["state_dict"])
         metrics = saved["metrics"]
+        trained_on = saved.get("data")
     except Exception as error:
         raise UserError(
             f"baseline checkpoint {path} is unreadable ({type(error).__name__}); delete it to pretrain again"
         ) from None
-    return Baseline(prepare(model, device), **metrics, pretrain_seconds=0.0)
+    if data_identity is not None and trained_on != data_identity:
+        raise UserError(
+            f"baseline checkpoint {path} was trained on other data ({trained_on} vs {data_identity}); "
+            "delete it to pretrain again"
+        )
+    return Baseline(prepare(model, device), **metrics, pretrain_seconds=0.0, path=path)
 
 
-def _save(path: Path, baseline: Baseline, config: Config) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
+def _save(path: Path, baseline: Baseline, config: Config, data_identity: dict) -> None:
     payload = {
         "state_dict": {k: v.cpu() for k, v in baseline.model.state_dict().items()},
         "metrics": baseline.metrics(),
         "config": config.to_dict(),
+        "data": data_identity,  # what it was trained and measured on
     }
-    torch.save(payload, partial)
-    os.replace(partial, path)  # never a half-written checkpoint under the real name
+    atomic_save(payload, path)  # never a half-written checkpoint under the real name
 
 
 def train_baseline(config: Config, data: DeviceData) -> Baseline:
@@ -76,7 +83,8 @@ def train_baseline(config: Config, data: DeviceData) -> Baseline:
     model = prepare(new_model(config), data.device)
     total = config.pretrain_epochs * steps_per_epoch(data, config.batch_size)
     start = time.perf_counter()
-    with tqdm(total=total, desc="pretraining baseline", unit="step", file=sys.stderr, leave=False) as bar:
+    bar = tqdm(total=total, desc="pretraining baseline", unit="step", file=sys.stderr, leave=False, disable=None)
+    with bar:  # shown on a terminal only
         pretrain(model, data, config, progress=bar)
     seconds = time.perf_counter() - start
     macs, params = count_macs(model)
@@ -112,22 +120,33 @@ def cached_bases(model: nn.Module, checkpoint: Path) -> dict[str, Bases]:
         except Exception:
             pass  # stale or broken: compute again and overwrite
     bases = model_bases(model)
-    partial = path.with_suffix(".partial")
     cpu_bases = {name: (u_out.cpu(), u_in.cpu()) for name, (u_out, u_in) in bases.items()}
-    torch.save({"key": key, "bases": cpu_bases}, partial)
-    os.replace(partial, path)
+    try:
+        atomic_save({"key": key, "bases": cpu_bases}, path)
+    except (OSError, RuntimeError) as error:  # a read-only baseline folder: the bases are recomputed next start
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        print(f"note: cannot cache the channel bases in {path} ({reason}); computing them each start", file=sys.stderr)
     return bases
 
 
 def ensure_baseline(config: Config, data: DeviceData) -> Baseline:
-    """The cached baseline for ``config``, pretraining it first when there is none."""
-    path = baseline_path(config)
+    """The cached baseline for ``config`` and ``data``, pretraining it first when there is none.
+
+    The baseline folder's write-ability is checked before pretraining, so no training is lost to a failed save.
+    """
+    path = baseline_path(config, data.identity)
     if path.exists():
-        baseline = load_baseline(path, config, data.device)
+        baseline = load_baseline(path, config, data.device, data.identity)
         print(f"baseline: {path} (cached)", file=sys.stderr)
     else:
+        check_writable(path.parent, "baseline_dir")
         baseline = train_baseline(config, data)
-        _save(path, baseline, config)
+        try:
+            _save(path, baseline, config, data.identity)
+        except (OSError, RuntimeError) as error:
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            raise UserError(f"cannot save the baseline to {path} ({reason}); free space or fix baseline_dir") from None
+        baseline.path = path
         print(f"baseline: pretrained in {baseline.pretrain_seconds:.0f} s, saved to {path}", file=sys.stderr)
     print(
         f"baseline: val {baseline.val_accuracy:.2%}  test {baseline.test_accuracy:.2%}  "

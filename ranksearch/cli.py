@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
 def _parse_ranks(text: str) -> list[float]:
     try:
         return [float(Fraction(token.strip())) for token in text.split(",")]
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):  # not a number, 1/0, 1e400
         raise UserError(f"--ranks {text!r}: give comma-separated ranks such as 8/32,8/32,4/32,2/32,2/32") from None
 
 
@@ -85,7 +85,7 @@ def _storage_url(args: argparse.Namespace) -> str:
 
 
 def _open_study(args: argparse.Namespace):
-    from .search import load_existing_study
+    from .study import load_existing_study
 
     return load_existing_study(_storage_url(args), args.study_name)
 
@@ -95,23 +95,24 @@ def _export_flags(parser: argparse.ArgumentParser) -> None:
                         "with fewest MACs within --max-drop of the baseline's val accuracy")  # fmt: skip
     parser.add_argument("--max-drop", type=float, default=1.0, help="percentage points of val accuracy (default 1.0)")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the chosen model E epochs longer")
-    parser.add_argument("--format", default="pt", help="pt, onnx, torchscript, comma-separated (.pt always written)")
-    parser.add_argument("--out", required=True, type=Path, help="output path; other formats get their own suffix")
+    parser.add_argument("--format", default="pt", help="pt, onnx, torchscript, comma-separated (the .pt, which "
+                        "load_model reads, is always written)")  # fmt: skip
+    parser.add_argument("--out", required=True, type=Path, help="output file, e.g. exports/best.pt or best.onnx: "
+                        "each format is written with its own suffix in place of --out's")  # fmt: skip
     parser.add_argument("--data-dir", help="the study's data (default: the folder recorded in the study)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--device", help="auto | cpu | cuda (default: the device the trial ran on)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import choose_trial, export_trial, parse_formats
-    from .train import resolve_device
+    from .export import check_out, choose_trial, export_device, export_trial, parse_formats
 
     formats = parse_formats(args.format)
     if args.finetune_epochs < 0 or args.max_drop < 0:
         raise UserError("--finetune-epochs and --max-drop must be 0 or more")
+    paths = check_out(args.out, formats)
     study = _open_study(args)
     trial = choose_trial(study, args.trial, args.max_drop)
-    device = resolve_device(args.device)
-    export_trial(study, trial, args.data_dir, device, args.out, formats, args.finetune_epochs)
+    export_trial(study, trial, args.data_dir, export_device(trial, args.device), paths, args.finetune_epochs)
     return 0
 
 
@@ -120,8 +121,10 @@ def _report_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .files import check_writable
     from .report import summary, write_report
 
+    check_writable(args.out, "--out")
     study = _open_study(args)
     paths = write_report(study, args.out)
     print(summary(study))
@@ -137,6 +140,8 @@ def _dashboard_flags(parser: argparse.ArgumentParser) -> None:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from .dashboard import serve
 
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
     serve(_storage_url(args), args.host, args.port, study_name=args.study_name)
     return 0
 

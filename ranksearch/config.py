@@ -3,6 +3,8 @@
 import dataclasses
 import hashlib
 import json
+import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,27 +91,31 @@ def search_fields(config: Config) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in RUN_CONTROL}
 
 
-def baseline_key(config: Config) -> str:
-    """Hash of the fields that define the pretrained baseline."""
-    values = {k: getattr(config, k) for k in BASELINE_FIELDS}
+def baseline_key(config: Config, data_identity: dict) -> str:
+    """Hash of the fields that define the pretrained baseline, and of the data and split it is trained on."""
+    values = {k: getattr(config, k) for k in BASELINE_FIELDS} | {"data": data_identity}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _coerce(name: str, value, kind):
     """Check a file or flag value against the field's type."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise UserError(f"config key {name!r} must be a finite float, got {reprlib.repr(value)}") from None
+    what = getattr(kind, "__name__", None)
     if kind == str | None:
-        kind = (str, type(None))
+        kind, what = (str, type(None)), "text or null"
     elif kind == list[list[float]]:
         if not (isinstance(value, list) and all(isinstance(r, list) for r in value)):
-            raise UserError(f"config key {name!r} must be a list of rank lists, got {value!r}")
+            raise UserError(f"config key {name!r} must be a list of rank lists, got {reprlib.repr(value)}")
         try:
             return [[float(v) for v in ranks] for ranks in value]
-        except (TypeError, ValueError):
-            raise UserError(f"config key {name!r} must hold numbers, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"config key {name!r} must hold numbers, got {reprlib.repr(value)}") from None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"config key {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+        raise UserError(f"config key {name!r} must be {what}, got {reprlib.repr(value)}")
     return value
 
 
@@ -118,16 +124,21 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Confi
     values: dict = {}
     if path is not None:
         try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
+            values = yaml.safe_load(Path(path).read_bytes().decode("utf-8-sig")) or {}
         except OSError as error:
             raise UserError(f"cannot read config {path}: {error.strerror}; pass an existing --config file") from None
+        except UnicodeDecodeError as error:
+            raise UserError(f"config {path} is not UTF-8 text (byte {error.start}); pass a YAML file") from None
         except yaml.YAMLError as error:
-            raise UserError(f"config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+            first_line = str(error).partition("\n")[0]
+            raise UserError(f"config {path} is not valid YAML: {first_line}") from None
+        except RecursionError:
+            raise UserError(f"config {path} nests too deeply; pass a flat YAML mapping of keys to values") from None
         if not isinstance(values, dict):
             raise UserError(f"config {path} must be a mapping of keys to values")
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(reprlib.repr(k) for k in values if k not in fields)  # quoted: a YAML key may be any text
     if unknown:
         raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
     config = Config(**{k: _coerce(k, v, fields[k]) for k, v in values.items()})
@@ -142,23 +153,68 @@ def _on_grid(name: str, value: float) -> float:
         raise UserError(f"{name}: {error}") from None
 
 
+SEED_MAX = 2**32 - 1  # numpy and Optuna's samplers take seeds in 0..2**32-1
+COUNT_MAX = 2**31 - 1  # a larger size or count is a typo (and overflows 32-bit indices)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The values a numeric field allows: low..high, each end included unless it is open."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+RANGES = {
+    "width": Interval(0, 16, low_open=True),  # 16: 8,192 channels in VGG's widest conv
+    "num_classes": Interval(1, COUNT_MAX),
+    "val_size": Interval(1, COUNT_MAX),
+    "split_seed": Interval(0, SEED_MAX),
+    "batch_size": Interval(1, COUNT_MAX),
+    "eval_batch_size": Interval(1, COUNT_MAX),
+    "pretrain_epochs": Interval(0, COUNT_MAX),
+    "pretrain_lr": Interval(0, low_open=True),
+    "momentum": Interval(0, 1, high_open=True),
+    "weight_decay": Interval(0),
+    "label_smoothing": Interval(0, 1, high_open=True),
+    "finetune_steps": Interval(0, COUNT_MAX),
+    "finetune_lr": Interval(0, low_open=True),
+    "refine_iters": Interval(0, COUNT_MAX),
+    "distill_weight": Interval(0, 1),
+    "distill_temperature": Interval(0, low_open=True),
+    "seed": Interval(0, SEED_MAX),
+    "trials": Interval(1, COUNT_MAX),
+}
+
+
 def validate(config: Config) -> None:
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
-            raise UserError(f"{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+            raise UserError(f"{name} must be one of {', '.join(choices)}, got {reprlib.repr(getattr(config, name))}")
     if config.model not in model_names():
-        raise UserError(f"model must be one of {', '.join(model_names())}, got {config.model!r}")
+        raise UserError(f"model must be one of {', '.join(model_names())}, got {reprlib.repr(config.model)}")
+    for name, value in config.to_dict().items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {value}")
+    if not all(math.isfinite(r) for ranks in config.enqueue_ranks for r in ranks):
+        raise UserError(f"enqueue_ranks must hold ranks k/{RANK_STEPS}, got {reprlib.repr(config.enqueue_ranks)}")
     if config.trials < 1:
         raise UserError(f"--trials must be at least 1, got {config.trials}")
-    positive = ("width", "num_classes", "val_size", "batch_size", "eval_batch_size", "pretrain_lr", "finetune_lr")
-    for name in positive:
-        if not getattr(config, name) > 0:
-            raise UserError(f"{name} must be positive, got {getattr(config, name)}")
-    if not 0 <= config.distill_weight <= 1 or config.distill_temperature <= 0:
-        raise UserError("distill_weight must be within 0..1 and distill_temperature positive")
-    for name in ("pretrain_epochs", "finetune_steps", "refine_iters"):
-        if getattr(config, name) < 0:
-            raise UserError(f"{name} must be 0 or more, got {getattr(config, name)}")
+    for name, allowed in RANGES.items():
+        if getattr(config, name) not in allowed:
+            raise UserError(f"{name} must be {allowed}, got {getattr(config, name)}")
     config.rank_min = _on_grid("rank_min", config.rank_min)
     config.rank_max = _on_grid("rank_max", config.rank_max)
     if config.rank_min > config.rank_max:

@@ -3,15 +3,20 @@
 from collections.abc import Callable
 from pathlib import Path
 from socketserver import ThreadingMixIn
+from typing import BinaryIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import bottle
 import optuna
 import optuna_dashboard
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 from .errors import UserError
-from .search import _storage, load_existing_study
+from .study import load_existing_study, sqlite_path
+from .study import open_storage as _storage
 
-SQLITE_PREFIX = "sqlite:///"
+WEIGHTS_DIR_ATTR = "weights_dir"  # study user attr: the folder of its FileSystemArtifactStore
 
 
 class _ThreadedServer(ThreadingMixIn, WSGIServer):
@@ -29,15 +34,52 @@ class _QuietHandler(WSGIRequestHandler):
 
 def open_storage(storage_url: str) -> optuna.storages.BaseStorage:
     """The storage at ``storage_url``; a missing SQLite file is an error rather than a new empty database."""
-    if storage_url.startswith(SQLITE_PREFIX) and not Path(storage_url.removeprefix(SQLITE_PREFIX)).is_file():
-        raise UserError(f"no study database {storage_url.removeprefix(SQLITE_PREFIX)}; check --study-name / --storage")
+    path = sqlite_path(storage_url)
+    if path is not None and not path.is_file():
+        raise UserError(f"no study database {path}; check --study-name / --storage")
     return _storage(storage_url)
 
 
+class WeightsStores:
+    """Optuna's ArtifactStore over the kept weights of every study in a storage, one folder each (artifact ids
+    are UUIDs, so they never clash); an artifact uploaded in the dashboard goes to the first folder."""
+
+    def __init__(self, folders: list[str]):
+        self.stores = [FileSystemArtifactStore(folder) for folder in folders]
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        for store in self.stores:
+            try:
+                return store.open_reader(artifact_id)
+            except ArtifactNotFound:
+                pass
+        # the dashboard would answer 500; the study still lists the weights of trials that left the Pareto front
+        raise bottle.HTTPError(404, f"no artifact {artifact_id}: a trial's weights are deleted once it is dominated")
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self.stores[0].write(artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        for store in self.stores:
+            try:
+                return store.remove(artifact_id)
+            except ArtifactNotFound:
+                pass
+        raise ArtifactNotFound(f"no artifact {artifact_id}")
+
+
+def weights_stores(storage: optuna.storages.BaseStorage) -> WeightsStores | None:
+    """The kept weights of the storage's studies (their ``weights_dir`` attrs); None when no folder exists."""
+    folders = {study.user_attrs.get(WEIGHTS_DIR_ATTR) for study in storage.get_all_studies()}
+    existing = sorted(folder for folder in folders if isinstance(folder, str) and Path(folder).is_dir())
+    return WeightsStores(existing) if existing else None
+
+
 def make_app(storage_url: str) -> Callable:
-    """The optuna-dashboard WSGI app (a bottle app) for every study in ``storage_url``; UserError if it cannot be
-    opened."""
-    return optuna_dashboard.wsgi(open_storage(storage_url))
+    """The optuna-dashboard WSGI app (a bottle app) for every study in ``storage_url``, with their kept weights as
+    downloadable artifacts; UserError if the storage cannot be opened."""
+    storage = open_storage(storage_url)
+    return optuna_dashboard.wsgi(storage, artifact_store=weights_stores(storage))
 
 
 def study_path(storage_url: str, study_name: str) -> str:
@@ -51,10 +93,9 @@ def make_dashboard_server(storage_url: str, host: str = "127.0.0.1", port: int =
     app = make_app(storage_url)
     try:
         return make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
-    except OSError as error:
-        raise UserError(
-            f"cannot serve on {host}:{port} ({error.strerror or error}); pass another --port / --host"
-        ) from None
+    except (OSError, OverflowError) as error:  # OverflowError: a port outside 0..65535
+        reason = getattr(error, "strerror", None) or error
+        raise UserError(f"cannot serve on {host}:{port} ({reason}); pass another --port / --host") from None
 
 
 def server_url(server: WSGIServer, path: str = "/dashboard") -> str:

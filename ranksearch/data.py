@@ -4,22 +4,25 @@ Accepted in ``--data-dir``: an ImageFolder tree with ``train/`` and ``test/`` (o
 or torchvision's CIFAR-10 folder (``cifar-10-batches-py``), which torchvision can also download.
 """
 
-import os
+import hashlib
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .errors import UserError
+from .files import atomic_save
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGE_SIZE = 32
 CROP_PADDING = 4
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-CACHE_NAME = ".ranksearch-cache-v1.pt"
+CACHE_NAME = ".ranksearch-cache-v2.pt"  # v2: validated by the files and the pixels' fingerprint
 ACCEPTED = (
     "an ImageFolder tree with train/ and test/ (one subfolder per class), "
     "or torchvision's CIFAR-10 folder (cifar-10-batches-py)"
@@ -38,6 +41,24 @@ class Dataset:
     test: ImageTensors
     classes: list[str]
     source: str  # "imagefolder" or "torchvision"
+    fingerprint: str = ""  # of source, classes, labels and pixels in loading order (``content_fingerprint``)
+
+    def __post_init__(self):
+        if not self.fingerprint:
+            self.fingerprint = content_fingerprint(self)
+
+
+def content_fingerprint(dataset: Dataset) -> str:
+    """sha256 of the layout, the class names, and every label and pixel of both splits, in loading order.
+
+    Two copies of CIFAR-10 in different layouts load in different orders, so they get different fingerprints
+    (their train/val splits differ too). ~0.3 s for CIFAR-10.
+    """
+    digest = hashlib.sha256(json.dumps({"source": dataset.source, "classes": dataset.classes}).encode())
+    for split in (dataset.train, dataset.test):
+        digest.update(split.labels.numpy().astype("<i8").tobytes())
+        digest.update(split.images.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _torchvision_root(data_dir: Path) -> Path | None:
@@ -97,8 +118,11 @@ def _load_torchvision(root: Path) -> Dataset:
 
     try:
         (train, classes), (test, _) = split(True), split(False)
-    except RuntimeError as error:
-        raise UserError(f"torchvision CIFAR-10 folder in {root} is incomplete ({error})") from None
+    except Exception as error:  # missing or corrupt batch files (RuntimeError, pickle errors, ...)
+        raise UserError(
+            f"torchvision CIFAR-10 folder in {root} is incomplete or corrupt ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); delete it and download again"
+        ) from None
     return Dataset(train, test, classes, "torchvision")
 
 
@@ -113,18 +137,45 @@ def _image_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
-def _decode(files: list[tuple[Path, int]]) -> ImageTensors:
+def _decode_one(path: Path) -> np.ndarray:
     from PIL import Image
 
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+        return np.asarray(image)
+
+
+def _decode(files: list[tuple[Path, int]], desc: str) -> ImageTensors:
+    """Decode every file; refuse the data, naming the files, when any image cannot be decoded."""
     images = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    for index, (path, _) in enumerate(files):
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-            images[index] = np.asarray(image)
+    bad: list[tuple[Path, Exception]] = []
+    for index, (path, _) in enumerate(tqdm(files, desc=desc, unit="img", file=sys.stderr, leave=False, disable=None)):
+        try:
+            images[index] = _decode_one(path)
+        except Exception as error:  # zero-byte, truncated, not an image, ...
+            bad.append((path, error))
+    if bad:
+        path, error = bad[0]
+        raise UserError(
+            f"{len(bad)} image(s) cannot be decoded, first {path} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); remove or replace them"
+        )
     labels = torch.tensor([label for _, label in files], dtype=torch.long)
     return ImageTensors(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
+
+
+def files_key(data_dir: Path, files: list[tuple[Path, int]]) -> str:
+    """What the decode cache was made from: every file's path, label, size and modification time.
+
+    Moving an image to another class, adding, removing or rewriting one changes the key.
+    """
+    digest = hashlib.sha256()
+    for path, label in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(data_dir)}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def _load_imagefolder_cached(data_dir: Path) -> Dataset:
@@ -137,51 +188,75 @@ def _load_imagefolder_cached(data_dir: Path) -> Dataset:
         raise UserError(f"--data-dir {data_dir} has no images under train/ or test/: it needs {ACCEPTED}")
     if classes != test_classes:
         raise UserError(f"--data-dir {data_dir}: train/ and test/ hold different class folders")
-    fingerprint = [len(train_files), len(test_files), classes]
+    key = files_key(data_dir, train_files + test_files)
     cache = data_dir / CACHE_NAME
-    if cache.is_file():
-        try:
-            saved = torch.load(cache, weights_only=True)
-            if saved["fingerprint"] == fingerprint:
-                return Dataset(
-                    ImageTensors(saved["train_images"], saved["train_labels"]),
-                    ImageTensors(saved["test_images"], saved["test_labels"]),
-                    classes,
-                    "imagefolder",
-                )
-        except Exception:
-            pass  # stale or broken cache: decode again and overwrite it
-    dataset = Dataset(_decode(train_files), _decode(test_files), classes, "imagefolder")
-    _save_cache(cache, dataset, fingerprint)
+    dataset = _read_cache(cache, key, classes)
+    if dataset is None:
+        train = _decode(train_files, "decoding train images")
+        dataset = Dataset(train, _decode(test_files, "decoding test images"), classes, "imagefolder")
+        _save_cache(cache, dataset, key)
     return dataset
 
 
-def _save_cache(cache: Path, dataset: Dataset, fingerprint: list) -> None:
+def _read_cache(cache: Path, key: str, classes: list[str]) -> Dataset | None:
+    """The cached dataset if it was made from exactly these files and its pixels still match its fingerprint."""
+    if not cache.is_file():
+        return None
+    try:
+        saved = torch.load(cache, weights_only=True)
+        if saved["files_key"] != key or saved["classes"] != classes:
+            print(f"note: {cache} was made from other files; decoding again", file=sys.stderr)
+            return None
+        train = ImageTensors(saved["train_images"], saved["train_labels"])
+        test = ImageTensors(saved["test_images"], saved["test_labels"])
+        dataset = Dataset(train, test, classes, "imagefolder")  # fingerprint computed from the contents
+        if dataset.fingerprint != saved["fingerprint"]:
+            raise ValueError("contents differ from the fingerprint recorded when decoding")
+        return dataset
+    except Exception as error:  # truncated, edited or foreign: never trusted, never fatal
+        print(f"note: decode cache {cache} is unusable ({type(error).__name__}); decoding again", file=sys.stderr)
+        return None
+
+
+def _save_cache(cache: Path, dataset: Dataset, key: str) -> None:
     payload = {
-        "fingerprint": fingerprint,
+        "files_key": key,
+        "classes": dataset.classes,
+        "fingerprint": dataset.fingerprint,
         "train_images": dataset.train.images,
         "train_labels": dataset.train.labels,
         "test_images": dataset.test.images,
         "test_labels": dataset.test.labels,
     }
-    partial = cache.with_suffix(".partial")
     try:
-        torch.save(payload, partial)
-        os.replace(partial, cache)
-    except OSError as error:
-        print(f"note: cannot write the decode cache {cache} ({error}); decoding each start", file=sys.stderr)
+        atomic_save(payload, cache)
+    except (OSError, RuntimeError) as error:  # torch.save reports an unwritable path as RuntimeError
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        print(f"note: cannot write the decode cache {cache} ({reason}); decoding each start", file=sys.stderr)
+
+
+def val_indices(count: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, val indices) of ``count`` training images: ``val_size`` held out by a fixed seed."""
+    if not 0 < val_size < count:
+        raise UserError(f"val_size {val_size} must be between 1 and {count - 1} (training images - 1)")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:].sort().values, order[:val_size].sort().values
 
 
 def split_train_val(train: ImageTensors, val_size: int, seed: int) -> tuple[ImageTensors, ImageTensors]:
     """Hold ``val_size`` images out of the training set, chosen by a fixed seed."""
-    if not 0 < val_size < len(train.labels):
-        raise UserError(f"val_size {val_size} must be between 1 and {len(train.labels) - 1} (training images - 1)")
-    order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
+    train_idx, val_idx = val_indices(len(train.labels), val_size, seed)
     return (
         ImageTensors(train.images[train_idx], train.labels[train_idx]),
         ImageTensors(train.images[val_idx], train.labels[val_idx]),
     )
+
+
+def data_identity(dataset: Dataset, val_size: int, split_seed: int) -> dict[str, str]:
+    """What a baseline and a study were measured on: the data's fingerprint and the exact val split."""
+    _, val_idx = val_indices(len(dataset.train.labels), val_size, split_seed)
+    split = hashlib.sha256(dataset.fingerprint.encode() + val_idx.numpy().astype("<i8").tobytes())
+    return {"source": dataset.source, "fingerprint": dataset.fingerprint, "split": split.hexdigest()[:16]}
 
 
 class DeviceData:
@@ -191,6 +266,7 @@ class DeviceData:
         train, val = split_train_val(dataset.train, val_size, split_seed)
         self.device = device
         self.classes = dataset.classes
+        self.identity = data_identity(dataset, val_size, split_seed)  # recorded by baselines and studies
         self.splits = {
             name: ImageTensors(t.images.to(device), t.labels.to(device))
             for name, t in (("train", train), ("val", val), ("test", dataset.test))
@@ -223,9 +299,19 @@ class DeviceData:
 
 
 def device_data(config, device: torch.device) -> DeviceData:
-    """The config's dataset, split and moved to ``device``."""
+    """The config's dataset, split and moved to ``device``; its classes must be the config's ``num_classes``."""
     dataset = load_dataset(config.data_dir, config.download)
+    check_classes(dataset, config.num_classes, config.data_dir)
     return DeviceData(dataset, config.val_size, config.split_seed, device)
+
+
+def check_classes(dataset: Dataset, num_classes: int, data_dir) -> None:
+    found = len(dataset.classes)
+    if found != num_classes:
+        raise UserError(
+            f"num_classes is {num_classes} but --data-dir {data_dir} has {found} classes "
+            f"({', '.join(dataset.classes[:4])}{', ...' if found > 4 else ''}); set num_classes: {found}"
+        )
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, padding: int = CROP_PADDING) -> torch.Tensor:

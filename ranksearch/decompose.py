@@ -128,9 +128,10 @@ def factorize(
 class Tucker2Conv(nn.Module):
     """1x1 Cin -> R_in, k x k R_in -> R_out (stride, padding, dilation of the original), 1x1 R_out -> Cout."""
 
-    def __init__(self, conv: nn.Conv2d, rank: float):
+    def __init__(self, conv: nn.Conv2d, rank: float, ranks: tuple[int, int] | None = None):
+        """The layer shapes for ``conv`` at normalized ``rank``; ``ranks`` (R_in, R_out) overrides the rule."""
         super().__init__()
-        rank_in, rank_out = tucker2_ranks(rank, conv.in_channels, conv.out_channels)
+        rank_in, rank_out = ranks or tucker2_ranks(rank, conv.in_channels, conv.out_channels)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.first = nn.Conv2d(conv.in_channels, rank_in, 1, bias=False)
         self.core = nn.Conv2d(
@@ -175,7 +176,7 @@ def decompose(
     Convs that would not get cheaper stay as they are (their buffer still records the rank).
     ``method``: "hosvd" (the default, as in the config), "hosvd+refine" (truncations of ``bases``, the
     cached ``channel_bases`` by conv name, computed here when absent) or "hooi" (TensorLy's partial_tucker).
-    ``factorize=False`` builds the layer shapes only (to load a decomposed state_dict into).
+    ``factorize=False`` builds the layer shapes only (e.g. to count the MACs of a rank choice).
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -205,18 +206,49 @@ def model_bases(model: nn.Module) -> dict[str, Bases]:
     }
 
 
+TUCKER2_KEYS = ("first.weight", "core.weight", "last.weight")
+
+
+def _saved_tucker2_ranks(state_dict: dict[str, torch.Tensor], name: str) -> tuple[int, int] | None:
+    """(R_in, R_out) of conv ``name`` when ``state_dict`` holds it in Tucker-2 form, else None."""
+    tensors = [state_dict.get(f"{name}.{key}") for key in TUCKER2_KEYS]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in tensors):
+        return None
+    first, core, _ = tensors  # (R_in, Cin, 1, 1), (R_out, R_in, kh, kw), (Cout, R_out, 1, 1)
+    return first.shape[0], core.shape[0]
+
+
+def _check_fits(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """A one-line ValueError unless ``state_dict`` has exactly the keys and shapes of ``model``'s."""
+    expected = model.state_dict()
+    common = expected.keys() & state_dict.keys()
+    problems = {
+        "missing": expected.keys() - state_dict.keys(),
+        "unexpected": state_dict.keys() - expected.keys(),
+        "wrong shape of": {k for k in common if expected[k].shape != state_dict[k].shape},
+    }
+    found = [f"{what} {min(keys)!r}" + (f" (+{len(keys) - 1} more)" if len(keys) > 1 else "")
+             for what, keys in problems.items() if keys]  # fmt: skip
+    if found:
+        raise ValueError(f"state_dict does not fit the {type(model).__name__}: {'; '.join(found)}")
+
+
 def decomposed_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """Load a (possibly decomposed) state_dict into an undecomposed ``model`` of the same architecture.
 
-    The rank buffers in ``state_dict`` alone decide which convs take their Tucker-2 shape.
+    The saved tensors decide each conv's form, not today's rules: a conv saved as ``<name>.first/core/last``
+    becomes a Tucker2Conv with the saved R_in and R_out; any other stays a plain conv. A state_dict that does
+    not fit (keys or shapes) raises a one-line ValueError.
     """
     for layers in rank_modules(model).values():
         for name, layer in layers:
             key = f"{name}.rank"
             if key not in state_dict:
                 raise ValueError(f"state_dict has no rank buffer {key!r}: not a ranksearch model")
-            layer.rank.copy_(state_dict[key])
-    model = decompose(model, inplace=True, factorize=False)
+            ranks = _saved_tucker2_ranks(state_dict, name)
+            if ranks is not None and isinstance(layer, nn.Conv2d):
+                model.set_submodule(name, Tucker2Conv(layer, float(layer.rank), ranks))
+    _check_fits(model, state_dict)
     model.load_state_dict(state_dict)
     return model
 

@@ -1,9 +1,10 @@
 """Take a trial's model out of a study: pick it, rebuild it exactly, verify it, and write deployable files.
 
-The ``.pt`` file describes itself (weights with rank buffers, config, MACs, params, accuracies, provenance);
-``load_model`` rebuilds the decomposed architecture from its rank buffers alone.
+The ``.pt`` file describes itself (weights, config, MACs, params, accuracies, provenance, the input it expects
+and its class names); ``load_model`` rebuilds the decomposed architecture from the saved tensors alone.
 """
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -17,28 +18,47 @@ from torch import nn
 from . import __version__
 from .baseline import cached_bases, load_baseline, new_model
 from .config import Config
-from .data import DeviceData, load_dataset
+from .data import CIFAR_MEAN, CIFAR_STD, DeviceData, device_data
 from .decompose import decomposed_from_state_dict
 from .errors import UserError
+from .files import atomic_save, check_writable
 from .measure import count_macs
 from .models import build_model
 from .search import trial_model, trial_seed
-from .train import evaluate, finetune, steps_per_epoch
+from .train import evaluate, finetune, precision, resolve_device, steps_per_epoch, use_deterministic_kernels
 from .weights import WeightsStore
 
 FILE_KIND = "ranksearch-model"
-FILE_VERSION = 1
+FILE_VERSION = 2  # 1: ranksearch 0.1.0; 2: adds input, classes, device, eval_dtype, measured_with
 FORMATS = ("pt", "onnx", "torchscript")
 SUFFIXES = {"pt": ".pt", "onnx": ".onnx", "torchscript": ".ts"}
 ACCURACY_TOLERANCE = 0.001  # 0.1 percentage point, as a fraction
+INPUT_SPEC = {  # what the model takes: (uint8 pixel / 255 - mean) / std per RGB channel, NCHW
+    "size": [3, 32, 32], "channel_order": "RGB", "scale": "uint8 pixel / 255",
+    "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD), "layout": "NCHW",
+}  # fmt: skip
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# Search fields that ranksearch's first release did not have, with what it did instead, so that a study made
+# then re-runs exactly as made: TensorLy HOOI every trial, no refinement, no distillation, no torch.compile.
+BEFORE_FIELD_EXISTED = {
+    "decompose_method": "hooi", "refine_iters": 0, "distill_weight": 0.0, "distill_temperature": 4.0,
+    "compile": False,
+}  # fmt: skip
 
 
 def study_config(study: optuna.Study) -> Config:
-    """The config a study was run with (its ``config`` user attr)."""
+    """The config a study was run with (its ``config`` user attr); fields it predates take their old values."""
     fields = study.user_attrs.get("config")
     if fields is None or "baseline" not in study.user_attrs:
         raise UserError(f"study {study.study_name!r} has no ranksearch config or baseline: was it made by ranksearch?")
-    return Config(**fields)
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        made_by = study.user_attrs.get("ranksearch_version", "unknown")
+        raise UserError(
+            f"study {study.study_name!r} was made by ranksearch {made_by} with config fields this version "
+            f"({__version__}) does not know ({', '.join(unknown)}); upgrade ranksearch"
+        )
+    return Config(**{**BEFORE_FIELD_EXISTED, **fields})
 
 
 # ----- picking a trial -------------------------------------------------------------------------------------------
@@ -103,23 +123,56 @@ def rebuild_trial(
     ranks = {name.removeprefix("rank_"): value for name, value in trial.params.items()}
     seed = trial.user_attrs.get("seed", trial_seed(config, trial.number))
     bases = cached_bases(baseline.model, path) if config.decompose_method != "hooi" else None
+    use_deterministic_kernels(data.device)  # as the search ran
     model, _ = trial_model(baseline.model, ranks, config, data, seed, bases)
     return model, f"fine-tune re-run from seed {seed}"
 
 
 def verify(model: nn.Module, trial: optuna.trial.FrozenTrial, config: Config, data: DeviceData) -> float:
-    """Check the rebuilt model against the trial's record; return its val accuracy."""
+    """Check the rebuilt model against the trial's values (val accuracy, MACs) and params; return its val accuracy."""
     accuracy = evaluate(model, data, "val", config.eval_batch_size)
     recorded = trial.values[0]
     if abs(accuracy - recorded) > ACCURACY_TOLERANCE:
+        ran_on = trial.user_attrs.get("device")
+        hint = (
+            f"the trial ran on {ran_on}, this on {data.device.type}: pass --device {ran_on}"
+            if ran_on not in (None, data.device.type)
+            else "is --data-dir the data the study used?"
+        )
         raise UserError(
             f"rebuilt trial {trial.number} scores {accuracy:.2%} on val, not its recorded {recorded:.2%}; "
-            "nothing written (is --data-dir the data the study used?)"
+            f"nothing written ({hint})"
         )
     macs, params = count_macs(model)
-    if (macs, params) != (trial.user_attrs["macs"], trial.user_attrs["params"]):
+    if (macs, params) != (round(trial.values[1]), trial.user_attrs["params"]):
         raise UserError(f"rebuilt trial {trial.number} has {macs:,} MACs / {params:,} params, not the recorded ones")
     return accuracy
+
+
+def export_device(trial: optuna.trial.FrozenTrial, requested: str | None) -> torch.device:
+    """``requested`` (--device), else the device type the trial ran on ("auto" for trials that did not record it)."""
+    if requested not in (None, "auto", "cpu", "cuda"):
+        raise UserError(f"--device {requested!r}: choose auto, cpu or cuda")
+    ran_on = trial.user_attrs.get("device")
+    if requested is None and ran_on == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"trial {trial.number} ran on cuda but no CUDA GPU is visible; pass --device cpu to rebuild it on the "
+            "CPU (its accuracies may then differ slightly from the recorded ones, measured in bf16)"
+        )
+    return resolve_device(requested or ran_on or "auto")
+
+
+def check_same_data(study: optuna.Study, data: DeviceData, data_dir: str) -> None:
+    """Refuse data other than the study's (studies made before 0.2.0 recorded none: not checked)."""
+    recorded = study.user_attrs.get("data")
+    if recorded is None:
+        return
+    differs = [key for key in data.identity if recorded.get(key) != data.identity[key]]
+    if differs:
+        raise UserError(
+            f"--data-dir {data_dir} holds other data than study {study.study_name!r} was run on "
+            f"({', '.join(differs)} differs); pass the study's data (recorded: {study.user_attrs.get('data_dir')})"
+        )
 
 
 def finetune_longer(model: nn.Module, config: Config, data: DeviceData, epochs: int, seed: int) -> None:
@@ -139,12 +192,11 @@ def save_pt(model: nn.Module, path: Path, metadata: dict) -> None:
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **metadata,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, path)
+    atomic_save(payload, path)
 
 
 def read_export(path: str | Path) -> dict:
-    """The payload of a ``.pt`` export; a clear error for anything else."""
+    """The payload of a ``.pt`` export (file version 1 or 2), checked; a one-line UserError for anything else."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no file {path}; pass the .pt written by `ranksearch export`")
@@ -154,15 +206,64 @@ def read_export(path: str | Path) -> dict:
         raise UserError(f"{path} is unreadable or truncated ({type(error).__name__}); export it again") from None
     if not isinstance(payload, dict) or payload.get("kind") != FILE_KIND:
         raise UserError(f"{path} is not a ranksearch export (no '{FILE_KIND}' marker)")
+    version = payload.get("file_version")
+    if not isinstance(version, int) or version < 1:
+        raise UserError(f"{path} is a damaged ranksearch export (file_version {version!r}); export it again")
+    if version > FILE_VERSION:
+        raise UserError(
+            f"{path} was written by ranksearch {payload.get('ranksearch_version', '?')} (file version {version}); "
+            f"upgrade ranksearch (this is {__version__}, which reads file versions up to {FILE_VERSION})"
+        )
+    _check_contents(payload, path)
     return payload
 
 
-def load_model(path: str | Path) -> nn.Module:
-    """Rebuild an exported model (decomposed architecture from its rank buffers) with its weights, in eval mode."""
-    payload = read_export(path)
+def _check_contents(payload: dict, path: Path) -> None:
+    required = {"config": dict, "state_dict": dict}
+    if payload["file_version"] > 1:
+        required |= {"input": dict, "classes": list}
+    wrong = [key for key, kind in required.items() if not isinstance(payload.get(key), kind)]
+    if not wrong and not {"model", "num_classes", "width"} <= payload["config"].keys():
+        wrong = ["config (model, num_classes, width)"]
+    if not wrong and not all(isinstance(v, torch.Tensor) for v in payload["state_dict"].values()):
+        wrong = ["state_dict (tensors)"]
+    if wrong:
+        raise UserError(f"{path} is a damaged ranksearch export ({', '.join(wrong)}: missing or wrong); export again")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().partition("\n")[0] or type(error).__name__
+
+
+def _rebuild(payload: dict, path: Path) -> nn.Module:
     config = payload["config"]
-    model = build_model(config["model"], num_classes=config["num_classes"], width=config["width"])
-    return decomposed_from_state_dict(model, payload["state_dict"]).eval()
+    try:
+        model = build_model(config["model"], num_classes=config["num_classes"], width=config["width"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path}: its config describes no model ({_first_line(error)}); export it again") from None
+    try:
+        return decomposed_from_state_dict(model, payload["state_dict"])
+    except ValueError as error:
+        raise UserError(f"{path}: {_first_line(error)}; export it again") from None
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Rebuild an exported model (its decomposed form read from the saved tensors) with its weights, in eval mode.
+
+    The model carries ``input_spec`` (how images become its input: ``INPUT_SPEC``) and ``classes`` (the name of
+    each output; CIFAR-10's for files written by 0.1.0, which recorded neither).
+    """
+    payload = read_export(path)
+    model = _rebuild(payload, Path(path))
+    described = payload if payload["file_version"] > 1 else _version1_defaults(payload["config"])
+    model.input_spec, model.classes = described["input"], described["classes"]
+    return model.eval()
+
+
+def _version1_defaults(config: dict) -> dict:
+    """What a file from 0.1.0 (made for CIFAR-10 only) did not record."""
+    classes = list(CIFAR10_CLASSES) if config["num_classes"] == len(CIFAR10_CLASSES) else None
+    return {"input": copy.deepcopy(INPUT_SPEC), "classes": classes}
 
 
 def save_onnx(model: nn.Module, path: Path) -> float:
@@ -196,9 +297,22 @@ def save_torchscript(model: nn.Module, path: Path) -> float:
 
 
 def output_paths(out: Path, formats: list[str]) -> dict[str, Path]:
-    """The .pt always; other formats beside it with their own suffix."""
-    base = out.with_suffix("") if out.suffix == ".pt" else out
+    """Each format's file: ``out`` less a format suffix, plus the format's suffix. The .pt is always written (it is
+    the file ``load_model`` reads): ``best.onnx`` with ``onnx`` gives best.onnx and best.pt."""
+    named = {suffix: fmt for fmt, suffix in SUFFIXES.items()}.get(out.suffix)
+    if named is not None and named not in ("pt", *formats):
+        raise UserError(f"--out {out} names a {named} file but --format has no {named}; add it or change --out")
+    base = out.with_suffix("") if named else out
     return {fmt: base.with_name(base.name + SUFFIXES[fmt]) for fmt in ["pt", *[f for f in formats if f != "pt"]]}
+
+
+def check_out(out: Path, formats: list[str]) -> dict[str, Path]:
+    """The output files of ``--out``, checked before any slow work: no folder in their place, a writable folder."""
+    for path in (out, *output_paths(out, formats).values()):
+        if path.is_dir():
+            raise UserError(f"--out {path} is a folder; give a file name, such as {path / 'best.pt'}")
+    check_writable(out.parent, "the --out folder")
+    return output_paths(out, formats)
 
 
 def parse_formats(text: str) -> list[str]:
@@ -233,14 +347,16 @@ def _scores(model: nn.Module, data: DeviceData, config: Config) -> dict[str, flo
 
 def export_trial(
     study: optuna.Study, trial: optuna.trial.FrozenTrial, data_dir: str | None, device: torch.device,
-    out: Path, formats: list[str], finetune_epochs: int = 0,
+    paths: dict[str, Path], finetune_epochs: int = 0,
 ) -> dict[str, Path]:  # fmt: skip
-    """Rebuild and verify ``trial``'s model, optionally fine-tune it longer, and write it in ``formats``."""
+    """Rebuild and verify ``trial``'s model, optionally fine-tune it longer, and write it to ``paths`` (format ->
+    file, from ``check_out``)."""
     config = study_config(study)
     data_dir = data_dir or study.user_attrs.get("data_dir")
     if data_dir is None:
         raise UserError("the study does not record its data: pass --data-dir")
-    data = DeviceData(load_dataset(data_dir, download=False), config.val_size, config.split_seed, device)
+    data = device_data(dataclasses.replace(config, data_dir=data_dir, download=False), device)
+    check_same_data(study, data, data_dir)
     model, source = rebuild_trial(study, trial, config, data)
     verify(model, trial, config, data)
     scores = _scores(model, data, config)
@@ -261,8 +377,11 @@ def export_trial(
         "macs": macs, "params": params,
         "macs_ratio": macs / baseline["macs"], "params_ratio": params / baseline["params"], **scores,
         "finetune_epochs": finetune_epochs, "before_finetune": before, "baseline": baseline, "source": source,
+        "input": INPUT_SPEC, "classes": list(data.classes),
+        "device": trial.user_attrs.get("device"), "eval_dtype": trial.user_attrs.get("eval_dtype"),  # the trial's
+        # where val_accuracy and test_accuracy above were measured (str: torch.__version__ is no plain str)
+        "measured_with": {key: str(value) for key, value in precision(data.device).items()},
     }  # fmt: skip
-    paths = output_paths(out, formats)
     save_pt(model, paths["pt"], metadata)
     print(f"wrote {paths['pt']}  (MACs {macs:,} = {metadata['macs_ratio']:.3f}x, params {params:,})")
     if "onnx" in paths:

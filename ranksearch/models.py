@@ -125,8 +125,17 @@ def set_ranks(model: nn.Module, ranks: Sequence[float] | Mapping[str, float]) ->
     """Write one normalized rank per module into the rank buffers of its convs.
 
     ``ranks`` is a sequence (one value per module, in order) or a mapping from module name to value.
+    The model must be undecomposed: new ranks on Tucker-2 layers would not match their shapes.
     """
     modules = rank_modules(model)
+    layers = [pair for pairs in modules.values() for pair in pairs]
+    decomposed = [(name, layer) for name, layer in layers if not isinstance(layer, nn.Conv2d)]
+    if decomposed:
+        name, layer = decomposed[0]
+        raise ValueError(
+            f"set_ranks needs an undecomposed model, but {name} is already a {type(layer).__name__}; "
+            "set the ranks on the original model, then decompose it"
+        )
     if not isinstance(ranks, Mapping):
         ranks = list(ranks)
         if len(ranks) != len(modules):

@@ -18,7 +18,8 @@ COMPLETE = optuna.trial.TrialState.COMPLETE
 FAIL = optuna.trial.TrialState.FAIL
 RANK_PREFIX = "rank_"
 RANK_SUFFIX = "_k32"  # column rank_block1_k32 = k, where the block's normalized rank is k/32
-ATTR_COLUMNS = ["val_accuracy", "macs", "params", "macs_ratio", "params_ratio"]
+VALUE_COLUMNS = ["val_accuracy", "macs"]  # the trial's values (objectives), in order
+ATTR_COLUMNS = ["params", "macs_ratio", "params_ratio"]
 SECONDS_COLUMNS = ["decompose_s", "finetune_s", "eval_s", "count_s"]
 MACS_BUDGETS = (0.10, 0.25)  # summary: best val accuracy within these fractions of the baseline's MACs
 REPORT_FILES = ("trials.csv", "pareto.html", "pareto.png")
@@ -61,10 +62,9 @@ def baseline_of(study: optuna.Study) -> dict | None:
 
 
 def _attr_values(trial: optuna.trial.FrozenTrial, baseline: dict | None) -> dict[str, float]:
-    """val_accuracy, macs, params and their ratios; objective values and the baseline fill in missing attrs."""
-    attrs = trial.user_attrs
-    values = dict(zip(("val_accuracy", "macs"), trial.values or (), strict=False))
-    row = {key: attrs.get(key, values.get(key, math.nan)) for key in ATTR_COLUMNS}
+    """val_accuracy and macs (the trial's values), params and the ratios (user attrs; from the baseline if absent)."""
+    row = dict(zip(VALUE_COLUMNS, trial.values or [math.nan] * len(VALUE_COLUMNS), strict=True))
+    row |= {key: trial.user_attrs.get(key, math.nan) for key in ATTR_COLUMNS}
     for key, base_key in (("macs_ratio", "macs"), ("params_ratio", "params")):
         if math.isnan(row[key]) and baseline and baseline.get(base_key):
             row[key] = row[base_key] / baseline[base_key]
@@ -83,7 +83,7 @@ def _trial_row(trial: optuna.trial.FrozenTrial, params: list[str], pareto: set[i
 
 
 def table_columns(params: list[str]) -> list[str]:
-    return ["number", "state", *map(rank_column, params), *ATTR_COLUMNS, *SECONDS_COLUMNS,
+    return ["number", "state", *map(rank_column, params), *VALUE_COLUMNS, *ATTR_COLUMNS, *SECONDS_COLUMNS,
             "seconds", "pareto", "fail_reason"]  # fmt: skip
 
 

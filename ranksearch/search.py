@@ -2,25 +2,25 @@
 
 import copy
 import time
+import warnings
 from pathlib import Path
 
 import optuna
 import torch
 from torch import nn
 
-from . import __version__
-from .baseline import Baseline, baseline_path, cached_bases, ensure_baseline, new_model
-from .config import Config, search_fields
+from .baseline import Baseline, cached_bases, ensure_baseline, new_model
+from .config import Config
 from .data import DeviceData, device_data
 from .decompose import Bases, decompose, should_decompose
 from .errors import UserError
+from .files import check_writable
 from .measure import count_macs
 from .models import RANK_STEPS, rank_modules, set_ranks
-from .train import evaluate, finetune, prepare, resolve_device, synchronize
+from .progress import TrialProgress, ranks_text
+from .study import check_data, create_or_load, find_study, record_setup
+from .train import evaluate, finetune, precision, prepare, resolve_device, synchronize, use_deterministic_kernels
 from .weights import WeightsStore
-
-DIRECTIONS = ["maximize", "minimize"]  # (validation accuracy, MACs)
-_DIRECTIONS = [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
 
 
 def param_name(module: str) -> str:
@@ -110,9 +110,8 @@ class Objective:
         integer_ranks, kept = conv_ranks(model)
         accuracy, eval_s = _timed(lambda: evaluate(model, self.data, "val", config.eval_batch_size), device)
         (macs, params), count_s = _timed(lambda: count_macs(model), device)
-        attrs = {
-            "val_accuracy": accuracy,
-            "macs": macs,
+        attrs = {  # val accuracy and MACs are the trial's values, not repeated here
+            "ranks": ranks_text(trial.params, self.modules),
             "params": params,
             "macs_ratio": macs / base.macs,
             "params_ratio": params / base.params,
@@ -122,6 +121,7 @@ class Objective:
             **seconds,
             "eval_s": eval_s,
             "count_s": count_s,
+            **precision(device),
         }
         if device.type == "cuda":
             attrs["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -136,7 +136,7 @@ def trial_bases(config: Config, baseline: Baseline) -> dict[str, Bases] | None:
     """The baseline's channel bases when the method truncates them (cached on disk beside the baseline)."""
     if config.decompose_method == "hooi":
         return None
-    return cached_bases(baseline.model, baseline_path(config))
+    return cached_bases(baseline.model, baseline.path)
 
 
 def make_sampler(config: Config, seed: int) -> optuna.samplers.BaseSampler:
@@ -145,99 +145,10 @@ def make_sampler(config: Config, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def _default_storage_dir(config: Config) -> None:
-    if config.storage is None:
-        Path("studies").mkdir(exist_ok=True)
-
-
-def _storage(url: str) -> optuna.storages.BaseStorage:
-    try:
-        return optuna.storages.get_storage(url)
-    except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(
-            f"cannot open storage {url!r} ({first_line}); pass an Optuna storage URL such as "
-            "sqlite:///studies/NAME.db to --storage"
-        ) from None
-
-
-def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
-    """A study that must already exist (for export, report, dashboard); a clear error otherwise."""
-    if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no study database {storage_url.removeprefix('sqlite:///')}; check --study-name / --storage")
-    storage = _storage(storage_url)
-    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
-    if study_name not in names:
-        known = ", ".join(names) if names else "none"
-        raise UserError(f"no study {study_name!r} in {storage_url} (studies there: {known}); check --study-name")
-    return optuna.load_study(study_name=study_name, storage=storage)
-
-
-def _check_compatible(study: optuna.Study, config: Config) -> None:
-    """Refuse to add trials to a study made with other directions or another config."""
-    if study.directions != _DIRECTIONS:
-        raise UserError(
-            f"study {study.study_name!r} exists with directions "
-            f"{[d.name.lower() for d in study.directions]}, not {DIRECTIONS}; use another --study-name"
-        )
-    stored = study.user_attrs.get("config")
-    wanted = search_fields(config)
-    if stored is not None and stored != wanted:
-        changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-        details = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])
-        raise UserError(
-            f"study {config.study_name!r} was made with another config ({details}); "
-            "use another --study-name or the study's config"
-        )
-
-
-def open_study(config: Config) -> optuna.Study:
-    """Create the study, or load it to resume after checking it matches ``config``. Writes nothing else."""
-    _default_storage_dir(config)
-    storage = _storage(config.storage_url())
-    names = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    if config.study_name in names:
-        study = optuna.load_study(study_name=config.study_name, storage=storage)
-        _check_compatible(study, config)
-    else:
-        study = optuna.create_study(storage=storage, study_name=config.study_name, directions=DIRECTIONS)
-    study.sampler = make_sampler(config, config.seed + len(study.trials))  # fresh draws when resuming
-    study.set_user_attr("config", search_fields(config))
-    study.set_user_attr("ranksearch_version", __version__)
-    return study
-
-
 def check_enqueued(modules: list[str], rank_vectors: list[list[float]]) -> None:
     for ranks in rank_vectors:
         if len(ranks) != len(modules):
             raise UserError(f"--ranks needs {len(modules)} values (one per module: {', '.join(modules)})")
-
-
-def _ranks_text(params: dict, modules: list[str]) -> str:
-    return "/".join(str(round(params[param_name(m)] * RANK_STEPS)) for m in modules) + f" /{RANK_STEPS}"
-
-
-def _seconds(trial: optuna.trial.FrozenTrial) -> float:
-    if trial.datetime_complete and trial.datetime_start:
-        return (trial.datetime_complete - trial.datetime_start).total_seconds()
-    return 0.0
-
-
-def report_trial(modules: list[str]):
-    """Optuna callback: one console line per finished trial."""
-
-    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        head = f"trial {trial.number:>4}  ranks {_ranks_text(trial.params, modules)}"
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            attrs = trial.user_attrs
-            print(
-                f"{head}  val {trial.values[0]:7.2%}  MACs {attrs['macs_ratio']:.3f}x  {_seconds(trial):6.1f} s",
-                flush=True,
-            )
-        else:
-            print(f"{head}  {trial.state.name}: {trial.user_attrs.get('fail_reason', '')}", flush=True)
-
-    return callback
 
 
 def pareto_summary(study: optuna.Study, modules: list[str]) -> str:
@@ -245,36 +156,56 @@ def pareto_summary(study: optuna.Study, modules: list[str]) -> str:
     lines = [f"Pareto front: {len(front)} of {len(study.trials)} trials (val accuracy vs MACs)"]
     for t in front:
         lines.append(
-            f"  trial {t.number:>4}  ranks {_ranks_text(t.params, modules)}  val {t.values[0]:7.2%}  "
+            f"  trial {t.number:>4}  ranks {ranks_text(t.params, modules)}  val {t.values[0]:7.2%}  "
             f"MACs {t.user_attrs['macs_ratio']:.3f}x ({int(t.values[1]):,})"
         )
     return "\n".join(lines)
 
 
-def run_search(config: Config) -> tuple[optuna.Study, list[optuna.trial.FrozenTrial]]:
-    """The main job: baseline (pretrained if needed), then ``config.trials`` more trials in the study.
-
-    Returns the study and the trials this call added.
-    """
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by report_trial instead
+def prepare_run(config: Config) -> tuple[optuna.Study | None, DeviceData, Baseline]:
+    """Everything a run needs before its study may be written: the study it resumes (checked, not created),
+    the data (checked against that study), the baseline (cached or pretrained). A failure here writes no study."""
     modules = list(rank_modules(new_model(config)))
     check_enqueued(modules, config.enqueue_ranks)
     device = resolve_device(config.device)
-    study = open_study(config)
+    existing = find_study(config)
+    check_writable(config.weights_path(), "weights_dir")
     data = device_data(config, device)
-    baseline = ensure_baseline(config, data)
+    check_data(existing, data.identity)
+    return existing, data, ensure_baseline(config, data)
+
+
+def run_search(config: Config) -> tuple[optuna.Study, list[optuna.trial.FrozenTrial]]:
+    """The main job: baseline (pretrained if needed), then ``config.trials`` more trials in the study.
+
+    Returns the study and the trials this call ran (enqueued ones included).
+    """
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by the progress lines instead
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    existing, data, baseline = prepare_run(config)
+    use_deterministic_kernels(data.device)
+    if config.storage is None:
+        Path("studies").mkdir(exist_ok=True)
+    study = existing or create_or_load(config)
     weights = WeightsStore(config.weights_path())
-    study.set_user_attr("baseline", baseline.metrics())
-    study.set_user_attr("weights_dir", str(weights.directory))
-    study.set_user_attr("baseline_path", str(baseline_path(config).resolve()))
-    study.set_user_attr("data_dir", str(Path(config.data_dir).resolve()))
+    record_setup(
+        study, config, data=data.identity, baseline=baseline.metrics(), weights_dir=str(weights.directory),
+        baseline_path=str(baseline.path.resolve()), data_dir=str(Path(config.data_dir).resolve()),
+    )  # fmt: skip
+    study.sampler = make_sampler(config, (config.seed + len(study.trials)) % 2**32)  # fresh draws when resuming
+    modules = list(rank_modules(baseline.model))
     for ranks in config.enqueue_ranks:
         study.enqueue_trial({param_name(m): r for m, r in zip(modules, ranks, strict=True)}, skip_if_exists=True)
-    before = len(study.trials)
+    finished: list[int] = []
     objective = Objective(config, data, baseline, weights, trial_bases(config, baseline))
     study.optimize(
         objective, n_trials=config.trials, catch=(Exception,),
-        callbacks=[report_trial(modules), lambda study, _: weights.prune(study)],
+        callbacks=[
+            lambda _, trial: finished.append(trial.number),
+            TrialProgress(config.trials, modules, baseline.macs),
+            lambda study, _: weights.prune(study),
+        ],
     )  # fmt: skip
     print(pareto_summary(study, modules), flush=True)
-    return study, study.trials[before:]
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    return study, [by_number[n] for n in finished]

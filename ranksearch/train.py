@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,24 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def precision(device: torch.device) -> dict[str, str]:
+    """Where and at what precision a trial was measured (recorded with each trial and each export)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "device": device.type,
+        "device_name": name,
+        "eval_dtype": "bf16" if device.type == "cuda" else "fp32",  # see ``autocast``
+        "torch_version": str(torch.__version__),  # a plain str: TorchVersion does not load with weights_only
+    }
+
+
+def use_deterministic_kernels(device: torch.device) -> None:
+    """Deterministic cuDNN convolutions, so that export can re-run a trial's fine-tune to the same weights."""
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def synchronize(device: torch.device) -> None:

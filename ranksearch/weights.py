@@ -18,16 +18,19 @@ WEIGHTS_ATTR = "weights_artifact_id"
 
 class WeightsStore:
     def __init__(self, directory: str | Path):
-        self.directory = Path(directory).resolve()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = Path(directory).resolve()  # created by the first save: reading creates nothing
         self.store = FileSystemArtifactStore(self.directory)
 
     def save(self, trial: optuna.Trial, model: nn.Module) -> None:
         """Upload the trial's state_dict and record its artifact id in a user attr."""
+        self.directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"trial-{trial.number}.pt"
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-            artifact_id = upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial)
+            artifact_id = upload_artifact(
+                artifact_store=self.store, file_path=str(path), study_or_trial=trial,
+                mimetype="application/octet-stream",  # a torch file; guessing from ".pt" says "page table"
+            )  # fmt: skip
         trial.set_user_attr(WEIGHTS_ATTR, artifact_id)
 
     def load(self, trial: optuna.trial.FrozenTrial) -> dict[str, torch.Tensor] | None:

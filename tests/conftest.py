@@ -1,4 +1,5 @@
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -35,9 +36,24 @@ def tiny_imagefolder(tmp_path_factory) -> Path:
     return write_imagefolder(tmp_path_factory.mktemp("tiny") / "cifar")
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m ranksearch ARGS`` in ``cwd``, as a user would type it."""
+def run_cli(*args: str, cwd: Path, read_only: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+    """``python -m ranksearch ARGS`` in ``cwd``, as a user would type it.
+
+    ``read_only``: folders the command sees as a read-only file system (EROFS, which binds root too: a private
+    mount namespace with read-only bind mounts; for a non-root user, the folders are chmod'ed instead).
+    """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "ranksearch", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+    command = [sys.executable, "-m", "ranksearch", *args]
+    if read_only and os.geteuid() == 0:
+        quoted = [shlex.quote(str(p)) for p in read_only]
+        mounts = " && ".join(f"mount --bind {p} {p} && mount -o remount,ro,bind {p}" for p in quoted)
+        command = ["unshare", "-m", "sh", "-c", f"{mounts} && exec {shlex.join(command)}"]
+    elif read_only:
+        for path in read_only:
+            path.chmod(0o555)
+    try:
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        if read_only and os.geteuid() != 0:
+            for path in read_only:
+                path.chmod(0o755)

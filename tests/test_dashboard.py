@@ -10,10 +10,13 @@ import subprocess
 import sys
 import threading
 import urllib.request
+import warnings
 from wsgiref.util import setup_testing_defaults
 
+import optuna
 import pytest
-from test_report import BASELINE, PARETO, TRIALS, hand_built_study
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from test_report import BASELINE, DIST, PARETO, TRIALS, _params, hand_built_study
 
 from conftest import REPO
 from ranksearch.dashboard import make_app, make_dashboard_server, server_url, study_path
@@ -65,7 +68,8 @@ def test_api_returns_every_trial_with_its_user_attrs(storage):
     for trial, (ranks, accuracy, macs, params) in zip(trials, TRIALS, strict=False):
         user_attrs = attrs(trial["user_attrs"])
         assert float(user_attrs["macs_ratio"]) == pytest.approx(macs / 1000)
-        assert float(user_attrs["val_accuracy"]) == accuracy and float(user_attrs["params_ratio"]) == params / 200
+        assert trial["values"] == [accuracy, macs] and float(user_attrs["params_ratio"]) == params / 200
+        assert user_attrs["ranks"] == "/".join(map(str, ranks)) + " /32"  # text, as the dashboard shows it
         assert json.loads(user_attrs["conv_ranks"]) == {f"features.{i}": 4 * k for i, k in enumerate(ranks)}
         assert json.loads(user_attrs["kept_convs"]) == ["features.0"]
         params_k = {p["name"]: round(float(p["param_external_value"]) * 32) for p in trial["params"]}
@@ -146,3 +150,85 @@ def test_serve_prints_the_study_url_serves_it_and_stops_on_ctrl_c(storage):
             process.communicate()
     assert process.returncode == 0, stderr
     assert stdout == "dashboard stopped\n" and "GET /" not in stderr  # no log line per request
+
+
+def add_trial_with_weights(study: optuna.Study, store, ks: list[int], values: list[float], folder) -> tuple[int, str]:
+    """A trial run as ranksearch runs one: its weights uploaded while it runs, its ranks as text; returns
+    (trial number, artifact id)."""
+    study.enqueue_trial(_params(ks))
+    trial = study.ask({name: DIST for name in _params(ks)})
+    weights = folder / f"trial-{trial.number}.pt"
+    weights.write_bytes(b"state_dict of trial %d" % trial.number)
+    artifact_id = upload_artifact(artifact_store=store, file_path=str(weights), study_or_trial=trial)
+    trial.set_user_attr("ranks", "/".join(map(str, ks)) + " /32")
+    study.tell(trial, values)
+    return trial.number, artifact_id
+
+
+@pytest.fixture
+def weighted(tmp_path) -> tuple[str, dict[int, str]]:
+    """The hand-built study as a run leaves it: metric names, a weights folder, two trials with weights of which
+    the dominated one's were deleted again (as ``WeightsStore.prune`` does)."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = hand_built_study(url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["val_accuracy", "macs"])  # as run_search names them
+    study.set_user_attr("weights_dir", str(tmp_path / "weights"))
+    (tmp_path / "weights").mkdir()
+    store = FileSystemArtifactStore(tmp_path / "weights")
+    kept = dict([
+        add_trial_with_weights(study, store, [8, 8, 4, 2, 2], [0.92, 50.0], tmp_path),  # dominates everything
+        add_trial_with_weights(study, store, [1, 1, 1, 1, 2], [0.50, 900.0], tmp_path),
+    ])  # fmt: skip
+    store.remove(kept[len(TRIALS) + 2])
+    return url, kept
+
+
+def trial_detail(app, number: int, sid: int | None = None) -> dict:
+    """Trial ``number`` of study ``sid`` (default: the only study) as the API sends it."""
+    trials = get_json(app, f"/api/studies/{study_id(app) if sid is None else sid}")["trials"]
+    return next(t for t in trials if t["number"] == number)
+
+
+def test_kept_weights_are_listed_and_downloadable_and_deleted_ones_answer_404(weighted):
+    url, kept = weighted
+    best, dominated = len(TRIALS) + 1, len(TRIALS) + 2
+    app = make_app(url)
+    assert get_json(app, "/api/meta")["artifact_is_available"]
+    trial = trial_detail(app, best)
+    assert [(a["artifact_id"], a["filename"]) for a in trial["artifacts"]] == [(kept[best], f"trial-{best}.pt")]
+    status, body = wsgi_get(app, f"/artifacts/{study_id(app)}/{trial['trial_id']}/{kept[best]}")
+    assert status.startswith("200") and body == b"state_dict of trial %d" % best
+    gone = trial_detail(app, dominated)  # the study still lists it; the file is gone
+    assert [a["artifact_id"] for a in gone["artifacts"]] == [kept[dominated]]
+    status, body = wsgi_get(app, f"/artifacts/{study_id(app)}/{gone['trial_id']}/{kept[dominated]}")
+    assert status.startswith("404") and b"weights are deleted once it is dominated" in body
+
+
+def test_objectives_are_named_and_ranks_read_as_text(weighted):
+    app = make_app(weighted[0])
+    assert get_json(app, f"/api/studies/{study_id(app)}")["objective_names"] == ["val_accuracy", "macs"]
+    trial = trial_detail(app, len(TRIALS) + 1)
+    assert attrs(trial["user_attrs"])["ranks"] == "8/8/4/2/2 /32"
+    assert [round(float(p["param_external_value"]) * 32) for p in trial["params"]] == [8, 8, 4, 2, 2]
+
+
+def test_without_a_weights_folder_the_dashboard_has_no_artifacts(weighted, tmp_path):
+    (tmp_path / "weights").rename(tmp_path / "moved")
+    assert not get_json(make_app(weighted[0]), "/api/meta")["artifact_is_available"]
+
+
+def test_each_study_in_a_storage_serves_its_own_weights(weighted, tmp_path):
+    url, kept = weighted
+    other = optuna.create_study(storage=url, study_name="t", directions=["maximize", "minimize"])
+    other.set_user_attr("weights_dir", str(tmp_path / "t-weights"))
+    (tmp_path / "t-weights").mkdir()
+    number, artifact_id = add_trial_with_weights(other, FileSystemArtifactStore(tmp_path / "t-weights"),
+                                                 [2, 2, 2, 2, 2], [0.8, 100.0], tmp_path)  # fmt: skip
+    app = make_app(url)
+    studies = {s["study_name"]: s["study_id"] for s in get_json(app, "/api/studies")["study_summaries"]}
+    for name, trial_number, artifact in (("s", len(TRIALS) + 1, kept[len(TRIALS) + 1]), ("t", number, artifact_id)):
+        trial = trial_detail(app, trial_number, studies[name])
+        status, body = wsgi_get(app, f"/artifacts/{studies[name]}/{trial['trial_id']}/{artifact}")
+        assert status.startswith("200") and body == b"state_dict of trial %d" % trial_number

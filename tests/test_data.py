@@ -3,13 +3,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import CLASSES, class_color, write_imagefolder
-from ranksearch.data import CACHE_NAME, DeviceData, augment, detect_source, load_dataset, split_train_val
+from ranksearch.data import (
+    CACHE_NAME,
+    DeviceData,
+    augment,
+    check_classes,
+    data_identity,
+    detect_source,
+    load_dataset,
+    split_train_val,
+)  # fmt: skip
 from ranksearch.errors import UserError
 
 
-def test_imagefolder_is_decoded_once_and_cached(tmp_path):
+def test_imagefolder_is_decoded_once_and_cached(tmp_path, monkeypatch):
     root = write_imagefolder(tmp_path / "cifar", train_per_class=3, test_per_class=2)
     assert detect_source(root) == "imagefolder"
     first = load_dataset(root)
@@ -18,10 +28,71 @@ def test_imagefolder_is_decoded_once_and_cached(tmp_path):
     assert first.train.images.shape == (30, 3, 32, 32) and first.train.images.dtype == torch.uint8
     assert first.test.labels.tolist() == [label for label in range(10) for _ in range(2)]
     assert int(first.train.images[5, 1, 10, 10]) == class_color(int(first.train.labels[5]))
-    for path in (root / "train").rglob("*.png"):  # the second start reads the cache alone
-        path.write_bytes(b"not an image any more")
+    monkeypatch.setattr("ranksearch.data._decode_one", None)  # the second start reads the cache alone
     second = load_dataset(root)
     assert torch.equal(second.train.images, first.train.images)
+
+
+def test_the_cache_follows_the_files_it_was_made_from(tmp_path):
+    root = write_imagefolder(tmp_path / "cifar", train_per_class=3, test_per_class=2)
+    first = load_dataset(root)
+    moved = root / "train" / "class0" / "0000.png"
+    moved.rename(root / "train" / "class1" / "0009.png")  # one image changes class: same counts, same classes
+    second = load_dataset(root)
+    assert second.fingerprint != first.fingerprint
+    assert second.train.labels.tolist().count(1) == 4 and second.train.labels.tolist().count(0) == 2
+    image = root / "train" / "class2" / "0001.png"
+    Image.open(image).point(lambda v: 255 - v).save(image)  # new pixels in place
+    third = load_dataset(root)
+    assert third.fingerprint != second.fingerprint
+    assert int(third.train.images[third.train.labels == 2][1, 1, 10, 10]) == 255 - class_color(2)
+
+
+def test_a_cache_whose_contents_disagree_with_its_record_is_rebuilt_not_crashed_on(tmp_path, capsys):
+    root = write_imagefolder(tmp_path / "cifar", train_per_class=3, test_per_class=2)
+    first = load_dataset(root)
+    cache = torch.load(root / CACHE_NAME, weights_only=True)
+    cache["train_labels"] = cache["train_labels"][:5]  # contents no longer match: an IndexError before
+    torch.save(cache, root / CACHE_NAME)
+    again = load_dataset(root)
+    assert "decoding again" in capsys.readouterr().err
+    assert again.fingerprint == first.fingerprint and torch.equal(again.train.labels, first.train.labels)
+    (root / CACHE_NAME).write_bytes(b"garbage")
+    assert load_dataset(root).fingerprint == first.fingerprint
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xd8\xff\xe0 truncated jpeg", b"not an image"])
+def test_an_undecodable_image_is_named(tmp_path, content):
+    root = write_imagefolder(tmp_path / "cifar", train_per_class=2, test_per_class=1)
+    bad = root / "train" / "class3" / "0001.jpg"
+    bad.write_bytes(content)
+    with pytest.raises(UserError, match=f"1 image\\(s\\) cannot be decoded, first {bad}.*remove or replace"):
+        load_dataset(root)
+
+
+def test_a_truncated_jpeg_is_refused(tmp_path):
+    root = write_imagefolder(tmp_path / "cifar", train_per_class=2, test_per_class=1)
+    good = root / "test" / "class0" / "0000.jpg"
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(good, quality=90)
+    good.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(UserError, match="0000.jpg"):
+        load_dataset(root)
+
+
+def test_identity_names_the_data_and_the_exact_split(tiny_imagefolder, tmp_path):
+    dataset = load_dataset(tiny_imagefolder)
+    identity = data_identity(dataset, 20, 0)
+    assert identity == DeviceData(dataset, 20, 0, torch.device("cpu")).identity
+    assert identity["source"] == "imagefolder" and identity["fingerprint"] == dataset.fingerprint
+    assert data_identity(dataset, 20, 1)["split"] != identity["split"]
+    assert data_identity(dataset, 21, 0)["split"] != identity["split"]
+    smaller = load_dataset(write_imagefolder(tmp_path / "small", train_per_class=11, test_per_class=3))
+    assert smaller.fingerprint != dataset.fingerprint
+
+
+def test_num_classes_must_match_the_class_folders(tiny_imagefolder):
+    with pytest.raises(UserError, match="num_classes is 5 but --data-dir .* has 10 classes.*set num_classes: 10"):
+        check_classes(load_dataset(tiny_imagefolder), 5, tiny_imagefolder)
 
 
 def test_torchvision_folder_is_detected(tmp_path):

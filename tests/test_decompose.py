@@ -152,3 +152,49 @@ def test_bases_are_cached_on_disk_for_exactly_the_baseline_weights(tmp_path):
         model.features.block1[0].weight.add_(1.0)  # other weights: the cache must not be used
     changed = cached_bases(model, checkpoint)
     assert not torch.equal(changed["features.block1.0"][1], first["features.block1.0"][1])
+
+
+def _with_ranks(state: dict, value: float) -> dict:
+    return {k: torch.tensor(value) if k.endswith(".rank") else v for k, v in state.items()}
+
+
+def test_rebuild_follows_the_saved_tensors_not_todays_rule():
+    torch.manual_seed(0)
+    model = decompose(set_ranks(vgg16_cifar(width=0.25), [1.0, 0.5, 0.25, 2 / 32, 1 / 32])).eval()
+    # Rank buffers of 1.0 everywhere: today's rule would keep every conv plain and give R = Cout.
+    rebuilt = decomposed_from_state_dict(vgg16_cifar(width=0.25), _with_ranks(model.state_dict(), 1.0)).eval()
+    for (name, saved), (_, layer) in zip(_layers(model), _layers(rebuilt), strict=True):
+        assert type(layer) is type(saved), name
+        if isinstance(saved, Tucker2Conv):
+            assert (layer.first.out_channels, layer.core.out_channels) == (saved.first.out_channels,
+                                                                           saved.core.out_channels)  # fmt: skip
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_rebuild_keeps_plain_convs_plain_whatever_their_rank_buffer_says():
+    model = set_ranks(vgg16_cifar(width=0.25), [1 / 32] * 5).eval()  # ranks at which all convs would decompose
+    rebuilt = decomposed_from_state_dict(vgg16_cifar(width=0.25), model.state_dict()).eval()
+    assert all(isinstance(layer, nn.Conv2d) for _, layer in _layers(rebuilt))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(rebuilt(x), model(x))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda s: s.pop("features.block2.1.running_var"), "missing 'features.block2.1.running_var'"),
+    (lambda s: s.pop("features.block2.0.core.weight"), "missing 'features.block2.0.weight'; unexpected"),
+    (lambda s: s.update({"extra.weight": torch.zeros(1)}), "unexpected 'extra.weight'"),
+    (lambda s: s.update({"classifier.weight": torch.zeros(3, 3)}), "wrong shape of 'classifier.weight'"),
+])  # fmt: skip
+def test_a_state_dict_that_does_not_fit_is_one_clear_line(change, message):
+    state = decompose(set_ranks(vgg16_cifar(width=0.25), [1.0, 0.5, 0.25, 2 / 32, 1 / 32])).state_dict()
+    change(state)
+    with pytest.raises(ValueError, match=f"state_dict does not fit the VGG: .*{message}") as error:
+        decomposed_from_state_dict(vgg16_cifar(width=0.25), state)
+    assert "\n" not in str(error.value)
+
+
+def _layers(model):
+    from ranksearch.models import rank_modules
+
+    return [pair for layers in rank_modules(model).values() for pair in layers]

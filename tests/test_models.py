@@ -48,3 +48,12 @@ def test_registry_refuses_duplicates_and_unknown_names():
         register_model("vgg16")(vgg16_cifar)
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet9000")
+
+
+def test_set_ranks_refuses_a_decomposed_model():
+    from ranksearch import decompose
+
+    decomposed = decompose(set_ranks(vgg16_cifar(width=0.25), [1.0, 1.0, 0.25, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="needs an undecomposed model.*features.block3.0 is already a Tucker2Conv"):
+        set_ranks(decomposed, [0.5] * 5)
+    assert get_ranks(decomposed)["block1"] == 1.0  # nothing was changed

@@ -31,15 +31,22 @@ def _params(ranks: list[int]) -> dict[str, float]:
 
 
 def _attrs(ranks: list[int], accuracy: float, macs: int, params: int) -> dict:
+    """A 0.2.0 trial's user attrs: val accuracy and MACs are its values only."""
     return {
-        "val_accuracy": accuracy, "macs": macs, "params": params,
+        "ranks": "/".join(map(str, ranks)) + " /32", "params": params,
         "macs_ratio": macs / 1000, "params_ratio": params / 200,
+        "device": "cpu", "device_name": "x86_64", "eval_dtype": "fp32", "torch_version": "2.14.1",
         "conv_ranks": {f"features.{i}": 4 * k for i, k in enumerate(ranks)}, "kept_convs": ["features.0"],
         "decompose_s": 0.5, "finetune_s": 4.0, "eval_s": 1.0, "count_s": 0.1, "seed": 7,
     }  # fmt: skip
 
 
-def hand_built_study(storage: str, trials=TRIALS, name: str = "s") -> optuna.Study:
+def _old_attrs(ranks: list[int], accuracy: float, macs: int, params: int) -> dict:
+    """A 0.1.0 trial's user attrs, which repeated its values."""
+    return {"val_accuracy": accuracy, "macs": macs, **_attrs(ranks, accuracy, macs, params)}
+
+
+def hand_built_study(storage: str, trials=TRIALS, name: str = "s", attrs=_attrs) -> optuna.Study:
     """A ranksearch-like study: ``trials`` complete, then one failed trial."""
     study = optuna.create_study(directions=["maximize", "minimize"], storage=storage, study_name=name)
     study.set_user_attr("baseline", BASELINE)
@@ -49,7 +56,7 @@ def hand_built_study(storage: str, trials=TRIALS, name: str = "s") -> optuna.Stu
     for ranks, accuracy, macs, params in trials:
         study.add_trial(optuna.trial.create_trial(
             params=_params(ranks), distributions=distributions, values=[accuracy, float(macs)],
-            user_attrs=_attrs(ranks, accuracy, macs, params),
+            user_attrs=attrs(ranks, accuracy, macs, params),
         ))  # fmt: skip
     study.add_trial(optuna.trial.create_trial(
         params=_params(FAILED_RANKS), distributions=distributions, state=optuna.trial.TrialState.FAIL, values=None,
@@ -145,3 +152,16 @@ def test_a_study_without_complete_trials_still_reports(tmp_path):
     paths = write_report(study, tmp_path / "out")
     assert len(pd.read_csv(paths[0])) == 1 and paths[2].read_bytes()[:4] == b"\x89PNG"
     assert "Pareto front: 0 of 0 complete trials" in summary(study) and "MACs: none" in summary(study)
+
+
+def test_a_study_made_by_0_1_0_gives_the_same_table(tmp_path, study):
+    old = hand_built_study(f"sqlite:///{tmp_path}/old.db", attrs=_old_attrs)
+    same = [column for column in trials_table(study).columns if column != "seconds"]  # seconds: wall time
+    pd.testing.assert_frame_equal(trials_table(old)[same], trials_table(study)[same])
+
+
+def test_val_accuracy_and_macs_come_from_the_trials_values(tmp_path):
+    stale = lambda *trial: {**_attrs(*trial), "val_accuracy": 0.5, "macs": 999}  # noqa: E731
+    table = trials_table(hand_built_study(f"sqlite:///{tmp_path}/stale.db", attrs=stale))
+    assert list(table["val_accuracy"][:-1]) == [accuracy for _, accuracy, _, _ in TRIALS]
+    assert list(table["macs"][:-1]) == [macs for _, _, macs, _ in TRIALS]

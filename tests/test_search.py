@@ -5,13 +5,14 @@ import pytest
 import yaml
 
 from conftest import SMOKE_CONFIG, run_cli
+from ranksearch import __version__
 from ranksearch.models import RANK_STEPS
 
 pytestmark = pytest.mark.slow
 MODULES = ["block1", "block2", "block3", "block4", "block5"]
 TRIAL_ATTRS = {
-    "val_accuracy", "macs", "params", "macs_ratio", "params_ratio", "conv_ranks", "kept_convs",
-    "decompose_s", "finetune_s", "eval_s", "count_s",
+    "ranks", "params", "macs_ratio", "params_ratio", "conv_ranks", "kept_convs", "seed",
+    "decompose_s", "finetune_s", "eval_s", "count_s", "device", "device_name", "eval_dtype", "torch_version",
 }  # fmt: skip
 
 
@@ -29,19 +30,24 @@ def test_search_writes_a_resumable_sqlite_study(tmp_path, tiny_imagefolder):
     assert "Pareto front" in first.stdout and first.stdout.count("trial ") >= 3
     study = load(tmp_path)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert study.metric_names == ["val_accuracy", "macs"]
     trials = study.trials
+    assert trials[0].user_attrs["ranks"] == "8/8/8/8/8 /32"
     assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert trials[0].params == {f"rank_{m}": 0.25 for m in MODULES}  # the enqueued ranks go first
     for trial in trials:
         assert sorted(trial.params) == sorted(f"rank_{m}" for m in MODULES)
         assert all(float(v * RANK_STEPS).is_integer() and 1 / 32 <= v <= 1 for v in trial.params.values())
-        assert TRIAL_ATTRS <= set(trial.user_attrs)
-        assert 0 <= trial.values[0] <= 1 and trial.values[0] == trial.user_attrs["val_accuracy"]
-        assert trial.values[1] == trial.user_attrs["macs"] > 0 and len(trial.user_attrs["conv_ranks"]) == 13
+        assert TRIAL_ATTRS <= set(trial.user_attrs) and not {"val_accuracy", "macs"} & set(trial.user_attrs)
+        assert 0 <= trial.values[0] <= 1 and trial.values[1] > 0 and len(trial.user_attrs["conv_ranks"]) == 13
+        steps = [str(round(trial.params[f"rank_{m}"] * 32)) for m in MODULES]
+        assert trial.user_attrs["ranks"] == "/".join(steps) + " /32"
+        assert (trial.user_attrs["device"], trial.user_attrs["eval_dtype"]) == ("cpu", "fp32")
     baseline = study.user_attrs["baseline"]
     assert set(baseline) == {"val_accuracy", "test_accuracy", "macs", "params"}
     assert trials[0].user_attrs["macs_ratio"] == pytest.approx(trials[0].values[1] / baseline["macs"])
-    assert study.user_attrs["config"]["width"] == 0.0625 and "ranksearch_version" in study.user_attrs
+    assert study.user_attrs["config"]["width"] == 0.0625 and study.user_attrs["ranksearch_version"] == __version__
+    assert set(study.user_attrs["data"]) == {"source", "fingerprint", "split"}
 
     baselines = list((tmp_path / "studies" / "baselines").glob("*.pt"))
     stamp = baselines[0].stat().st_mtime_ns

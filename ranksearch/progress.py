@@ -1,0 +1,90 @@
+"""One console line per finished trial of a run: the trial, the run's progress and ETA, the best so far.
+
+    [3/20] trial 17  ranks 8/8/4/2/2 /32  val 65.95%  MACs 0.412x  11.2 s | elapsed 0:34, ETA 3:05 | best val at
+    <=25% MACs: 66.1% (t12), at <=10%: 58.0% (t9)
+
+(one line on the console). Pure: reads the study and the finished trial, writes to ``out``.
+"""
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+import optuna
+
+from .models import RANK_STEPS
+
+MACS_BUDGETS = (0.25, 0.10)  # best val accuracy within these fractions of the baseline's MACs
+COMPLETE = optuna.trial.TrialState.COMPLETE
+
+
+def ranks_text(params: dict, modules: list[str]) -> str:
+    """A trial's ranks as k of k/32, one per module: "8/8/4/2/2 /32" ("?" for a rank it never drew)."""
+    steps = (params.get(f"rank_{m}") for m in modules)
+    return "/".join("?" if r is None else str(round(r * RANK_STEPS)) for r in steps) + f" /{RANK_STEPS}"
+
+
+def clock_text(seconds: float) -> str:
+    """0:34, 3:05, 1:02:09."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
+def best_within(
+    trials: list[optuna.trial.FrozenTrial], baseline_macs: float, budget: float
+) -> optuna.trial.FrozenTrial | None:
+    """The complete trial with the best val accuracy at <= ``budget`` of the baseline's MACs (ties: fewer MACs,
+    then the earlier trial); None when none fits."""
+    fits = [t for t in trials if t.values[1] / baseline_macs <= budget]
+    return min(fits, key=lambda t: (-t.values[0], t.values[1], t.number), default=None)
+
+
+class TrialProgress:
+    """Optuna callback: prints one line per trial finished while it is attached (``total`` expected)."""
+
+    def __init__(
+        self, total: int, modules: list[str], baseline_macs: int, out: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):  # fmt: skip
+        self.total, self.modules, self.baseline_macs = total, modules, baseline_macs
+        self.out = out  # None: sys.stdout at the time of printing
+        self.clock = clock
+        self.start = clock()
+        self.finished = 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.finished += 1
+        line = " | ".join((self.trial_text(trial), self.time_text(), self.best_text(study)))
+        print(line, file=self.out or sys.stdout, flush=True)
+
+    def trial_text(self, trial: optuna.trial.FrozenTrial) -> str:
+        head = f"[{self.finished}/{self.total}] trial {trial.number}  ranks {ranks_text(trial.params, self.modules)}"
+        if trial.state == COMPLETE:
+            result = f"val {trial.values[0]:.2%}  MACs {trial.values[1] / self.baseline_macs:.3f}x"
+        else:
+            reason = str(trial.user_attrs.get("fail_reason", "")).strip().partition("\n")[0]
+            result = f"{trial.state.name}: {reason}" if reason else trial.state.name
+        seconds = trial_seconds(trial)
+        return f"{head}  {result}" + ("" if seconds is None else f"  {seconds:.1f} s")
+
+    def time_text(self) -> str:
+        elapsed = self.clock() - self.start
+        remaining = max(self.total - self.finished, 0)
+        return f"elapsed {clock_text(elapsed)}, ETA {clock_text(elapsed / self.finished * remaining)}"
+
+    def best_text(self, study: optuna.Study) -> str:
+        complete = study.get_trials(deepcopy=False, states=(COMPLETE,))
+        parts = []
+        for index, budget in enumerate(MACS_BUDGETS):
+            best = best_within(complete, self.baseline_macs, budget)
+            label = f"at <={budget:.0%}" + (" MACs" if index == 0 else "")
+            parts.append(f"{label}: " + (f"{best.values[0]:.1%} (t{best.number})" if best else "-"))
+        return "best val " + ", ".join(parts)
