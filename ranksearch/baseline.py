@@ -82,6 +82,8 @@ def train_baseline(config: Config, data: DeviceData) -> Baseline:
     torch.manual_seed(config.seed)
     model = prepare(new_model(config), data.device)
     total = config.pretrain_epochs * steps_per_epoch(data, config.batch_size)
+    print(f"baseline: pretraining {config.pretrain_epochs} epochs ({total:,} steps) on {data.device.type}; "
+          "cached for later runs", file=sys.stderr, flush=True)  # fmt: skip
     start = time.perf_counter()
     bar = tqdm(total=total, desc="pretraining baseline", unit="step", file=sys.stderr, leave=False, disable=None)
     with bar:  # shown on a terminal only

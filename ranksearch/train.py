@@ -3,6 +3,7 @@
 import contextlib
 import math
 import platform
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,18 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def precision(device: torch.device) -> dict[str, str]:
     """Where and at what precision a trial was measured (recorded with each trial and each export)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "device": device.type,
         "device_name": name,
