@@ -19,8 +19,8 @@ from ranksearch.config import load_config
 from ranksearch.data import device_data
 from ranksearch.decompose import model_bases
 from ranksearch.models import rank_modules
-from ranksearch.search import decomposed_model
 from ranksearch.train import finetune, resolve_device, synchronize
+from ranksearch.trial import decomposed_model
 
 
 def timed_finetune(model, data, config, seed: int) -> float:

@@ -20,8 +20,8 @@ from ranksearch.config import load_config
 from ranksearch.data import device_data
 from ranksearch.decompose import Tucker2Conv, reconstruction_error
 from ranksearch.models import rank_modules
-from ranksearch.search import trial_model
 from ranksearch.train import evaluate, resolve_device
+from ranksearch.trial import trial_model
 
 METHODS = ("hooi", "hosvd", "hosvd+refine")
 

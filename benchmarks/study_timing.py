@@ -26,7 +26,7 @@ def batch_prep_share(study: optuna.Study, data_dir: str, steps: int) -> float:
     from ranksearch.data import device_data
     from ranksearch.export import study_config
     from ranksearch.models import rank_modules
-    from ranksearch.search import trial_model
+    from ranksearch.trial import trial_model
 
     device = torch.device("cpu")
     fields = {**study_config(study).to_dict(), "data_dir": data_dir, "device": "cpu", "finetune_steps": steps}

@@ -27,8 +27,8 @@ from ranksearch.config import Config
 from ranksearch.data import CIFAR_MEAN, CIFAR_STD, DeviceData, load_dataset
 from ranksearch.decompose import model_bases
 from ranksearch.models import rank_modules
-from ranksearch.search import trial_model
 from ranksearch.train import evaluate
+from ranksearch.trial import trial_model
 
 
 def clock(fn):

@@ -24,8 +24,8 @@ from .errors import UserError
 from .files import atomic_save, check_writable
 from .measure import count_macs
 from .models import build_model
-from .search import trial_model, trial_seed
 from .train import evaluate, finetune, precision, resolve_device, steps_per_epoch, use_deterministic_kernels
+from .trial import trial_model, trial_seed
 from .weights import WeightsStore
 
 FILE_KIND = "ranksearch-model"
