@@ -14,7 +14,7 @@ from .config import Config, baseline_key
 from .data import DeviceData
 from .decompose import Bases, model_bases
 from .errors import UserError
-from .files import atomic_save, check_writable
+from .files import atomic_save, check_writable, lock_path, read_or_make
 from .measure import count_macs
 from .models import build_model
 from .train import evaluate, prepare, pretrain, steps_per_epoch
@@ -110,10 +110,14 @@ def _weights_key(model: nn.Module) -> str:
 
 
 def cached_bases(model: nn.Module, checkpoint: Path) -> dict[str, Bases]:
-    """The channel bases of the baseline's convs, computed once and cached beside its checkpoint."""
+    """The channel bases of the baseline's convs, computed once and cached beside its checkpoint (by one process
+    when several start at once: the others wait for its file)."""
     path = checkpoint.with_suffix(".bases.pt")
     key = _weights_key(model)
-    if path.is_file():
+
+    def read() -> dict[str, Bases] | None:
+        if not path.is_file():
+            return None
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             if saved["key"] == key:
@@ -121,26 +125,39 @@ def cached_bases(model: nn.Module, checkpoint: Path) -> dict[str, Bases]:
                 return {name: (u_out.to(device), u_in.to(device)) for name, (u_out, u_in) in saved["bases"].items()}
         except Exception:
             pass  # stale or broken: compute again and overwrite
-    bases = model_bases(model)
-    cpu_bases = {name: (u_out.cpu(), u_in.cpu()) for name, (u_out, u_in) in bases.items()}
-    try:
-        atomic_save({"key": key, "bases": cpu_bases}, path)
-    except (OSError, RuntimeError) as error:  # a read-only baseline folder: the bases are recomputed next start
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-        print(f"note: cannot cache the channel bases in {path} ({reason}); computing them each start", file=sys.stderr)
-    return bases
+        return None
+
+    def make() -> dict[str, Bases]:
+        bases = model_bases(model)
+        cpu_bases = {name: (u_out.cpu(), u_in.cpu()) for name, (u_out, u_in) in bases.items()}
+        try:
+            atomic_save({"key": key, "bases": cpu_bases}, path)
+        except (OSError, RuntimeError) as error:  # a read-only baseline folder: the bases are recomputed next start
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            print(f"note: cannot cache the channel bases in {path} ({reason}); computing them each start",
+                  file=sys.stderr)  # fmt: skip
+        return bases
+
+    return read_or_make(path, read, make, f"bases: another process is computing {path}; waiting for it")
 
 
 def ensure_baseline(config: Config, data: DeviceData) -> Baseline:
     """The cached baseline for ``config`` and ``data``, pretraining it first when there is none.
 
     The baseline folder's write-ability is checked before pretraining, so no training is lost to a failed save.
+    Processes started together pretrain it once: one holds ``<checkpoint>.lock`` while it trains and saves, the
+    others wait, then load its checkpoint.
     """
     path = baseline_path(config, data.identity)
-    if path.exists():
+
+    def read() -> Baseline | None:
+        if not path.exists():
+            return None
         baseline = load_baseline(path, config, data.device, data.identity)
         print(f"baseline: {path} (cached)", file=sys.stderr)
-    else:
+        return baseline
+
+    def make() -> Baseline:
         check_writable(path.parent, "baseline_dir")
         baseline = train_baseline(config, data)
         try:
@@ -150,6 +167,10 @@ def ensure_baseline(config: Config, data: DeviceData) -> Baseline:
             raise UserError(f"cannot save the baseline to {path} ({reason}); free space or fix baseline_dir") from None
         baseline.path = path
         print(f"baseline: pretrained in {baseline.pretrain_seconds:.0f} s, saved to {path}", file=sys.stderr)
+        return baseline
+
+    waiting = f"baseline: another process is pretraining it (holds {lock_path(path)}); waiting for its checkpoint"
+    baseline = read_or_make(path, read, make, waiting)
     print(
         f"baseline: val {baseline.val_accuracy:.2%}  test {baseline.test_accuracy:.2%}  "
         f"MACs {baseline.macs:,}  params {baseline.params:,}",

@@ -42,10 +42,14 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-steps", type=int, help="fine-tune steps per trial")
     parser.add_argument("--ranks", action="append", metavar="R1,..,R5",
                         help="try these module ranks first (k/32 each); repeat for more")  # fmt: skip
+    parser.add_argument("--workers", type=int, help="processes adding trials to the study on this machine (default 1)")
+    parser.add_argument("--heartbeat-seconds", type=int,
+                        help="a silent worker's trial is failed and retried after 2x this (default 60)")  # fmt: skip
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # RUN:INDEX:TOTAL:THREADS, set by `run --workers N`
 
 
 def _resolve(args: argparse.Namespace) -> Config:
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "ranks")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "ranks", "worker", "argv")}
     if getattr(args, "ranks", None):
         overrides["enqueue_ranks"] = [_parse_ranks(text) for text in args.ranks]
     return load_config(args.config, overrides)
@@ -53,15 +57,19 @@ def _resolve(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .search import run_search
+    from .workers import Worker
 
     config = _resolve(args)
-    _, new_trials = run_search(config)
-    failed = [t for t in new_trials if t.state.name == "FAIL"]
-    if failed and len(failed) == len(new_trials):
+    worker = Worker.parse(args.worker) if args.worker else None
+    _, ran = run_search(config, argv=args.argv, worker=worker)
+    failed = [t for t in ran if t.state.name == "FAIL"]
+    if failed and len(failed) == len(ran):
         reason = failed[0].user_attrs.get("fail_reason", "unknown")
         print(f"ranksearch: all {len(failed)} trials failed (first: {reason})", file=sys.stderr)
         return 1
-    print(f"study {config.study_name!r} in {config.storage_url()}; inspect: optuna-dashboard {config.storage_url()}")
+    if worker is None:
+        url = config.storage_url()
+        print(f"study {config.study_name!r} in {url}; inspect: optuna-dashboard {url}")
     return 0
 
 
@@ -176,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `run --workers N` starts its workers with
     command = _COMMANDS[args.command][0]
     try:
         return command(args)

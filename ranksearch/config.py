@@ -59,6 +59,9 @@ class Config:
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     enqueue_ranks: list[list[float]] = field(default_factory=list)  # rank vectors to try first
     weights_dir: str | None = None  # Pareto trials' weights; default studies/<study_name>-weights
+    # workers
+    workers: int = 1  # processes on this machine adding trials to the study (GPU i mod G; CPU cores split)
+    heartbeat_seconds: int = 60  # a trial whose worker is silent for 2x this is failed and retried (RDB storage)
 
     def storage_url(self) -> str:
         return self.storage or default_storage_url(self.study_name)
@@ -72,7 +75,8 @@ class Config:
 
 # Fields that change what a trial measures; a resumed study must agree on all of them.
 RUN_CONTROL = {
-    "data_dir", "download", "trials", "study_name", "storage", "device", "enqueue_ranks", "baseline_dir", "weights_dir"
+    "data_dir", "download", "trials", "study_name", "storage", "device", "enqueue_ranks", "baseline_dir",
+    "weights_dir", "workers", "heartbeat_seconds",
 }  # fmt: skip
 BASELINE_FIELDS = (
     "model", "width", "num_classes", "val_size", "split_seed", "batch_size",
@@ -196,6 +200,8 @@ RANGES = {
     "distill_temperature": Interval(0, low_open=True),
     "seed": Interval(0, SEED_MAX),
     "trials": Interval(1, COUNT_MAX),
+    "workers": Interval(1, 256),
+    "heartbeat_seconds": Interval(1, 3600),
 }
 
 

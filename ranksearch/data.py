@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import UserError
-from .files import atomic_save
+from .files import atomic_save, read_or_make
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -179,7 +179,8 @@ def files_key(data_dir: Path, files: list[tuple[Path, int]]) -> str:
 
 
 def _load_imagefolder_cached(data_dir: Path) -> Dataset:
-    """Decode the ImageFolder tree once; later starts read the uint8 cache saved beside it."""
+    """Decode the ImageFolder tree once; later starts read the uint8 cache saved beside it. Processes started
+    together decode once: one decodes and saves under the cache's lock, the others wait and read its file."""
     (classes, train_files), (test_classes, test_files) = (
         _image_files(data_dir / "train"),
         _image_files(data_dir / "test"),
@@ -190,12 +191,15 @@ def _load_imagefolder_cached(data_dir: Path) -> Dataset:
         raise UserError(f"--data-dir {data_dir}: train/ and test/ hold different class folders")
     key = files_key(data_dir, train_files + test_files)
     cache = data_dir / CACHE_NAME
-    dataset = _read_cache(cache, key, classes)
-    if dataset is None:
+
+    def decode() -> Dataset:
         train = _decode(train_files, "decoding train images")
         dataset = Dataset(train, _decode(test_files, "decoding test images"), classes, "imagefolder")
         _save_cache(cache, dataset, key)
-    return dataset
+        return dataset
+
+    waiting = f"data: another process is decoding {data_dir} into {cache.name}; waiting for it"
+    return read_or_make(cache, lambda: _read_cache(cache, key, classes), decode, waiting)
 
 
 def _read_cache(cache: Path, key: str, classes: list[str]) -> Dataset | None:

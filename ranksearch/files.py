@@ -1,10 +1,15 @@
-"""Files that must not be lost or half-written: write-ability checks before long work, atomic saves."""
+"""Files that must not be lost or half-written: write-ability checks before long work, atomic saves, and a file
+lock so that a file many processes need (baseline, channel bases, decode cache) is made by one of them."""
 
 import contextlib
 import os
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
+import filelock
 import torch
 
 from .errors import UserError
@@ -50,3 +55,64 @@ def atomic_save(payload, path: Path) -> None:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
         raise
+
+
+T = TypeVar("T")
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of ``path``: ``<file>.lock`` beside it."""
+    return path.with_name(f"{path.name}.lock")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, waiting: str = "") -> Iterator[bool]:
+    """Hold ``<path>.lock`` (an OS lock: released when its process ends, however it ends) for the body.
+
+    Yields True when another process held it first (and so may have just made ``path``), after printing
+    ``waiting`` to stderr. Where the lock file cannot be created (a read-only folder) there is no lock: yields
+    False, and the caller's own notes about the unwritable folder are all the user sees.
+    """
+    lock = filelock.FileLock(lock_path(path))
+    try:
+        lock.acquire(timeout=0)
+        waited = False
+    except filelock.Timeout:
+        if waiting:
+            print(waiting, file=sys.stderr, flush=True)
+        lock.acquire()
+        waited = True
+    except OSError:
+        lock = None  # read-only folder: nothing to coordinate through
+        waited = False
+    try:
+        yield waited
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def read_or_make(path: Path, read: Callable[[], T | None], make: Callable[[], T], waiting: str = "") -> T:
+    """``read()`` of the file at ``path`` when it is usable (not None), else ``make()``, which also saves it.
+
+    Only one process makes it: ``make`` runs under ``<path>.lock``; a process that finds the lock taken waits
+    (saying ``waiting``), then reads what the other one saved. Reads take no lock (saves are atomic renames).
+    """
+    before = _identity(path)
+    found = read()
+    if found is not None:
+        return found
+    with file_lock(path, waiting):
+        if _identity(path) != before:  # saved by another process since we looked
+            found = read()
+            if found is not None:
+                return found
+        return make()

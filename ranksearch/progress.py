@@ -52,21 +52,27 @@ class TrialProgress:
 
     def __init__(
         self, total: int, modules: list[str], baseline_macs: int, out: TextIO | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, label: str = "",
+        count: Callable[[optuna.Study], int] | None = None,
     ):  # fmt: skip
+        """``label`` names the worker in each line; ``count(study)`` says how many of the ``total`` trials are done
+        (all workers of a run together; default: the trials this callback has seen)."""
         self.total, self.modules, self.baseline_macs = total, modules, baseline_macs
         self.out = out  # None: sys.stdout at the time of printing
         self.clock = clock
         self.start = clock()
         self.finished = 0
+        self.label, self.count = label, count
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.finished += 1
+        self.finished = self.count(study) if self.count else self.finished + 1
         line = " | ".join((self.trial_text(trial), self.time_text(), self.best_text(study)))
         print(line, file=self.out or sys.stdout, flush=True)
 
     def trial_text(self, trial: optuna.trial.FrozenTrial) -> str:
-        head = f"[{self.finished}/{self.total}] trial {trial.number}  ranks {ranks_text(trial.params, self.modules)}"
+        worker = f" {self.label}" if self.label else ""
+        ranks = ranks_text(trial.params, self.modules)
+        head = f"[{self.finished}/{self.total}]{worker} trial {trial.number}  ranks {ranks}"
         if trial.state == COMPLETE:
             result = f"val {trial.values[0]:.2%}  MACs {trial.values[1] / self.baseline_macs:.3f}x"
         else:
@@ -78,7 +84,7 @@ class TrialProgress:
     def time_text(self) -> str:
         elapsed = self.clock() - self.start
         remaining = max(self.total - self.finished, 0)
-        return f"elapsed {clock_text(elapsed)}, ETA {clock_text(elapsed / self.finished * remaining)}"
+        return f"elapsed {clock_text(elapsed)}, ETA {clock_text(elapsed / max(self.finished, 1) * remaining)}"
 
     def best_text(self, study: optuna.Study) -> str:
         complete = study.get_trials(deepcopy=False, states=(COMPLETE,))

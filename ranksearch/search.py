@@ -1,9 +1,12 @@
 """The main job: prepare data and baseline, open the study, and run trials in it (see ``trial`` for one trial)."""
 
+import hashlib
+import json
 import warnings
 from pathlib import Path
 
 import optuna
+import torch
 
 from .baseline import Baseline, ensure_baseline, new_model
 from .config import Config
@@ -16,12 +19,24 @@ from .study import check_data, create_or_load, find_study, record_setup
 from .train import resolve_device, use_deterministic_kernels
 from .trial import Objective, param_name, trial_bases
 from .weights import WeightsStore
+from .workers import Worker, done_in_run, forward_sigterm, new_run, optimize_share, requeue_interrupted, run_workers
 
 
-def make_sampler(config: Config, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(config: Config, worker: str, trials_so_far: int) -> optuna.samplers.BaseSampler:
+    """The sampler of one worker (``worker``: its identity, e.g. ``run_id/index``) joining a study that holds
+    ``trials_so_far`` trials: workers of one study draw different ranks, a resumed study fresh ones, and the same
+    worker at the same point the same ones. TPE's constant liar counts the other workers' running trials as bad,
+    so that workers spread out rather than crowd one region."""
+    seed = sampler_seed(config.seed, worker, trials_so_far)
     if config.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+def sampler_seed(seed: int, worker: str, trials_so_far: int) -> int:
+    """A seed in 0..2**32-1 from sha256 (stable across processes and Python versions, unlike ``hash``)."""
+    text = json.dumps([seed, worker, trials_so_far])  # one text per (seed, worker, trials), whatever the worker
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
 
 def check_enqueued(modules: list[str], rank_vectors: list[list[float]]) -> None:
@@ -54,37 +69,69 @@ def prepare_run(config: Config) -> tuple[optuna.Study | None, DeviceData, Baseli
     return existing, data, ensure_baseline(config, data)
 
 
-def run_search(config: Config) -> tuple[optuna.Study, list[optuna.trial.FrozenTrial]]:
-    """The main job: baseline (pretrained if needed), then ``config.trials`` more trials in the study.
-
-    Returns the study and the trials this call ran (enqueued ones included).
-    """
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by the progress lines instead
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    existing, data, baseline = prepare_run(config)
-    use_deterministic_kernels(data.device)
+def join_study(config: Config, existing: optuna.Study | None, data: DeviceData, baseline: Baseline) -> optuna.Study:
+    """The run's study, created when new, with what its trials are measured with recorded."""
     if config.storage is None:
         Path("studies").mkdir(exist_ok=True)
     study = existing or create_or_load(config)
-    weights = WeightsStore(config.weights_path())
     record_setup(
-        study, config, data=data.identity, baseline=baseline.metrics(), weights_dir=str(weights.directory),
-        baseline_path=str(baseline.path.resolve()), data_dir=str(Path(config.data_dir).resolve()),
+        study, config, data=data.identity, baseline=baseline.metrics(),
+        weights_dir=str(Path(config.weights_path()).resolve()), baseline_path=str(baseline.path.resolve()),
+        data_dir=str(Path(config.data_dir).resolve()),
     )  # fmt: skip
-    study.sampler = make_sampler(config, (config.seed + len(study.trials)) % 2**32)  # fresh draws when resuming
-    modules = list(rank_modules(baseline.model))
+    return study
+
+
+def enqueue_first(study: optuna.Study, config: Config, modules: list[str]) -> None:
+    """Trials to run before the sampler's own: interrupted ones again, then the ``--ranks`` vectors."""
+    requeued = requeue_interrupted(study)
+    if requeued:
+        print(f"re-running interrupted trial(s) {', '.join(map(str, requeued))} with their ranks", flush=True)
     for ranks in config.enqueue_ranks:
         study.enqueue_trial({param_name(m): r for m, r in zip(modules, ranks, strict=True)}, skip_if_exists=True)
-    finished: list[int] = []
+
+
+def run_trials(
+    config: Config, study: optuna.Study, data: DeviceData, baseline: Baseline, worker: Worker, label: str = ""
+) -> None:
+    """This process's share of the run: ``config.trials`` trials, one line each (``label``: the worker's name)."""
+    use_deterministic_kernels(data.device)
+    modules = list(rank_modules(baseline.model))
+    weights = WeightsStore(config.weights_path())
+    study.sampler = make_sampler(config, worker.name, len(study.trials))
     objective = Objective(config, data, baseline, weights, trial_bases(config, baseline))
-    study.optimize(
-        objective, n_trials=config.trials, catch=(Exception,),
-        callbacks=[
-            lambda _, trial: finished.append(trial.number),
-            TrialProgress(config.trials, modules, baseline.macs),
-            lambda study, _: weights.prune(study),
-        ],
-    )  # fmt: skip
-    print(pareto_summary(study, modules), flush=True)
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    return study, [by_number[n] for n in finished]
+    progress = TrialProgress(worker.total, modules, baseline.macs, label=label,
+                             count=lambda study: len(done_in_run(study, worker.run_id)))  # fmt: skip
+    prune = lambda study, _: weights.prune(study)  # noqa: E731
+    optimize_share(study, objective, worker, config.trials, callbacks=[progress, prune])
+
+
+def run_search(
+    config: Config, argv: list[str] | None = None, worker: Worker | None = None
+) -> tuple[optuna.Study, list[optuna.trial.FrozenTrial]]:
+    """The main job: baseline (pretrained if needed), then ``config.trials`` more trials in the study, by this
+    process or, with ``config.workers`` > 1, by that many worker processes started with ``argv``.
+
+    ``worker``: set in a worker started by a multi-worker run. Returns the study and the trials the run ran.
+    """
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by the progress lines instead
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if worker is not None and worker.threads:
+        torch.set_num_threads(worker.threads)
+    existing, data, baseline = prepare_run(config)
+    study = join_study(config, existing, data, baseline)
+    run = worker or new_run(config.trials)
+    if worker is None:
+        enqueue_first(study, config, list(rank_modules(baseline.model)))
+    if config.workers > 1 and worker is None:
+        gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
+        del data  # the workers load their own
+        forward_sigterm()
+        owed = lambda: run.total - len(done_in_run(study, run.run_id))  # noqa: E731
+        run_workers(argv or [], run, config.workers, gpus, owed, grace_seconds=2 * config.heartbeat_seconds + 1)
+    else:
+        run_trials(config, study, data, baseline, run, label=f"w{run.index}" if worker else "")
+    if worker is None:
+        print(pareto_summary(study, list(rank_modules(baseline.model))), flush=True)
+    ran = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("run_id") == run.run_id]
+    return study, ran

@@ -4,9 +4,14 @@ A run creates its study only once it has data and a baseline, so a failed start-
 with no trials yet may be re-configured.
 """
 
+import inspect
+import random
+import time
+import warnings
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 
 from . import __version__
 from .config import Config, search_fields
@@ -24,16 +29,78 @@ def sqlite_path(storage_url: str) -> Path | None:
     return Path(storage_url.removeprefix(SQLITE_PREFIX)) if storage_url.startswith(SQLITE_PREFIX) else None
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """The storage at ``url`` (a new SQLite file is created); a one-line UserError when it cannot be opened."""
-    try:
-        return optuna.storages.get_storage(url)
-    except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(
-            f"cannot open storage {url!r} ({first_line}); pass an Optuna storage URL such as "
-            "sqlite:///studies/NAME.db to --storage"
-        ) from None
+def _engine_kwargs(url: str) -> dict:
+    """SQLite: writers wait for each other (up to 120 s) instead of failing with ``database is locked``;
+    PostgreSQL: a connection the server dropped (restart, idle timeout) is replaced, not used."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 120}}
+    if url.startswith("postgresql"):
+        return {"pool_pre_ping": True}
+    return {}
+
+
+def _heartbeat_kwargs(seconds: int) -> dict:
+    """RDBStorage's heartbeat: a trial whose worker is silent for 2x ``seconds`` is failed and retried (3 times at
+    most, with the same parameters). Optuna 4.9 renamed the callback; both spellings are accepted."""
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    name = "heartbeat_stale_trial_callback"
+    if retry is None or name not in inspect.signature(optuna.storages.RDBStorage).parameters:
+        retry, name = optuna.storages.RetryFailedTrialCallback, "failed_trial_callback"
+    return {"heartbeat_interval": seconds, "grace_period": 2 * seconds, name: retry(max_retry=3)}
+
+
+# What the database says when another process creates the same tables at the same instant.
+_RACE_MESSAGES = ("already exists", "duplicate", "database is locked", "concurrently", "deadlock detected")
+
+
+def _is_creation_race(error: Exception) -> bool:
+    """An error another process creating the same tables at the same instant can cause: PostgreSQL's
+    ``UniqueViolation ... pg_type_typname_nsp_index`` or ``DuplicateTable``, SQLite's ``database is locked`` or
+    ``table ... already exists`` (Optuna wraps some in StorageInternalError). A refused connection, a wrong password
+    or a missing privilege is not one: it is reported at once."""
+    if isinstance(error, optuna.exceptions.StorageInternalError) and isinstance(error.__cause__, Exception):
+        error = error.__cause__
+    if isinstance(error, sqlalchemy.exc.IntegrityError):
+        return True
+    return isinstance(error, sqlalchemy.exc.DBAPIError) and any(text in str(error) for text in _RACE_MESSAGES)
+
+
+def _missing_driver(url: str, error: Exception) -> bool:
+    return url.startswith("postgresql") and isinstance(error, ImportError)
+
+
+CREATE_ATTEMPTS = 8  # storage creation tries when other processes create the same tables at the same instant
+
+
+def open_storage(url: str, heartbeat_seconds: int | None = None) -> optuna.storages.BaseStorage:
+    """The storage at ``url`` (a new SQLite file, or the tables of an empty database, are created); a one-line
+    UserError when it cannot be opened.
+
+    With ``heartbeat_seconds`` (``run``), running trials send a heartbeat and a dead worker's trial is failed and
+    retried; without it (read-only commands), a plain storage. Any number of processes may open the same fresh
+    storage at once: creating the tables is retried after a short random sleep when they race.
+    """
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # the heartbeat and its retry callback are "experimental" in Optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                kwargs = _heartbeat_kwargs(heartbeat_seconds) if heartbeat_seconds is not None else {}
+                return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+        except Exception as error:
+            if _is_creation_race(error) and attempt + 1 < CREATE_ATTEMPTS:
+                time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))  # jittered: the racers spread out
+                continue
+            if _missing_driver(url, error):
+                raise UserError(
+                    f"cannot open storage {url!r}: the PostgreSQL driver (psycopg) is not installed; "
+                    "pip install 'ranksearch[postgres]' and use a postgresql+psycopg:// URL"
+                ) from None
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(
+                f"cannot open storage {url!r} ({first_line}); pass an Optuna storage URL such as "
+                "sqlite:///studies/NAME.db to --storage"
+            ) from None
+    raise AssertionError("unreachable")
 
 
 def _study_names(storage: optuna.storages.BaseStorage) -> list[str]:
@@ -65,14 +132,16 @@ def _check_sqlite_folder(config: Config, path: Path) -> None:
 
 
 def find_study(config: Config) -> optuna.Study | None:
-    """The existing study ``config`` resumes, checked against it; None when there is none. Creates nothing."""
+    """The existing study ``config`` resumes, checked against it; None when there is none. Creates no study (an
+    existing SQLite file or an empty database gets Optuna's tables). Opened with the heartbeat: a run adds trials
+    to it."""
     url = config.storage_url()
     path = sqlite_path(url)
     if path is not None:
         _check_sqlite_folder(config, path)
         if not path.is_file():
             return None
-    storage = open_storage(url)
+    storage = open_storage(url, config.heartbeat_seconds)
     if config.study_name not in _study_names(storage):
         return None
     study = optuna.load_study(study_name=config.study_name, storage=storage)
@@ -123,8 +192,9 @@ def check_data(study: optuna.Study | None, data_identity: dict) -> None:
 
 
 def create_or_load(config: Config) -> optuna.Study:
-    """The study named by ``config``: loaded when it exists (another process may have just made it)."""
-    storage = open_storage(config.storage_url())
+    """The study named by ``config``: loaded when it exists (another process may have just made it: Optuna turns
+    the duplicate into a load), with the heartbeat of ``config.heartbeat_seconds``."""
+    storage = open_storage(config.storage_url(), config.heartbeat_seconds)
     return optuna.create_study(
         storage=storage, study_name=config.study_name, directions=DIRECTIONS, load_if_exists=True
     )

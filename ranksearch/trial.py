@@ -1,5 +1,6 @@
 """What one trial does: decompose the baseline at the trial's ranks, fine-tune briefly, measure (val accuracy, MACs).
 
+Ranks that a COMPLETE trial of the study already has are not trained again: the trial copies that trial's result.
 Export re-runs a trial through the same functions (``trial_model``, ``trial_seed``).
 """
 
@@ -18,7 +19,16 @@ from .measure import count_macs
 from .models import RANK_STEPS, rank_modules, set_ranks
 from .progress import ranks_text
 from .train import evaluate, finetune, precision, prepare, synchronize
-from .weights import WeightsStore
+from .weights import WEIGHTS_ATTR, WeightsStore
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
+COPIED_FROM = "copied_from"  # user attr of a copied trial: the number of the trial it copied
+# What a copy takes from its original: what was measured and how to rebuild it (the seed, the kept weights, which
+# exist exactly while both are on the Pareto front, having the same values); not timings, nor the tags a run sets.
+COPIED_ATTRS = (
+    "ranks", "params", "macs_ratio", "params_ratio", "conv_ranks", "kept_convs", "seed",
+    "device", "device_name", "eval_dtype", "torch_version", WEIGHTS_ATTR,
+)  # fmt: skip
 
 
 def param_name(module: str) -> str:
@@ -46,6 +56,22 @@ def conv_ranks(model: nn.Module) -> tuple[dict[str, int], list[str]]:
 def trial_seed(config: Config, number: int) -> int:
     """The seed of trial ``number``'s fine-tune: export re-runs a trial from it."""
     return config.seed * 1_000_003 + number
+
+
+def completed_twin(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+    """The first COMPLETE trial of the study with exactly ``trial``'s params (so one that was trained), or None."""
+    trials = trial.study.get_trials(deepcopy=False, states=(COMPLETE,))
+    return next((t for t in trials if t.params == trial.params), None)
+
+
+def copy_result(trial: optuna.Trial, original: optuna.trial.FrozenTrial) -> tuple[float, float]:
+    """Record ``original``'s result (``COPIED_ATTRS``) as ``trial``'s, and return its values."""
+    for key in COPIED_ATTRS:
+        if key in original.user_attrs:
+            trial.set_user_attr(key, original.user_attrs[key])
+    trial.set_user_attr(COPIED_FROM, original.number)
+    accuracy, macs = original.values
+    return accuracy, macs
 
 
 def _timed(fn, device: torch.device):
@@ -82,7 +108,8 @@ def trial_model(
 
 
 class Objective:
-    """Decompose the baseline at the trial's ranks, fine-tune, and measure (val accuracy, MACs)."""
+    """Decompose the baseline at the trial's ranks, fine-tune, and measure (val accuracy, MACs); or, for ranks a
+    COMPLETE trial already has, copy its result (``copy_result``: a finite grid, on which TPE repeats itself late)."""
 
     def __init__(
         self, config: Config, data: DeviceData, baseline: Baseline, weights: WeightsStore | None = None,
@@ -101,6 +128,9 @@ class Objective:
     def _measure(self, trial: optuna.Trial) -> tuple[float, float]:
         config, base, device = self.config, self.baseline, self.data.device
         ranks = suggest_ranks(trial, self.modules, config)
+        original = completed_twin(trial)
+        if original is not None:
+            return copy_result(trial, original)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # peak_gpu_mib is this trial's peak
         seed = trial_seed(config, trial.number)

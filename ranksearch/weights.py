@@ -1,12 +1,13 @@
 """Fine-tuned weights of trials, kept as Optuna artifacts while the trial is on the Pareto front.
 
 Dominated trials lose their weights (200 trials must not fill the disk); export re-runs their fine-tune
-from the recorded seed instead.
+from the recorded seed instead. Several workers may prune one study at once (see ``WeightsStore.prune``).
 """
 
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
@@ -14,6 +15,22 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from torch import nn
 
 WEIGHTS_ATTR = "weights_artifact_id"
+COMPLETE = optuna.trial.TrialState.COMPLETE
+
+
+def dominated(
+    trials: list[optuna.trial.FrozenTrial], directions: list[optuna.study.StudyDirection]
+) -> list[optuna.trial.FrozenTrial]:
+    """The trials that another of ``trials`` dominates (as good in every value, better in one): all but the Pareto
+    front, which keeps trials with equal values (as ``study.best_trials`` does)."""
+    if not trials:
+        return []
+    signs = np.array([1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in directions])
+    costs = np.array([t.values for t in trials]) * signs  # (trials, objectives): lower is better
+    no_worse = (costs[:, None, :] <= costs[None, :, :]).all(axis=2)  # [i, j]: i is as good as j in every value
+    better = (costs[:, None, :] < costs[None, :, :]).any(axis=2)  # [i, j]: i is better than j in some value
+    beaten = (no_worse & better).any(axis=0)  # j: some i dominates it
+    return [t for t, out in zip(trials, beaten, strict=True) if out]
 
 
 class WeightsStore:
@@ -47,12 +64,23 @@ class WeightsStore:
             return torch.load(path, map_location="cpu", weights_only=True)
 
     def prune(self, study: optuna.Study) -> None:
-        """Delete the weights of every complete trial that is not on the Pareto front."""
-        front = {t.number for t in study.best_trials}
-        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        """Delete the weights of every complete trial that is not on the Pareto front.
+
+        Safe while other workers finish trials and prune the same study: the front is computed from ONE read of
+        the trials, and a trial dominated there stays dominated as trials are added, so no prune deletes the
+        weights of a trial on the front of that read or any later one; a trial that finished after the read is
+        not touched. A copied trial (``trial.copy_result``) points at its original's weights; with equal values,
+        both are on the front or neither is.
+
+        Optuna cannot delete the artifact record of a finished trial, so the dashboard still lists a pruned
+        trial's weights: downloading them answers 404 with the reason (``dashboard.WeightsStores``), and export
+        re-runs the trial's fine-tune from its recorded seed.
+        """
+        trials = study.get_trials(deepcopy=False, states=(COMPLETE,))
+        for trial in dominated(trials, study.directions):
             artifact_id = trial.user_attrs.get(WEIGHTS_ATTR)
-            if artifact_id is not None and trial.number not in front:
+            if artifact_id is not None:
                 try:
                     self.store.remove(artifact_id)
                 except ArtifactNotFound:
-                    pass  # removed earlier
+                    pass  # removed earlier, by this worker or another

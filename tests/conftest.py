@@ -1,7 +1,11 @@
 import os
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +61,77 @@ def run_cli(*args: str, cwd: Path, read_only: tuple[Path, ...] = ()) -> subproce
         if read_only and os.geteuid() != 0:
             for path in read_only:
                 path.chmod(0o755)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, tiny_imagefolder):
+    """A folder holding the smoke baseline of the tiny data (studies/baselines), pretrained once."""
+    cwd = tmp_path_factory.mktemp("pretrained")
+    result = run_cli("pretrain", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd / "studies" / "baselines"
+
+
+@pytest.fixture
+def workdir(tmp_path, pretrained):
+    """A working folder with the tiny data's baseline already cached."""
+    shutil.copytree(pretrained, tmp_path / "studies" / "baselines")
+    return tmp_path
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's package `postgresql` (.ci/run installs it when missing)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _as_postgres(*command: str) -> subprocess.CompletedProcess:
+    """A server binary as the ``postgres`` user when we are root (the server refuses root), else as ourselves."""
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    return subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL 15 server of the test session's own: a temporary data folder, trust authentication for the
+    superuser ``postgres``, a free port on 127.0.0.1; stopped and removed at the end. Yields its port."""
+    if not (PG_BIN / "initdb").is_file():
+        pytest.fail(f"no PostgreSQL server in {PG_BIN}: apt-get install postgresql (.ci/run does)")
+    folder = Path(tempfile.mkdtemp(prefix="ranksearch-pg-"))  # in /tmp: the postgres user can reach it
+    data = folder / "data"
+    data.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+        shutil.chown(data, "postgres")
+    init = _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync")
+    assert init.returncode == 0, init.stderr
+    port = None
+    for _ in range(3):  # another program may take the free port before the server binds it
+        candidate = _free_port()
+        options = f"-p {candidate} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
+        start = _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-o", options,
+                             "-w", "start")  # fmt: skip
+        if start.returncode == 0:
+            port = candidate
+            break
+    assert port is not None, f"PostgreSQL did not start: {start.stdout}{start.stderr}"
+    try:
+        yield port
+    finally:
+        _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the session's PostgreSQL server, as a ranksearch ``--storage`` URL."""
+    import psycopg  # the [postgres] extra, part of [test]
+
+    name = f"t{time.monotonic_ns()}_{os.getpid()}"
+    server = f"host=127.0.0.1 port={postgres_server} user=postgres dbname=postgres"
+    with psycopg.connect(server, autocommit=True) as db:
+        db.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql+psycopg://postgres@127.0.0.1:{postgres_server}/{name}"

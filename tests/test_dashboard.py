@@ -15,12 +15,14 @@ from wsgiref.util import setup_testing_defaults
 
 import optuna
 import pytest
+import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from test_report import BASELINE, DIST, PARETO, TRIALS, _params, hand_built_study
 
 from conftest import REPO
 from ranksearch.dashboard import make_app, make_dashboard_server, server_url, study_path
 from ranksearch.errors import UserError
+from ranksearch.weights import WeightsStore
 
 SERVE_FIRST_LINE = r"optuna-dashboard on (http://127\.0\.0\.1:\d+/dashboard/studies/\d+) \(Ctrl-C to stop\)\n"
 
@@ -232,3 +234,31 @@ def test_each_study_in_a_storage_serves_its_own_weights(weighted, tmp_path):
         trial = trial_detail(app, trial_number, studies[name])
         status, body = wsgi_get(app, f"/artifacts/{studies[name]}/{trial['trial_id']}/{artifact}")
         assert status.startswith("200") and body == b"state_dict of trial %d" % trial_number
+
+
+def test_after_a_prune_front_weights_download_and_pruned_ones_answer_404_with_the_reason(tmp_path):
+    """What ``WeightsStore.prune`` leaves for the dashboard: Optuna keeps a finished trial's artifact record, so a
+    pruned trial still lists its weights, and downloading them says why they are gone."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = hand_built_study(url)
+    study.set_user_attr("weights_dir", str(tmp_path / "weights"))
+    store = WeightsStore(tmp_path / "weights")
+    for ks, values in (([8, 8, 4, 2, 2], [0.92, 50.0]), ([1, 1, 1, 1, 2], [0.50, 900.0])):  # the first dominates all
+        study.enqueue_trial(_params(ks))
+        trial = study.ask({name: DIST for name in _params(ks)})
+        store.save(trial, torch.nn.Linear(1, 1))
+        study.tell(trial, values)
+    store.prune(study)
+    app = make_app(url)
+    best, dominated = len(TRIALS) + 1, len(TRIALS) + 2
+    assert {t.number for t in study.best_trials} == {best}
+    answers = {}
+    for number in (best, dominated):
+        trial = trial_detail(app, number)
+        (artifact,) = trial["artifacts"]
+        answers[number] = wsgi_get(app, f"/artifacts/{study_id(app)}/{trial['trial_id']}/{artifact['artifact_id']}")
+    status, body = answers[best]
+    kept = store.load(study.trials[best])
+    assert status.startswith("200") and torch.load(io.BytesIO(body), weights_only=True).keys() == kept.keys()
+    status, body = answers[dominated]
+    assert status.startswith("404") and b"weights are deleted once it is dominated" in body

@@ -14,22 +14,6 @@ pytestmark = pytest.mark.slow
 SMOKE = ("--config", str(SMOKE_CONFIG))
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, tiny_imagefolder):
-    """A folder holding the smoke baseline of the tiny data (studies/baselines), pretrained once."""
-    cwd = tmp_path_factory.mktemp("pretrained")
-    result = run_cli("pretrain", *SMOKE, "--data-dir", str(tiny_imagefolder), cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    return cwd / "studies" / "baselines"
-
-
-@pytest.fixture
-def workdir(tmp_path, pretrained):
-    """A working folder with the tiny data's baseline already cached."""
-    shutil.copytree(pretrained, tmp_path / "studies" / "baselines")
-    return tmp_path
-
-
 def run(cwd, data_dir, *extra, read_only=()):
     return run_cli("run", *SMOKE, "--data-dir", str(data_dir), *extra, cwd=cwd, read_only=read_only)
 

@@ -1,0 +1,190 @@
+"""Many workers on one study: who a worker is, how `run --workers N` starts and watches them, and how trials
+that a crash or a signal cut short are run again.
+
+- A `run` is one run id; each of its processes is a worker (index 0..N-1, then replacements). Every trial it
+  starts is tagged with both, so the run knows how many of its asked trials are done, whichever worker did them.
+- A worker killed outright (kill -9) leaves its trial RUNNING; the storage's heartbeat fails it after
+  2 x ``heartbeat_seconds`` and Optuna's retry callback enqueues it again with the same ranks. The parent of
+  `run --workers N` then starts a replacement for the trials still owed.
+- Ctrl-C or SIGTERM records the running trial as FAIL with reason ``interrupted``; the next `run` enqueues it
+  again (``requeue_interrupted``).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+
+INTERRUPTED = "interrupted"  # fail_reason of a trial cut short by Ctrl-C or SIGTERM
+RETRY_OF = "retry_of"  # user attr of a trial enqueued to re-run an interrupted one
+FAIL = optuna.trial.TrialState.FAIL
+COMPLETE = optuna.trial.TrialState.COMPLETE
+
+
+@dataclass(frozen=True)
+class Worker:
+    run_id: str  # one per `run` command, shared by its workers
+    index: int  # 0..N-1 (replacements continue the count)
+    total: int  # trials the run asked for, all workers together
+    threads: int = 0  # torch threads of this worker; 0: torch's default
+
+    def text(self) -> str:
+        return f"{self.run_id}:{self.index}:{self.total}:{self.threads}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Worker":
+        run_id, index, total, threads = text.split(":")
+        return cls(run_id, int(index), int(total), int(threads))
+
+    @property
+    def name(self) -> str:
+        """The sampler's identity: distinct per worker, so workers draw different rank vectors."""
+        return f"{self.run_id}/{self.index}"
+
+
+def new_run(total: int) -> Worker:
+    """The worker of a one-process run (also the parent of a multi-worker one)."""
+    return Worker(uuid.uuid4().hex[:8], 0, total)
+
+
+class _Signals:
+    """Whether a trial is running in this process, and whether Ctrl-C / SIGTERM came between two trials."""
+
+    in_trial = False
+    pending = False
+
+
+def tagged(objective: Callable[[optuna.Trial], tuple], worker: Worker) -> Callable[[optuna.Trial], tuple]:
+    """``objective`` with each trial tagged by run and worker, and Ctrl-C / SIGTERM recorded as ``interrupted``."""
+
+    def run(trial: optuna.Trial) -> tuple:
+        _Signals.in_trial = True
+        try:
+            trial.set_user_attr("run_id", worker.run_id)
+            trial.set_user_attr("worker", worker.index)
+            trial.set_user_attr("pid", os.getpid())
+            return objective(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", INTERRUPTED)
+            raise
+        finally:
+            _Signals.in_trial = False
+
+    return run
+
+
+def _interrupt(signum, frame) -> None:
+    """Inside a trial: stop it now (it is recorded as interrupted). Between trials: stop before the next one,
+    so that Optuna's own bookkeeping is never cut short."""
+    if _Signals.in_trial:
+        raise KeyboardInterrupt
+    _Signals.pending = True
+
+
+def _stop_if_signalled(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+    """Optuna callback: no further trial after a signal that came between trials."""
+    if _Signals.pending:
+        study.stop()
+
+
+def optimize_share(study: optuna.Study, objective: Callable, worker: Worker, trials: int, callbacks: list) -> None:
+    """Run ``trials`` trials of ``objective`` tagged for ``worker``; Ctrl-C and SIGTERM end it cleanly (the
+    running trial is recorded as interrupted) with KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    study.optimize(
+        tagged(objective, worker), n_trials=trials, catch=(Exception,), callbacks=[*callbacks, _stop_if_signalled]
+    )
+    if _Signals.pending:
+        raise KeyboardInterrupt
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def forward_sigterm() -> None:
+    """SIGTERM ends a parent of workers as Ctrl-C does (it then passes SIGTERM on to its workers)."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def done_in_run(study: optuna.Study, run_id: str) -> list[optuna.trial.FrozenTrial]:
+    """The run's trials that ran to an end of their own: COMPLETE, or FAIL with a reason other than an interrupt.
+
+    A trial failed by the heartbeat (its worker died) or interrupted is not done: it is run again.
+    """
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(COMPLETE, FAIL))
+        if t.user_attrs.get("run_id") == run_id
+        and (t.state == COMPLETE or t.user_attrs.get("fail_reason", INTERRUPTED) != INTERRUPTED)
+    ]
+
+
+def _interrupted(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state == FAIL and trial.user_attrs.get("fail_reason") == INTERRUPTED
+
+
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+    """Enqueue, with the same ranks, every interrupted trial not enqueued again yet; returns their numbers."""
+    trials = study.get_trials(deepcopy=False)
+    again = {t.user_attrs.get(RETRY_OF) for t in trials}
+    interrupted = [t for t in trials if _interrupted(t) and t.number not in again]
+    for trial in interrupted:
+        study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
+    return [t.number for t in interrupted]
+
+
+def shares(total: int, workers: int) -> list[int]:
+    """``total`` trials split over ``workers`` as evenly as possible (no worker gets 0 when total >= workers)."""
+    return [total // workers + (1 if i < total % workers else 0) for i in range(workers) if i < total]
+
+
+def _env(worker: Worker, gpus: int) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(worker.threads, 1))}
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(worker.index % gpus)  # worker i on GPU i mod G
+    return env
+
+
+def _start(argv: list[str], worker: Worker, quota: int, gpus: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "ranksearch", *argv, "--workers", "1", "--trials", str(quota),
+               "--worker", worker.text()]  # fmt: skip
+    return subprocess.Popen(command, env=_env(worker, gpus), start_new_session=True)  # Ctrl-C reaches the parent only
+
+
+def _died(process: subprocess.Popen) -> bool:
+    """True when the worker did not end by itself (killed, or crashed), as opposed to 0, 1 (trials failed) or 2."""
+    return process.returncode not in (0, 1, 2)
+
+
+def run_workers(argv: list[str], parent: Worker, workers: int, gpus: int, owed: Callable[[], int],
+                grace_seconds: float) -> None:  # fmt: skip
+    """Start ``workers`` processes sharing the run's trials and wait for them. A worker that dies is replaced,
+    once the heartbeat has failed its trial (``grace_seconds``), by one that runs the trials still ``owed()``."""
+    threads = max(1, (os.cpu_count() or 1) // workers) if not gpus else 0
+    team = [Worker(parent.run_id, i, parent.total, threads) for i in range(workers)]
+    processes = [_start(argv, w, quota, gpus) for w, quota in zip(team, shares(parent.total, workers), strict=False)]
+    try:
+        for _ in range(workers + 1):  # at most one round of replacements per worker, and the first round
+            for process in processes:
+                process.wait()
+            if not any(_died(p) for p in processes) or owed() <= 0:
+                return
+            print(f"ranksearch: a worker died; replacing it in {grace_seconds:.0f} s", file=sys.stderr, flush=True)
+            time.sleep(grace_seconds)  # the heartbeat fails its trial, which is enqueued again
+            team.append(Worker(parent.run_id, len(team), parent.total, threads))
+            processes = [_start(argv, team[-1], owed(), gpus)]
+    except KeyboardInterrupt:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # each records its trial as interrupted
+        for process in processes:
+            process.wait()
+        raise

@@ -1,0 +1,108 @@
+"""One trial on a real in-memory study: ranks a complete trial already has are copied, not trained again; and
+each worker's sampler draws its own ranks, reproducibly."""
+
+import dataclasses
+import math
+
+import optuna
+import pytest
+import torch
+
+from conftest import SMOKE_CONFIG
+from ranksearch import count_macs, trial
+from ranksearch.baseline import Baseline
+from ranksearch.config import load_config
+from ranksearch.data import DeviceData, load_dataset
+from ranksearch.models import vgg16_cifar
+from ranksearch.report import trials_table, write_report
+from ranksearch.search import make_sampler, sampler_seed
+from ranksearch.weights import WeightsStore
+
+DIRECTIONS = ["maximize", "minimize"]
+MODULES = ["block1", "block2", "block3", "block4", "block5"]
+DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)
+RANKS = {f"rank_{m}": k / 32 for m, k in zip(MODULES, [8, 8, 4, 2, 2], strict=True)}
+TIMINGS = {"decompose_s", "finetune_s", "eval_s", "count_s"}  # on the CPU; peak_gpu_mib too on CUDA
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_imagefolder):
+    """The smoke config, the tiny data, and an (untrained) smoke-width baseline."""
+    config = load_config(SMOKE_CONFIG)
+    data = DeviceData(load_dataset(tiny_imagefolder), config.val_size, config.split_seed, torch.device("cpu"))
+    model = vgg16_cifar(num_classes=config.num_classes, width=config.width)
+    macs, params = count_macs(model)
+    return config, data, Baseline(model, 0.1, 0.1, macs, params, 0.0)
+
+
+@pytest.fixture
+def trainings(monkeypatch) -> list[dict]:
+    """Counts the trials that decompose and fine-tune (the ranks of each), running them for real."""
+    calls, real = [], trial.trial_model
+
+    def counted(baseline, ranks, *args, **kwargs):
+        calls.append(ranks)
+        return real(baseline, ranks, *args, **kwargs)
+
+    monkeypatch.setattr(trial, "trial_model", counted)
+    return calls
+
+
+def test_ranks_already_complete_are_copied_not_trained_again(setup, trainings, tmp_path):
+    config, data, baseline = setup
+    weights = WeightsStore(tmp_path / "weights")
+    study = optuna.create_study(directions=DIRECTIONS)
+    distributions = {name: DIST for name in RANKS}
+    study.add_trial(optuna.trial.create_trial(params=RANKS, distributions=distributions,
+                                              state=optuna.trial.TrialState.FAIL))  # fmt: skip
+    study.enqueue_trial(RANKS, user_attrs={"run_id": "first"})
+    study.enqueue_trial(RANKS, user_attrs={"run_id": "second"})  # as another worker would tag it
+    study.optimize(trial.Objective(config, data, baseline, weights), n_trials=2)
+    failed, original, copy = study.trials
+    assert len(trainings) == 1  # the failed trial does not count: trial 1 trained, trial 2 did not
+    assert copy.state == optuna.trial.TrialState.COMPLETE and copy.values == original.values
+    measured = {key: value for key, value in original.user_attrs.items() if key not in TIMINGS}
+    assert TIMINGS <= set(original.user_attrs) and set(measured) == {*trial.COPIED_ATTRS, "run_id"}
+    assert copy.user_attrs == measured | {"copied_from": 1, "run_id": "second"}  # its own tags, no timings
+    assert copy.user_attrs["seed"] == trial.trial_seed(config, 1) != trial.trial_seed(config, 2)
+    kept = weights.load(original)
+    assert all(torch.equal(weights.load(copy)[key], value) for key, value in kept.items())
+
+    # export's other path: the recorded seed re-runs the original's fine-tune to its weights
+    ranks = {name.removeprefix("rank_"): value for name, value in copy.params.items()}
+    rebuilt, _ = trial.trial_model(baseline.model, ranks, config, data, copy.user_attrs["seed"])
+    for key, value in kept.items():
+        torch.testing.assert_close(rebuilt.state_dict()[key].cpu(), value, atol=1e-6, rtol=1e-5)
+
+    # the report lists the copy as a trial of its own, with the original's values and no fine-tune seconds
+    table = trials_table(study).set_index("number")
+    assert table.loc[2, "val_accuracy"] == table.loc[1, "val_accuracy"] and table.loc[2, "pareto"]
+    assert table.loc[2, "macs_ratio"] == table.loc[1, "macs_ratio"] and math.isnan(table.loc[2, "finetune_s"])
+    assert all(path.is_file() for path in write_report(study, tmp_path / "report"))
+
+    # both leave the front together, and with them the one copy of their weights
+    study.add_trial(optuna.trial.create_trial(params=RANKS, distributions=distributions, values=[1.0, 1.0]))
+    weights.prune(study)
+    assert weights.load(original) is None and weights.load(copy) is None
+
+
+def first_draws(sampler: optuna.samplers.BaseSampler) -> list[dict]:
+    """Three rank vectors a fresh study asks of ``sampler``."""
+    study = optuna.create_study(directions=DIRECTIONS, sampler=sampler)
+    return [study.ask({f"rank_{m}": DIST for m in MODULES}).params for _ in range(3)]
+
+
+@pytest.mark.parametrize("name", ["tpe", "nsga2"])
+def test_each_worker_draws_its_own_ranks_and_the_same_again(name):
+    config = dataclasses.replace(load_config(SMOKE_CONFIG), sampler=name)
+    draws = first_draws(make_sampler(config, "run/0", 0))
+    assert draws == first_draws(make_sampler(config, "run/0", 0))  # reproducible
+    assert draws != first_draws(make_sampler(config, "run/1", 0))  # another worker of the run
+    assert draws != first_draws(make_sampler(config, "run/0", 7))  # the same worker resuming a bigger study
+    assert draws != first_draws(make_sampler(dataclasses.replace(config, seed=1), "run/0", 0))
+
+
+def test_sampler_seeds_are_stable_across_processes_and_fit_32_bits():
+    assert sampler_seed(0, "run/0", 0) == 2986086431  # sha256, not the per-process salted ``hash``
+    assert sampler_seed(0, "a/1", 2) != sampler_seed(0, "a", 12) != sampler_seed(0, "a/12", 0)
+    assert all(0 <= sampler_seed(seed, "w", 0) < 2**32 for seed in (0, 2**32 - 1))

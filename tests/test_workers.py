@@ -1,0 +1,123 @@
+"""Many workers on one study: shares, tags, re-runs; `run --workers N`, a worker killed with -9, SIGTERM."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from test_study import SMOKE, load
+
+from conftest import REPO
+from ranksearch.workers import INTERRUPTED, RETRY_OF, Worker, done_in_run, requeue_interrupted, shares
+
+DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)
+COMPLETE, FAIL, RUNNING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                           optuna.trial.TrialState.RUNNING)  # fmt: skip
+
+
+def test_shares_split_the_asked_trials_evenly():
+    assert shares(7, 3) == [3, 2, 2] and sum(shares(200, 8)) == 200
+    assert shares(2, 4) == [1, 1]  # no worker without a trial
+
+
+def test_a_worker_round_trips_through_its_flag():
+    worker = Worker("ab12cd34", 2, 9, 1)
+    assert Worker.parse(worker.text()) == worker and worker.name == "ab12cd34/2"
+
+
+def hand_trial(state, rank, **attrs):
+    values = [0.5, 100.0] if state == COMPLETE else None
+    return optuna.trial.create_trial(
+        state=state, params={"rank_block1": rank}, distributions={"rank_block1": DIST}, values=values,
+        user_attrs=attrs,
+    )  # fmt: skip
+
+
+def test_done_counts_what_ended_by_itself_and_interrupted_trials_run_again():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trial(hand_trial(COMPLETE, 0.25, run_id="r1"))
+    study.add_trial(hand_trial(FAIL, 0.5, run_id="r1", fail_reason="TrainingDiverged: loss became nan"))
+    study.add_trial(hand_trial(FAIL, 0.75, run_id="r1", fail_reason=INTERRUPTED))
+    study.add_trial(hand_trial(FAIL, 0.125, run_id="r1"))  # failed by the heartbeat: its worker died
+    study.add_trial(hand_trial(COMPLETE, 0.25, run_id="r2"))
+    assert [t.number for t in done_in_run(study, "r1")] == [0, 1]
+    assert requeue_interrupted(study) == [2]
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [(t.system_attrs["fixed_params"], t.user_attrs[RETRY_OF]) for t in waiting] == [({"rank_block1": 0.75}, 2)]
+    assert requeue_interrupted(study) == []  # once
+
+
+def run_cli_async(cwd, *args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "ranksearch", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def wait_for_running_trial(cwd, timeout=300.0) -> optuna.trial.FrozenTrial:
+    """The first RUNNING trial that has drawn its ranks and recorded its worker's pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (cwd / "studies" / "smoke.db").exists():
+            try:
+                running = [t for t in load(cwd).get_trials(states=(RUNNING,)) if "pid" in t.user_attrs and t.params]
+            except Exception:  # the run is creating the tables or the study: look again
+                running = []
+            if running:
+                return running[0]
+        time.sleep(0.05)
+    raise AssertionError("no trial started")
+
+
+pytestmark_slow = pytest.mark.slow
+
+
+@pytestmark_slow
+def test_three_workers_share_the_asked_trials(workdir, tiny_imagefolder):
+    process = run_cli_async(workdir, "run", *SMOKE, "--data-dir", str(tiny_imagefolder), "--trials", "6",
+                            "--workers", "3")  # fmt: skip
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    trials = load(workdir).trials
+    assert [t.state for t in trials].count(COMPLETE) == 6 == len(trials)
+    assert {t.user_attrs["worker"] for t in trials} == {0, 1, 2} and len({t.user_attrs["run_id"] for t in trials}) == 1
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # no rank vector trained twice
+    assert all(f" w{i} trial " in out for i in range(3)) and "[6/6]" in out and "ETA" in out
+
+
+@pytestmark_slow
+def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_retried(workdir, tiny_imagefolder):
+    process = run_cli_async(workdir, "run", *SMOKE, "--data-dir", str(tiny_imagefolder), "--trials", "6",
+                            "--workers", "3", "--heartbeat-seconds", "1", "--finetune-steps", "60")  # fmt: skip
+    victim = wait_for_running_trial(workdir)
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert "a worker died" in err and "Traceback" not in err
+    trials = load(workdir).trials
+    assert [t.state for t in trials].count(COMPLETE) == 6
+    killed = trials[victim.number]
+    assert killed.state == FAIL
+    retries = [t for t in trials if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) == killed.number]
+    assert [(t.state, t.params) for t in retries] == [(COMPLETE, killed.params)]
+
+
+@pytestmark_slow
+def test_sigterm_records_the_trial_as_interrupted_and_the_next_run_reruns_it(workdir, tiny_imagefolder):
+    process = run_cli_async(workdir, "run", *SMOKE, "--data-dir", str(tiny_imagefolder), "--trials", "3",
+                            "--finetune-steps", "60")  # fmt: skip
+    victim = wait_for_running_trial(workdir)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    stopped = load(workdir).trials[victim.number]
+    assert stopped.state == FAIL and stopped.user_attrs["fail_reason"] == INTERRUPTED
+    again = run_cli_async(workdir, "run", *SMOKE, "--data-dir", str(tiny_imagefolder), "--trials", "1",
+                          "--finetune-steps", "60")  # fmt: skip
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert f"re-running interrupted trial(s) {victim.number}" in out
+    rerun = [t for t in load(workdir).trials if t.user_attrs.get(RETRY_OF) == victim.number]
+    assert [(t.state, t.params) for t in rerun] == [(COMPLETE, stopped.params)]
