@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .config import Config, baseline_key
 from .data import DeviceData
 from .decompose import Bases, model_bases
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import atomic_save, check_writable, lock_path, read_or_make
 from .measure import count_macs
 from .models import build_model
@@ -133,9 +133,8 @@ def cached_bases(model: nn.Module, checkpoint: Path) -> dict[str, Bases]:
         try:
             atomic_save({"key": key, "bases": cpu_bases}, path)
         except (OSError, RuntimeError) as error:  # a read-only baseline folder: the bases are recomputed next start
-            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-            print(f"note: cannot cache the channel bases in {path} ({reason}); computing them each start",
-                  file=sys.stderr)  # fmt: skip
+            print(f"note: cannot cache the channel bases in {path} ({first_line(error)}); computing them each "
+                  "start", file=sys.stderr)  # fmt: skip
         return bases
 
     return read_or_make(path, read, make, f"bases: another process is computing {path}; waiting for it")
@@ -163,8 +162,9 @@ def ensure_baseline(config: Config, data: DeviceData) -> Baseline:
         try:
             _save(path, baseline, config, data.identity)
         except (OSError, RuntimeError) as error:
-            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-            raise UserError(f"cannot save the baseline to {path} ({reason}); free space or fix baseline_dir") from None
+            raise UserError(
+                f"cannot save the baseline to {path} ({first_line(error)}); free space or fix baseline_dir"
+            ) from None
         baseline.path = path
         print(f"baseline: pretrained in {baseline.pretrain_seconds:.0f} s, saved to {path}", file=sys.stderr)
         return baseline

@@ -12,7 +12,7 @@ import optuna_dashboard
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .study import load_existing_study, sqlite_path
 from .study import open_storage as _storage
 
@@ -94,8 +94,7 @@ def make_dashboard_server(storage_url: str, host: str = "127.0.0.1", port: int =
     try:
         return make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
     except (OSError, OverflowError) as error:  # OverflowError: a port outside 0..65535
-        reason = getattr(error, "strerror", None) or error
-        raise UserError(f"cannot serve on {host}:{port} ({reason}); pass another --port / --host") from None
+        raise UserError(f"cannot serve on {host}:{port} ({first_line(error)}); pass another --port / --host") from None
 
 
 def server_url(server: WSGIServer, path: str = "/dashboard") -> str:

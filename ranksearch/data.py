@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import atomic_save, read_or_make
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -121,7 +121,7 @@ def _load_torchvision(root: Path) -> Dataset:
     except Exception as error:  # missing or corrupt batch files (RuntimeError, pickle errors, ...)
         raise UserError(
             f"torchvision CIFAR-10 folder in {root} is incomplete or corrupt ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); delete it and download again"
+            f"{first_line(error)}); delete it and download again"
         ) from None
     return Dataset(train, test, classes, "torchvision")
 
@@ -160,7 +160,7 @@ def _decode(files: list[tuple[Path, int]], desc: str) -> ImageTensors:
         path, error = bad[0]
         raise UserError(
             f"{len(bad)} image(s) cannot be decoded, first {path} ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); remove or replace them"
+            f"{first_line(error)}); remove or replace them"
         )
     labels = torch.tensor([label for _, label in files], dtype=torch.long)
     return ImageTensors(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
@@ -235,7 +235,7 @@ def _save_cache(cache: Path, dataset: Dataset, key: str) -> None:
     try:
         atomic_save(payload, cache)
     except (OSError, RuntimeError) as error:  # torch.save reports an unwritable path as RuntimeError
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        reason = first_line(error)
         print(f"note: cannot write the decode cache {cache} ({reason}); decoding each start", file=sys.stderr)
 
 

@@ -20,7 +20,7 @@ from .baseline import cached_bases, load_baseline, new_model
 from .config import Config
 from .data import CIFAR_MEAN, CIFAR_STD, DeviceData, device_data
 from .decompose import decomposed_from_state_dict
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import atomic_save, check_writable
 from .measure import count_macs
 from .models import build_model
@@ -231,20 +231,16 @@ def _check_contents(payload: dict, path: Path) -> None:
         raise UserError(f"{path} is a damaged ranksearch export ({', '.join(wrong)}: missing or wrong); export again")
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().partition("\n")[0] or type(error).__name__
-
-
 def _rebuild(payload: dict, path: Path) -> nn.Module:
     config = payload["config"]
     try:
         model = build_model(config["model"], num_classes=config["num_classes"], width=config["width"])
     except (TypeError, ValueError, RuntimeError) as error:
-        raise UserError(f"{path}: its config describes no model ({_first_line(error)}); export it again") from None
+        raise UserError(f"{path}: its config describes no model ({first_line(error)}); export it again") from None
     try:
         return decomposed_from_state_dict(model, payload["state_dict"])
     except ValueError as error:
-        raise UserError(f"{path}: {_first_line(error)}; export it again") from None
+        raise UserError(f"{path}: {first_line(error)}; export it again") from None
 
 
 def load_model(path: str | Path) -> nn.Module:

@@ -12,7 +12,7 @@ from typing import TypeVar
 import filelock
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def _nearest_existing(folder: Path) -> Path:
@@ -37,7 +37,7 @@ def check_writable(folder: str | Path, what: str) -> None:
             pass
     except OSError as error:
         raise UserError(
-            f"cannot write to {what} {folder} ({error.strerror or error}); make it writable or choose another"
+            f"cannot write to {what} {folder} ({first_line(error)}); make it writable or choose another"
         ) from None
 
 

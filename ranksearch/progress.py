@@ -53,10 +53,10 @@ class TrialProgress:
     def __init__(
         self, total: int, modules: list[str], baseline_macs: int, out: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic, label: str = "",
-        count: Callable[[optuna.Study], int] | None = None,
+        count: Callable[[list[optuna.trial.FrozenTrial]], int] | None = None,
     ):  # fmt: skip
-        """``label`` names the worker in each line; ``count(study)`` says how many of the ``total`` trials are done
-        (all workers of a run together; default: the trials this callback has seen)."""
+        """``label`` names the worker in each line; ``count(trials)`` says how many of the ``total`` trials are done
+        among the study's ``trials`` (all workers of a run together; default: the trials this callback has seen)."""
         self.total, self.modules, self.baseline_macs = total, modules, baseline_macs
         self.out = out  # None: sys.stdout at the time of printing
         self.clock = clock
@@ -65,8 +65,9 @@ class TrialProgress:
         self.label, self.count = label, count
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.finished = self.count(study) if self.count else self.finished + 1
-        line = " | ".join((self.trial_text(trial), self.time_text(), self.best_text(study)))
+        trials = study.get_trials(deepcopy=False)  # one read of the storage per line
+        self.finished = self.count(trials) if self.count else self.finished + 1
+        line = " | ".join((self.trial_text(trial), self.time_text(), self.best_text(trials)))
         print(line, file=self.out or sys.stdout, flush=True)
 
     def trial_text(self, trial: optuna.trial.FrozenTrial) -> str:
@@ -86,8 +87,8 @@ class TrialProgress:
         remaining = max(self.total - self.finished, 0)
         return f"elapsed {clock_text(elapsed)}, ETA {clock_text(elapsed / max(self.finished, 1) * remaining)}"
 
-    def best_text(self, study: optuna.Study) -> str:
-        complete = study.get_trials(deepcopy=False, states=(COMPLETE,))
+    def best_text(self, trials: list[optuna.trial.FrozenTrial]) -> str:
+        complete = [t for t in trials if t.state == COMPLETE]
         parts = []
         for index, budget in enumerate(MACS_BUDGETS):
             best = best_within(complete, self.baseline_macs, budget)

@@ -92,16 +92,16 @@ def enqueue_first(study: optuna.Study, config: Config, modules: list[str]) -> No
 
 
 def run_trials(
-    config: Config, study: optuna.Study, data: DeviceData, baseline: Baseline, worker: Worker, label: str = ""
+    config: Config, study: optuna.Study, data: DeviceData, baseline: Baseline, worker: Worker, modules: list[str],
+    label: str = "",
 ) -> None:
     """This process's share of the run: ``config.trials`` trials, one line each (``label``: the worker's name)."""
     use_deterministic_kernels(data.device)
-    modules = list(rank_modules(baseline.model))
     weights = WeightsStore(config.weights_path())
     study.sampler = make_sampler(config, worker.name, len(study.trials))
     objective = Objective(config, data, baseline, weights, trial_bases(config, baseline))
     progress = TrialProgress(worker.total, modules, baseline.macs, label=label,
-                             count=lambda study: len(done_in_run(study, worker.run_id)))  # fmt: skip
+                             count=lambda trials: len(done_in_run(trials, worker.run_id)))  # fmt: skip
     prune = lambda study, _: weights.prune(study)  # noqa: E731
     optimize_share(study, objective, worker, config.trials, callbacks=[progress, prune])
 
@@ -121,17 +121,18 @@ def run_search(
     existing, data, baseline = prepare_run(config)
     study = join_study(config, existing, data, baseline)
     run = worker or new_run(config.trials)
+    modules = list(rank_modules(baseline.model))
     if worker is None:
-        enqueue_first(study, config, list(rank_modules(baseline.model)))
+        enqueue_first(study, config, modules)
     if config.workers > 1 and worker is None:
         gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
         del data  # the workers load their own
         forward_sigterm()
-        owed = lambda: run.total - len(done_in_run(study, run.run_id))  # noqa: E731
+        owed = lambda: run.total - len(done_in_run(study.get_trials(deepcopy=False), run.run_id))  # noqa: E731
         run_workers(argv or [], run, config.workers, gpus, owed, grace_seconds=2 * config.heartbeat_seconds + 1)
     else:
-        run_trials(config, study, data, baseline, run, label=f"w{run.index}" if worker else "")
+        run_trials(config, study, data, baseline, run, modules, label=f"w{run.index}" if worker else "")
     if worker is None:
-        print(pareto_summary(study, list(rank_modules(baseline.model))), flush=True)
+        print(pareto_summary(study, modules), flush=True)
     ran = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("run_id") == run.run_id]
     return study, ran

@@ -15,7 +15,7 @@ import sqlalchemy.exc
 
 from . import __version__
 from .config import Config, search_fields
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import check_writable
 
 DIRECTIONS = ["maximize", "minimize"]  # (validation accuracy, MACs)
@@ -95,9 +95,8 @@ def open_storage(url: str, heartbeat_seconds: int | None = None) -> optuna.stora
                     f"cannot open storage {url!r}: the PostgreSQL driver (psycopg) is not installed; "
                     "pip install 'ranksearch[postgres]' and use a postgresql+psycopg:// URL"
                 ) from None
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(
-                f"cannot open storage {url!r} ({first_line}); pass an Optuna storage URL such as "
+                f"cannot open storage {url!r} ({first_line(error)}); pass an Optuna storage URL such as "
                 "sqlite:///studies/NAME.db to --storage"
             ) from None
     raise AssertionError("unreachable")

@@ -1,6 +1,7 @@
 """Training loops: baseline pretraining (one-cycle) and the brief per-trial fine-tune (cosine / constant)."""
 
 import contextlib
+import functools
 import math
 import platform
 from pathlib import Path
@@ -35,6 +36,7 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+@functools.cache
 def cpu_name() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
     try:

@@ -114,15 +114,15 @@ def forward_sigterm() -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
-def done_in_run(study: optuna.Study, run_id: str) -> list[optuna.trial.FrozenTrial]:
+def done_in_run(trials: list[optuna.trial.FrozenTrial], run_id: str) -> list[optuna.trial.FrozenTrial]:
     """The run's trials that ran to an end of their own: COMPLETE, or FAIL with a reason other than an interrupt.
 
     A trial failed by the heartbeat (its worker died) or interrupted is not done: it is run again.
     """
     return [
         t
-        for t in study.get_trials(deepcopy=False, states=(COMPLETE, FAIL))
-        if t.user_attrs.get("run_id") == run_id
+        for t in trials
+        if t.state in (COMPLETE, FAIL) and t.user_attrs.get("run_id") == run_id
         and (t.state == COMPLETE or t.user_attrs.get("fail_reason", INTERRUPTED) != INTERRUPTED)
     ]
 

@@ -44,7 +44,7 @@ def test_done_counts_what_ended_by_itself_and_interrupted_trials_run_again():
     study.add_trial(hand_trial(FAIL, 0.75, run_id="r1", fail_reason=INTERRUPTED))
     study.add_trial(hand_trial(FAIL, 0.125, run_id="r1"))  # failed by the heartbeat: its worker died
     study.add_trial(hand_trial(COMPLETE, 0.25, run_id="r2"))
-    assert [t.number for t in done_in_run(study, "r1")] == [0, 1]
+    assert [t.number for t in done_in_run(study.trials, "r1")] == [0, 1]
     assert requeue_interrupted(study) == [2]
     waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert [(t.system_attrs["fixed_params"], t.user_attrs[RETRY_OF]) for t in waiting] == [({"rank_block1": 0.75}, 2)]
