@@ -8,6 +8,7 @@ from pathlib import Path
 from . import __version__
 from .config import Config, default_storage_url, load_config
 from .errors import UserError
+from .objectives import parse_objectives
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +39,10 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, help="trials to ADD to the study (a re-run resumes it); default 200")
     parser.add_argument("--study-name", help="Optuna study name (default from the config)")
     parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study-name>.db)")
-    parser.add_argument("--sampler", help="tpe | nsga2")
+    parser.add_argument("--sampler", help="tpe | nsga2 | random")
+    parser.add_argument("--objectives", type=parse_objectives, metavar="accuracy,COST[,COST]",
+                        help="accuracy then one or two of macs, params, latency (default accuracy,macs)")  # fmt: skip
+    parser.add_argument("--latency-batch", type=int, help="images per forward pass when timing latency (default 1)")
     parser.add_argument("--finetune-steps", type=int, help="fine-tune steps per trial")
     parser.add_argument("--ranks", action="append", metavar="R1,..,R5",
                         help="try these module ranks first (k/32 each); repeat for more")  # fmt: skip
@@ -100,7 +104,9 @@ def _open_study(args: argparse.Namespace):
 
 def _export_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trial", default="best", help="a trial number, or 'best' (default): the Pareto trial "
-                        "with fewest MACs within --max-drop of the baseline's val accuracy")  # fmt: skip
+                        "with the lowest --objective within --max-drop of the baseline's val accuracy")  # fmt: skip
+    parser.add_argument("--objective", help="the cost 'best' minimises: macs, params or latency (default: the "
+                        "study's first cost)")  # fmt: skip
     parser.add_argument("--max-drop", type=float, default=1.0, help="percentage points of val accuracy (default 1.0)")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the chosen model E epochs longer")
     parser.add_argument("--format", default="pt", help="pt, onnx, torchscript, comma-separated (the .pt, which "
@@ -119,7 +125,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError("--finetune-epochs and --max-drop must be 0 or more")
     paths = check_out(args.out, formats)
     study = _open_study(args)
-    trial = choose_trial(study, args.trial, args.max_drop)
+    trial = choose_trial(study, args.trial, args.max_drop, args.objective)
     export_trial(study, trial, args.data_dir, export_device(trial, args.device), paths, args.finetune_epochs)
     return 0
 

@@ -12,6 +12,7 @@ import yaml
 
 from .errors import UserError
 from .models import RANK_STEPS, check_rank, model_names
+from .objectives import DEFAULT_OBJECTIVES, check_objectives
 
 
 def default_storage_url(study_name: str) -> str:
@@ -47,11 +48,14 @@ class Config:
     refine_iters: int = 2  # HOOI sweeps after the HOSVD start, for "hosvd+refine"
     distill_weight: float = 0.0  # knowledge distillation from the baseline in the fine-tune: 0 = off, 1 = KD only
     distill_temperature: float = 4.0  # softmax temperature of the distillation loss
+    bn_recalibration_batches: int = 0  # training batches that re-estimate BatchNorm statistics after decomposition
     compile: bool = False  # torch.compile the fine-tuned model (pays a compile per trial: for GPUs)
     rank_min: float = 1 / RANK_STEPS  # smallest normalized rank the search may pick (on the 1/32 grid)
     rank_max: float = 1.0  # largest normalized rank the search may pick (on the 1/32 grid)
     # search
-    sampler: str = "tpe"  # "tpe" (Optuna's default multi-objective TPE) or "nsga2"
+    objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))  # accuracy, then 1-2 costs
+    latency_batch: int = 1  # images per forward pass when latency (median ms on the trial's device) is measured
+    sampler: str = "tpe"  # "tpe" (Optuna's default multi-objective TPE), "nsga2" or "random"
     seed: int = 0  # seeds the sampler, the pretraining and each trial's fine-tune
     trials: int = 200  # trials a `run` adds to the study
     study_name: str = "vgg16-cifar10"  # Optuna study name
@@ -84,7 +88,7 @@ BASELINE_FIELDS = (
 )  # fmt: skip
 CHOICES = {
     "finetune_schedule": ("cosine", "constant"),
-    "sampler": ("tpe", "nsga2"),
+    "sampler": ("tpe", "nsga2", "random"),
     "device": ("auto", "cpu", "cuda"),
     "decompose_method": ("hosvd", "hosvd+refine", "hooi"),
 }
@@ -111,6 +115,10 @@ def _coerce(name: str, value, kind):
     what = getattr(kind, "__name__", None)
     if kind == str | None:
         kind, what = (str, type(None)), "text or null"
+    elif kind == list[str]:
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise UserError(f"config key {name!r} must be a list of names, got {reprlib.repr(value)}")
+        return value
     elif kind == list[list[float]]:
         if not (isinstance(value, list) and all(isinstance(r, list) for r in value)):
             raise UserError(f"config key {name!r} must be a list of rank lists, got {reprlib.repr(value)}")
@@ -196,6 +204,8 @@ RANGES = {
     "finetune_steps": Interval(0, COUNT_MAX),
     "finetune_lr": Interval(0, low_open=True),
     "refine_iters": Interval(0, COUNT_MAX),
+    "bn_recalibration_batches": Interval(0, COUNT_MAX),
+    "latency_batch": Interval(1, COUNT_MAX),
     "distill_weight": Interval(0, 1),
     "distill_temperature": Interval(0, low_open=True),
     "seed": Interval(0, SEED_MAX),
@@ -221,6 +231,7 @@ def validate(config: Config) -> None:
     for name, allowed in RANGES.items():
         if getattr(config, name) not in allowed:
             raise UserError(f"{name} must be {allowed}, got {getattr(config, name)}")
+    config.objectives = check_objectives(config.objectives)
     config.rank_min = _on_grid("rank_min", config.rank_min)
     config.rank_max = _on_grid("rank_max", config.rank_max)
     if config.rank_min > config.rank_max:

@@ -6,7 +6,6 @@ and its class names); ``load_model`` rebuilds the decomposed architecture from t
 
 import copy
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,10 @@ from .data import CIFAR_MEAN, CIFAR_STD, DeviceData, device_data
 from .decompose import decomposed_from_state_dict
 from .errors import UserError, first_line
 from .files import atomic_save, check_writable
+from .fold import fold_batchnorm
 from .measure import count_macs
 from .models import build_model
+from .objectives import COSTS, DEFAULT_OBJECTIVES, cost, costs_text, study_objectives
 from .train import evaluate, finetune, precision, resolve_device, steps_per_epoch, use_deterministic_kernels
 from .trial import trial_model, trial_seed
 from .weights import WeightsStore
@@ -39,10 +40,11 @@ INPUT_SPEC = {  # what the model takes: (uint8 pixel / 255 - mean) / std per RGB
 }  # fmt: skip
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Search fields that ranksearch's first release did not have, with what it did instead, so that a study made
-# then re-runs exactly as made: TensorLy HOOI every trial, no refinement, no distillation, no torch.compile.
+# then re-runs exactly as made: TensorLy HOOI every trial, no refinement, no distillation, no torch.compile, no
+# BatchNorm re-estimation, objectives val accuracy and MACs.
 BEFORE_FIELD_EXISTED = {
     "decompose_method": "hooi", "refine_iters": 0, "distill_weight": 0.0, "distill_temperature": 4.0,
-    "compile": False,
+    "compile": False, "bn_recalibration_batches": 0, "objectives": DEFAULT_OBJECTIVES, "latency_batch": 1,
 }  # fmt: skip
 
 
@@ -58,7 +60,7 @@ def study_config(study: optuna.Study) -> Config:
             f"study {study.study_name!r} was made by ranksearch {made_by} with config fields this version "
             f"({__version__}) does not know ({', '.join(unknown)}); upgrade ranksearch"
         )
-    return Config(**{**BEFORE_FIELD_EXISTED, **fields})
+    return Config(**copy.deepcopy({**BEFORE_FIELD_EXISTED, **fields}))
 
 
 # ----- picking a trial -------------------------------------------------------------------------------------------
@@ -71,13 +73,18 @@ class Pick:
     alternatives: list[optuna.trial.FrozenTrial]
 
 
-def pick_best(study: optuna.Study, max_drop_pp: float) -> Pick:
-    """Among Pareto trials within ``max_drop_pp`` points of the baseline's val accuracy, the one with fewest MACs."""
+def pick_best(study: optuna.Study, max_drop_pp: float, objective: str | None = None) -> Pick:
+    """Among Pareto trials within ``max_drop_pp`` points of the baseline's val accuracy, the one with the lowest
+    ``objective`` (a cost: macs, params, latency; default the study's first cost)."""
+    costs = study_objectives(study)[1:]
+    objective = objective or costs[0]
     floor = study.user_attrs["baseline"]["val_accuracy"] - max_drop_pp / 100
-    front = sorted(study.best_trials, key=lambda t: t.values[1])
+    front = study.best_trials
+    check_measured(front, objective, costs)
+    front = sorted(front, key=lambda t: (cost(t, objective), -t.values[0], t.number))
     qualified = [t for t in front if t.values[0] >= floor - 1e-12]
     if not qualified:
-        listing = "; ".join(f"trial {t.number}: val {t.values[0]:.2%}, MACs {_ratio(t):.3f}x" for t in front)
+        listing = "; ".join(f"trial {t.number}: val {t.values[0]:.2%}, {costs_text(t, costs)}" for t in front)
         raise UserError(
             f"no Pareto trial is within {max_drop_pp} pp of the baseline's val accuracy "
             f"({floor + max_drop_pp / 100:.2%}); front: {listing or 'empty'}; "
@@ -85,14 +92,20 @@ def pick_best(study: optuna.Study, max_drop_pp: float) -> Pick:
         )
     best = qualified[0]
     reason = (
-        f"fewest MACs ({_ratio(best):.3f}x the baseline) among {len(qualified)} Pareto trials with val accuracy "
-        f">= {floor:.2%} (baseline - {max_drop_pp} pp)"
+        f"lowest {COSTS[objective].label} ({costs_text(best, [objective])} the baseline) among {len(qualified)} "
+        f"Pareto trials with val accuracy >= {floor:.2%} (baseline - {max_drop_pp} pp)"
     )
     return Pick(best, reason, qualified[1:4])
 
 
-def _ratio(trial: optuna.trial.FrozenTrial) -> float:
-    return trial.user_attrs.get("macs_ratio", math.nan)
+def check_measured(trials: list[optuna.trial.FrozenTrial], objective: str, costs: list[str]) -> None:
+    if objective not in COSTS:
+        raise UserError(f"--objective {objective!r}: choose one of {', '.join(COSTS)}")
+    if any(cost(t, objective) is None for t in trials):
+        raise UserError(
+            f"--objective {objective}: this study did not measure {COSTS[objective].label}; its costs are "
+            f"{', '.join(costs)} (and macs, params)"
+        )
 
 
 def get_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
@@ -129,7 +142,7 @@ def rebuild_trial(
 
 
 def verify(model: nn.Module, trial: optuna.trial.FrozenTrial, config: Config, data: DeviceData) -> float:
-    """Check the rebuilt model against the trial's values (val accuracy, MACs) and params; return its val accuracy."""
+    """Check the rebuilt model against the trial's val accuracy, MACs and params; return its val accuracy."""
     accuracy = evaluate(model, data, "val", config.eval_batch_size)
     recorded = trial.values[0]
     if abs(accuracy - recorded) > ACCURACY_TOLERANCE:
@@ -144,7 +157,7 @@ def verify(model: nn.Module, trial: optuna.trial.FrozenTrial, config: Config, da
             f"nothing written ({hint})"
         )
     macs, params = count_macs(model)
-    if (macs, params) != (round(trial.values[1]), trial.user_attrs["params"]):
+    if (macs, params) != (round(cost(trial, "macs")), trial.user_attrs["params"]):
         raise UserError(f"rebuilt trial {trial.number} has {macs:,} MACs / {params:,} params, not the recorded ones")
     return accuracy
 
@@ -263,17 +276,19 @@ def _version1_defaults(config: dict) -> dict:
 
 
 def save_onnx(model: nn.Module, path: Path) -> float:
-    """Write ONNX and check it with onnxruntime; returns the largest output difference to PyTorch."""
+    """Write ONNX of ``model`` with its BatchNorms folded into its convs and check it with onnxruntime; returns the
+    largest output difference to the unfolded PyTorch model (so the check covers the folding too)."""
     try:
         import onnxruntime
     except ImportError:
         raise UserError("ONNX export needs onnx and onnxruntime: pip install 'ranksearch[deploy]'") from None
+
     model = model.cpu().eval()
     images = torch.randn(4, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated but needs no onnxscript
         torch.onnx.export(
-            model, (images,), str(path), dynamo=False, input_names=["images"], output_names=["logits"],
+            fold_batchnorm(model), (images,), str(path), dynamo=False, input_names=["images"], output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
         )  # fmt: skip
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -283,11 +298,14 @@ def save_onnx(model: nn.Module, path: Path) -> float:
 
 
 def save_torchscript(model: nn.Module, path: Path) -> float:
+    """Write TorchScript (traced) of ``model`` with its BatchNorms folded into its convs; returns the largest output
+    difference of the saved file to the unfolded PyTorch model (so the check covers the folding too)."""
+
     model = model.cpu().eval()
     images = torch.randn(4, 3, 32, 32)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
-        traced = torch.jit.trace(model, images)
+        traced = torch.jit.trace(fold_batchnorm(model), images)
         traced.save(str(path))
         return float((torch.jit.load(str(path))(images) - model(images)).abs().max())
 
@@ -319,21 +337,24 @@ def parse_formats(text: str) -> list[str]:
     return formats
 
 
-def _describe(trial: optuna.trial.FrozenTrial) -> str:
+def _describe(trial: optuna.trial.FrozenTrial, costs: list[str]) -> str:
     ranks = "/".join(str(round(v * 32)) for _, v in sorted(trial.params.items()))
-    return f"trial {trial.number} (ranks {ranks} /32, val {trial.values[0]:.2%}, MACs {_ratio(trial):.3f}x)"
+    return f"trial {trial.number} (ranks {ranks} /32, val {trial.values[0]:.2%}, {costs_text(trial, costs)})"
 
 
-def choose_trial(study: optuna.Study, which: str, max_drop_pp: float) -> optuna.trial.FrozenTrial:
-    """``which`` is "best" or a trial number; prints why a "best" trial was picked."""
+def choose_trial(
+    study: optuna.Study, which: str, max_drop_pp: float, objective: str | None = None
+) -> optuna.trial.FrozenTrial:
+    """``which`` is "best" or a trial number; prints why a "best" trial was picked (the lowest ``objective``)."""
     if which != "best":
         if not which.isdigit():
             raise UserError(f"--trial {which!r}: give a trial number or 'best'")
         return get_trial(study, int(which))
-    pick = pick_best(study, max_drop_pp)
-    print(f"picked {_describe(pick.trial)}: {pick.reason}")
+    pick = pick_best(study, max_drop_pp, objective)
+    costs = study_objectives(study)[1:]
+    print(f"picked {_describe(pick.trial, costs)}: {pick.reason}")
     for alternative in pick.alternatives:
-        print(f"  runner-up: {_describe(alternative)}")
+        print(f"  runner-up: {_describe(alternative, costs)}")
     return pick.trial
 
 

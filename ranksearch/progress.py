@@ -14,8 +14,9 @@ from typing import TextIO
 import optuna
 
 from .models import RANK_STEPS
+from .objectives import COSTS, cost_ratio, costs_text
 
-MACS_BUDGETS = (0.25, 0.10)  # best val accuracy within these fractions of the baseline's MACs
+COST_BUDGETS = (0.25, 0.10)  # best val accuracy within these fractions of the baseline's first cost
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
 
@@ -38,26 +39,26 @@ def trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
     return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
-def best_within(
-    trials: list[optuna.trial.FrozenTrial], baseline_macs: float, budget: float
-) -> optuna.trial.FrozenTrial | None:
-    """The complete trial with the best val accuracy at <= ``budget`` of the baseline's MACs (ties: fewer MACs,
-    then the earlier trial); None when none fits."""
-    fits = [t for t in trials if t.values[1] / baseline_macs <= budget]
-    return min(fits, key=lambda t: (-t.values[0], t.values[1], t.number), default=None)
+def best_within(trials: list[optuna.trial.FrozenTrial], cost: str, budget: float) -> optuna.trial.FrozenTrial | None:
+    """The complete trial with the best val accuracy at <= ``budget`` of the baseline's ``cost`` (ties: the lower
+    cost, then the earlier trial); None when none fits."""
+    ratios = {t.number: cost_ratio(t, cost) for t in trials}
+    fits = [t for t in trials if ratios[t.number] is not None and ratios[t.number] <= budget]
+    return min(fits, key=lambda t: (-t.values[0], ratios[t.number], t.number), default=None)
 
 
 class TrialProgress:
     """Optuna callback: prints one line per trial finished while it is attached (``total`` expected)."""
 
     def __init__(
-        self, total: int, modules: list[str], baseline_macs: int, out: TextIO | None = None,
+        self, total: int, modules: list[str], costs: list[str], out: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic, label: str = "",
         count: Callable[[list[optuna.trial.FrozenTrial]], int] | None = None,
     ):  # fmt: skip
         """``label`` names the worker in each line; ``count(trials)`` says how many of the ``total`` trials are done
-        among the study's ``trials`` (all workers of a run together; default: the trials this callback has seen)."""
-        self.total, self.modules, self.baseline_macs = total, modules, baseline_macs
+        among the study's ``trials`` (all workers of a run together; default: the trials this callback has seen).
+        ``costs``: the study's costs (objectives after accuracy), shown as ratios to the baseline's."""
+        self.total, self.modules, self.costs = total, modules, costs
         self.out = out  # None: sys.stdout at the time of printing
         self.clock = clock
         self.start = clock()
@@ -75,7 +76,7 @@ class TrialProgress:
         ranks = ranks_text(trial.params, self.modules)
         head = f"[{self.finished}/{self.total}]{worker} trial {trial.number}  ranks {ranks}"
         if trial.state == COMPLETE:
-            result = f"val {trial.values[0]:.2%}  MACs {trial.values[1] / self.baseline_macs:.3f}x"
+            result = f"val {trial.values[0]:.2%}  {costs_text(trial, self.costs)}"
         else:
             reason = str(trial.user_attrs.get("fail_reason", "")).strip().partition("\n")[0]
             result = f"{trial.state.name}: {reason}" if reason else trial.state.name
@@ -90,8 +91,8 @@ class TrialProgress:
     def best_text(self, trials: list[optuna.trial.FrozenTrial]) -> str:
         complete = [t for t in trials if t.state == COMPLETE]
         parts = []
-        for index, budget in enumerate(MACS_BUDGETS):
-            best = best_within(complete, self.baseline_macs, budget)
-            label = f"at <={budget:.0%}" + (" MACs" if index == 0 else "")
+        for index, budget in enumerate(COST_BUDGETS):
+            best = best_within(complete, self.costs[0], budget)
+            label = f"at <={budget:.0%}" + (f" {COSTS[self.costs[0]].short}" if index == 0 else "")
             parts.append(f"{label}: " + (f"{best.values[0]:.1%} (t{best.number})" if best else "-"))
         return "best val " + ", ".join(parts)

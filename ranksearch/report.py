@@ -11,17 +11,18 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from .models import RANK_STEPS
+from .objectives import COSTS, cost, study_objectives
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 FAIL = optuna.trial.TrialState.FAIL
 RANK_PREFIX = "rank_"
 RANK_SUFFIX = "_k32"  # column rank_block1_k32 = k, where the block's normalized rank is k/32
-VALUE_COLUMNS = ["val_accuracy", "macs"]  # the trial's values (objectives), in order
-ATTR_COLUMNS = ["params", "macs_ratio", "params_ratio"]
-SECONDS_COLUMNS = ["decompose_s", "finetune_s", "eval_s", "count_s"]
-MACS_BUDGETS = (0.10, 0.25)  # summary: best val accuracy within these fractions of the baseline's MACs
+ALWAYS_RECORDED = ("macs", "params")  # costs every trial records; other costs get columns once a trial has them
+SECONDS_COLUMNS = ["decompose_s", "recalibrate_s", "finetune_s", "eval_s", "count_s", "latency_s"]
+COST_BUDGETS = (0.10, 0.25)  # summary: best val accuracy within these fractions of the baseline's first cost
 REPORT_FILES = ("trials.csv", "pareto.html", "pareto.png")
 
 
@@ -61,20 +62,54 @@ def baseline_of(study: optuna.Study) -> dict | None:
     return study.user_attrs.get("baseline")
 
 
-def _attr_values(trial: optuna.trial.FrozenTrial, baseline: dict | None) -> dict[str, float]:
-    """val_accuracy and macs (the trial's values), params and the ratios (user attrs; from the baseline if absent)."""
-    row = dict(zip(VALUE_COLUMNS, trial.values or [math.nan] * len(VALUE_COLUMNS), strict=True))
-    row |= {key: trial.user_attrs.get(key, math.nan) for key in ATTR_COLUMNS}
-    for key, base_key in (("macs_ratio", "macs"), ("params_ratio", "params")):
-        if math.isnan(row[key]) and baseline and baseline.get(base_key):
-            row[key] = row[base_key] / baseline[base_key]
+def baseline_costs(study: optuna.Study) -> dict[str, float | None]:
+    """The baseline's value of each cost (None where the study did not record it)."""
+    baseline = baseline_of(study) or {}
+    latency = study.user_attrs.get("baseline_latency_ms")
+    return {"macs": baseline.get("macs"), "params": baseline.get("params"), "latency": latency}
+
+
+def ratio_column(name: str) -> str:
+    """A cost's ratio to the baseline's, as trials record it: macs_ratio, params_ratio, latency_ratio."""
+    return f"{name}_ratio"
+
+
+def study_costs(study: optuna.Study) -> list[str]:
+    """The costs the study minimises (the objectives after accuracy), in order."""
+    return study_objectives(study)[1:]
+
+
+def recorded_costs(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list[str]:
+    """The costs that get columns: MACs and params, the study's costs, and any cost a trial recorded."""
+    wanted = {*ALWAYS_RECORDED, *study_costs(study)}
+    return [n for n, m in COSTS.items() if n in wanted or any(m.attr in t.user_attrs for t in trials)]
+
+
+def table_costs(table: pd.DataFrame) -> list[str]:
+    """The costs a trials table has columns for."""
+    return [name for name, metric in COSTS.items() if metric.attr in table.columns]
+
+
+def _measured(trial: optuna.trial.FrozenTrial, objectives: list[str], costs: list[str], base: dict) -> dict:
+    """val_accuracy and each cost, then each cost's ratio to the baseline's. An objective is read from the trial's
+    values (what the Pareto front is made of), any other cost from its user attrs; a ratio the trial did not record
+    is computed from the baseline's value."""
+    values = dict(zip(objectives, trial.values or (), strict=False))
+    row = {"val_accuracy": values.get("accuracy", math.nan)}
+    for name in costs:
+        value = values.get(name, cost(trial, name))
+        row[COSTS[name].attr] = math.nan if value is None else value
+    for name in costs:
+        ratio = trial.user_attrs.get(ratio_column(name))
+        if ratio is None and base[name]:
+            ratio = row[COSTS[name].attr] / base[name]
+        row[ratio_column(name)] = math.nan if ratio is None else ratio
     return row
 
 
-def _trial_row(trial: optuna.trial.FrozenTrial, params: list[str], pareto: set[int], baseline: dict | None) -> dict:
+def _trial_row(trial: optuna.trial.FrozenTrial, params: list[str], pareto: set[int]) -> dict:
     row = {"number": trial.number, "state": trial.state.name}
     row.update({rank_column(p): rank_steps(trial.params.get(p)) for p in params})
-    row.update(_attr_values(trial, baseline))
     row.update({key: trial.user_attrs.get(key, math.nan) for key in SECONDS_COLUMNS})
     row["seconds"] = wall_seconds(trial)
     row["pareto"] = trial.number in pareto
@@ -82,8 +117,9 @@ def _trial_row(trial: optuna.trial.FrozenTrial, params: list[str], pareto: set[i
     return row
 
 
-def table_columns(params: list[str]) -> list[str]:
-    return ["number", "state", *map(rank_column, params), *VALUE_COLUMNS, *ATTR_COLUMNS, *SECONDS_COLUMNS,
+def table_columns(params: list[str], costs: list[str]) -> list[str]:
+    cost_columns = [COSTS[name].attr for name in costs] + [ratio_column(name) for name in costs]
+    return ["number", "state", *map(rank_column, params), "val_accuracy", *cost_columns, *SECONDS_COLUMNS,
             "seconds", "pareto", "fail_reason"]  # fmt: skip
 
 
@@ -91,13 +127,14 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     """One row per trial, every state.
 
     Rank columns ``rank_<module>_k32`` hold k, where the module's normalized rank is k/32 (nullable integers).
+    Then val accuracy, every cost recorded (``macs``, ``params``, ``latency_ms``) and its ratio to the baseline's.
     ``seconds`` is the trial's wall time; ``pareto`` marks ``study.best_trials``. Missing values are NaN.
     """
-    params = rank_params(study)
-    pareto = pareto_numbers(study)
-    baseline = baseline_of(study)
-    rows = [_trial_row(t, params, pareto, baseline) for t in study.get_trials(deepcopy=False)]
-    table = pd.DataFrame(rows, columns=table_columns(params))
+    params, pareto, objectives = rank_params(study), pareto_numbers(study), study_objectives(study)
+    trials = study.get_trials(deepcopy=False)
+    costs, base = recorded_costs(study, trials), baseline_costs(study)
+    rows = [_trial_row(t, params, pareto) | _measured(t, objectives, costs, base) for t in trials]
+    table = pd.DataFrame(rows, columns=table_columns(params, costs))
     for param in params:
         table[rank_column(param)] = table[rank_column(param)].astype("Int64")
     return table.astype({"number": int, "pareto": bool})
@@ -108,8 +145,8 @@ def pareto_numbers(study: optuna.Study) -> set[int]:
 
 
 def complete_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The complete trials that have a MACs ratio (the plottable ones)."""
-    return table[(table["state"] == COMPLETE.name) & table["macs_ratio"].notna()]
+    """The complete trials."""
+    return table[table["state"] == COMPLETE.name]
 
 
 def ranks_text(row: pd.Series, params: list[str]) -> str:
@@ -129,62 +166,117 @@ OTHER_TRIALS_STYLE = {
     "marker": {"color": "lightgray", "size": 8, "line": {"color": "gray", "width": 1}},
 }
 FRONT_STYLE = {"mode": "lines+markers", "line": {"shape": "hv"}, "marker": {"color": "crimson", "size": 10}}
+OFF_FRONT_STYLE = {"mode": "markers", "marker": {"color": "crimson", "size": 10, "symbol": "circle-open"}}
+ACCURACY_TITLE = "validation accuracy (%)"
 
 
-def plot_title(study: optuna.Study, front: pd.DataFrame, rows: pd.DataFrame) -> str:
-    return f"{study.study_name}: {len(front)} Pareto trials of {len(rows)} complete"
+def axis_title(name: str) -> str:
+    return f"{COSTS[name].label} / baseline's (log)"
 
 
-def _hover_data(rows: pd.DataFrame, params: list[str]) -> list[list]:
-    return [
-        [int(r["number"]), ranks_text(r, params), f"{r['macs']:,.0f}", r["params_ratio"]] for _, r in rows.iterrows()
-    ]
+def plot_title(study: optuna.Study, rows: pd.DataFrame) -> str:
+    return f"{study.study_name}: {int(rows['pareto'].sum())} Pareto trials of {len(rows)} complete"
 
 
-def _scatter(rows: pd.DataFrame, params: list[str], name: str, **style) -> go.Scatter:
-    hover = (
-        "trial %{customdata[0]}<br>ranks (" + module_names(params) + ") %{customdata[1]}<br>"
-        "val %{y:.2f} %<br>MACs %{customdata[2]} (%{x:.3f}x)<br>params %{customdata[3]:.3f}x<extra></extra>"
-    )
+def staircase(rows: pd.DataFrame, ratio: str) -> pd.DataFrame:
+    """The rows no other row beats on both val accuracy and ``ratio`` (a panel's 2-D front), by increasing ratio.
+    Of rows equal on both, a Pareto one is kept, so every row of the staircase is a Pareto trial of the study."""
+    order = [ratio, "val_accuracy", "pareto", "number"]
+    rows = rows.sort_values(order, ascending=[True, False, False, True])
+    best_before = rows["val_accuracy"].cummax().shift(fill_value=-math.inf)
+    return rows[rows["val_accuracy"] > best_before]
+
+
+def panel_rows(rows: pd.DataFrame, name: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The complete trials against cost ``name``: the non-Pareto ones, the 2-D front (staircase) and the study's
+    other Pareto trials (Pareto by another cost, with 3 objectives)."""
+    rows = rows[rows[ratio_column(name)].notna()]
+    front = staircase(rows, ratio_column(name))
+    on_front = rows.index.isin(front.index)
+    return rows[~rows["pareto"] & ~on_front], front, rows[rows["pareto"] & ~on_front]
+
+
+def _value_text(name: str, value: float | None) -> str:
+    if value is None or pd.isna(value):
+        return "-"
+    return f"{value:.2f} ms" if name == "latency" else f"{value:,.0f}"
+
+
+def _cost_texts(row: pd.Series, costs: list[str]) -> list[str]:
+    """Each cost's value then its ratio, as text: ["100", "0.100x", "0.50 ms", "0.250x"]."""
+    texts = []
+    for name in costs:
+        ratio = row[ratio_column(name)]
+        texts += [_value_text(name, row[COSTS[name].attr]), "-" if pd.isna(ratio) else f"{ratio:.3f}x"]
+    return texts
+
+
+def _hover_data(rows: pd.DataFrame, params: list[str], costs: list[str]) -> list[list]:
+    """Per trial: number, ranks, then each cost's value and ratio (``_cost_texts``)."""
+    return [[int(r["number"]), ranks_text(r, params), *_cost_texts(r, costs)] for _, r in rows.iterrows()]
+
+
+def _hover_template(params: list[str], costs: list[str]) -> str:
+    lines = ["trial %{customdata[0]}", f"ranks ({module_names(params)}) %{{customdata[1]}}", "val %{y:.2f} %"]
+    for i, name in enumerate(costs):
+        lines.append(f"{COSTS[name].short} %{{customdata[{2 + 2 * i}]}} (%{{customdata[{3 + 2 * i}]}})")
+    return "<br>".join(lines) + "<extra></extra>"
+
+
+def _scatter(rows: pd.DataFrame, ratio: str, params: list[str], costs: list[str], name: str, **style) -> go.Scatter:
     return go.Scatter(
-        x=rows["macs_ratio"],
+        x=rows[ratio],
         y=rows["val_accuracy"] * 100,
         name=name,
-        customdata=_hover_data(rows, params),
-        hovertemplate=hover,
+        customdata=_hover_data(rows, params, costs),
+        hovertemplate=_hover_template(params, costs),
         **style,
     )
 
 
-def _baseline_trace(baseline: dict) -> go.Scatter:
-    hover = f"baseline<br>val {baseline['val_accuracy']:.2%}<br>MACs {baseline['macs']:,.0f} (1x)<extra></extra>"
+def _baseline_trace(baseline: dict, name: str, value: float | None) -> go.Scatter:
+    cost_text = f"{COSTS[name].short} {_value_text(name, value)} (1x)"
     return go.Scatter(
         x=[1.0],
         y=[baseline["val_accuracy"] * 100],
         name="baseline",
         mode="markers",
         marker={"symbol": "star", "size": 16, "color": "black"},
-        hovertemplate=hover,
+        hovertemplate=f"baseline<br>val {baseline['val_accuracy']:.2%}<br>{cost_text}<extra></extra>",
     )
+
+
+def _panel_traces(study: optuna.Study, table: pd.DataFrame, name: str) -> list[go.Scatter]:
+    """The traces of the panel of cost ``name``: other trials, the 2-D front as a step line, other Pareto trials,
+    the baseline."""
+    params, costs, ratio = rank_params(study), table_costs(table), ratio_column(name)
+    others, front, off_front = panel_rows(complete_rows(table), name)
+    traces = [
+        _scatter(others, ratio, params, costs, "trials", **OTHER_TRIALS_STYLE),
+        _scatter(front, ratio, params, costs, "Pareto front", **FRONT_STYLE),
+    ]
+    if not off_front.empty:
+        traces.append(_scatter(off_front, ratio, params, costs, "other Pareto trials", **OFF_FRONT_STYLE))
+    baseline = baseline_of(study)
+    if baseline:
+        traces.append(_baseline_trace(baseline, name, baseline_costs(study)[name]))
+    return traces
 
 
 def pareto_figure(study: optuna.Study) -> go.Figure:
-    """Val accuracy (%) vs MACs ratio of every complete trial; the Pareto front joined by a step line."""
-    params = rank_params(study)
-    rows = complete_rows(trials_table(study)).sort_values("macs_ratio")
-    front = rows[rows["pareto"]]
-    figure = go.Figure()
-    figure.add_trace(_scatter(rows[~rows["pareto"]], params, "trials", **OTHER_TRIALS_STYLE))
-    figure.add_trace(_scatter(front, params, "Pareto front", **FRONT_STYLE))
-    baseline = baseline_of(study)
-    if baseline:
-        figure.add_trace(_baseline_trace(baseline))
-    figure.update_layout(
-        title=plot_title(study, front, rows),
-        xaxis={"title": "MACs / baseline MACs (log)", "type": "log"},
-        yaxis={"title": "validation accuracy (%)"},
-        template="plotly_white",
-    )
+    """Val accuracy (%) vs each cost's ratio to the baseline's, one panel per cost of the study: every complete
+    trial, the Pareto trials highlighted, the panel's own front joined by a step line."""
+    table, costs = trials_table(study), study_costs(study)
+    figure = make_subplots(rows=1, cols=len(costs), shared_yaxes=True, horizontal_spacing=0.05)
+    shown = set()
+    for col, name in enumerate(costs, start=1):
+        for trace in _panel_traces(study, table, name):
+            trace.update(legendgroup=trace.name, showlegend=trace.name not in shown)
+            shown.add(trace.name)
+            figure.add_trace(trace, row=1, col=col)
+        figure.update_xaxes(title=axis_title(name), type="log", row=1, col=col)
+    figure.update_yaxes(title=ACCURACY_TITLE, row=1, col=1)
+    figure.update_layout(title=plot_title(study, complete_rows(table)), template="plotly_white")
     return figure
 
 
@@ -198,34 +290,38 @@ def _log_ratio_axis(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def pareto_png(study: optuna.Study, path: Path) -> Path:
-    """The Pareto plot as a PNG, drawn with matplotlib (Agg; no browser needed)."""
-    from matplotlib.figure import Figure  # a Figure without pyplot: no global state, no GUI backend
-
-    rows = complete_rows(trials_table(study)).sort_values("macs_ratio")
-    front = rows[rows["pareto"]]
-    figure = Figure(figsize=(8, 5), dpi=120, layout="constrained")
-    axes = figure.add_subplot()
-    others = rows[~rows["pareto"]]
-    axes.scatter(others["macs_ratio"], others["val_accuracy"] * 100, c="lightgray", edgecolors="gray", label="trials")
-    axes.step(
-        front["macs_ratio"], front["val_accuracy"] * 100, where="post", c="crimson", marker="o", label="Pareto front"
-    )
-    for _, row in front.iterrows():
-        point = (row["macs_ratio"], row["val_accuracy"] * 100)
+def _draw_panel(axes, rows: pd.DataFrame, name: str, baseline: dict | None) -> None:
+    """One matplotlib panel: val accuracy (%) vs the ratio of cost ``name``, as in ``pareto_figure``."""
+    ratio = ratio_column(name)
+    others, front, off_front = panel_rows(rows, name)
+    axes.scatter(others[ratio], others["val_accuracy"] * 100, c="lightgray", edgecolors="gray", label="trials")
+    axes.step(front[ratio], front["val_accuracy"] * 100, where="post", c="crimson", marker="o", label="Pareto front")
+    if not off_front.empty:
+        accuracy = off_front["val_accuracy"] * 100
+        axes.scatter(off_front[ratio], accuracy, facecolors="none", edgecolors="crimson", label="other Pareto trials")
+    for _, row in pd.concat([front, off_front]).iterrows():
+        point = (row[ratio], row["val_accuracy"] * 100)
         axes.annotate(str(row["number"]), point, fontsize=7, xytext=(3, 3), textcoords="offset points")
-    baseline = baseline_of(study)
     if baseline:
         axes.scatter([1.0], [baseline["val_accuracy"] * 100], marker="*", s=200, c="black", label="baseline")
-    if len(rows) or baseline:
+    if not front.empty or baseline:
         _log_ratio_axis(axes.xaxis)
-    axes.set(
-        xlabel="MACs / baseline MACs (log)",
-        ylabel="validation accuracy (%)",
-        title=plot_title(study, front, rows),
-    )
+    axes.set_xlabel(axis_title(name))
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="lower right")
+    axes.legend(loc="best")  # panels are narrow: a fixed corner may hide trials
+
+
+def pareto_png(study: optuna.Study, path: Path) -> Path:
+    """The Pareto plot as a PNG, a panel per cost, drawn with matplotlib (Agg; no browser needed)."""
+    from matplotlib.figure import Figure  # a Figure without pyplot: no global state, no GUI backend
+
+    rows, costs = complete_rows(trials_table(study)), study_costs(study)
+    figure = Figure(figsize=(3 + 5 * len(costs), 5), dpi=120, layout="constrained")  # 8 inches wide for one
+    panels = figure.subplots(1, len(costs), sharey=True, squeeze=False)[0]
+    for axes, name in zip(panels, costs, strict=True):
+        _draw_panel(axes, rows, name, baseline_of(study))
+    panels[0].set_ylabel(ACCURACY_TITLE)
+    figure.suptitle(plot_title(study, rows))
     path = Path(path)
     figure.savefig(path, format="png")
     return path
@@ -245,33 +341,43 @@ def write_report(study: optuna.Study, out_dir: Path) -> list[Path]:
     return [csv_path, html_path, png_path]
 
 
-def best_within(table: pd.DataFrame, max_macs_ratio: float) -> pd.Series | None:
-    """The complete trial with the best val accuracy at <= ``max_macs_ratio`` of the baseline's MACs (ties: fewer
-    MACs), or None."""
+def best_within(table: pd.DataFrame, name: str, budget: float) -> pd.Series | None:
+    """The complete trial with the best val accuracy at <= ``budget`` of the baseline's cost ``name`` (ties: the
+    lower cost, then the earlier trial), or None."""
+    ratio = ratio_column(name)
     rows = complete_rows(table)
-    rows = rows[rows["macs_ratio"] <= max_macs_ratio + 1e-12]
+    rows = rows[rows[ratio] <= budget + 1e-12]  # a NaN ratio never fits
     if rows.empty:
         return None
-    return rows.sort_values(["val_accuracy", "macs_ratio"], ascending=[False, True]).iloc[0]
+    return rows.sort_values(["val_accuracy", ratio, "number"], ascending=[False, True, True]).iloc[0]
 
 
-def _budget_line(table: pd.DataFrame, budget: float, params: list[str]) -> str:
-    best = best_within(table, budget)
-    head = f"best val accuracy at <= {budget:.0%} of baseline MACs:"
+def _budget_line(table: pd.DataFrame, budget: float, params: list[str], costs: list[str]) -> str:
+    """The best val accuracy within ``budget`` of the baseline's first cost; the trial's every cost as a ratio."""
+    best = best_within(table, costs[0], budget)
+    head = f"best val accuracy at <= {budget:.0%} of baseline {COSTS[costs[0]].short}:"
     if best is None:
         return f"{head} none"
-    return (
-        f"{head} {best['val_accuracy']:.2%} (trial {best['number']}, ranks {ranks_text(best, params)}, "
-        f"MACs {best['macs_ratio']:.3f}x)"
-    )
+    ratios = ", ".join(f"{COSTS[name].short} {best[ratio_column(name)]:.3f}x" for name in costs)
+    return f"{head} {best['val_accuracy']:.2%} (trial {best['number']}, ranks {ranks_text(best, params)}, {ratios})"
 
 
-def _baseline_line(baseline: dict | None) -> str:
+def _latency_text(study: optuna.Study) -> str:
+    """``, latency 1.92 ms (device cpu, cpu ..., threads 2, batch 1)``, or nothing when not measured."""
+    latency = study.user_attrs.get("baseline_latency_ms")
+    if latency is None:
+        return ""
+    where = ", ".join(f"{k} {v}" for k, v in (study.user_attrs.get("latency_device") or {}).items() if v is not None)
+    return f", latency {latency:.2f} ms" + (f" ({where})" if where else "")
+
+
+def _baseline_line(study: optuna.Study) -> str:
+    baseline = baseline_of(study)
     if not baseline:
         return "baseline: not recorded in the study"
     return (
         f"baseline: val {baseline['val_accuracy']:.2%}, test {baseline['test_accuracy']:.2%}, "
-        f"{baseline['macs']:,.0f} MACs, {baseline['params']:,.0f} params"
+        f"{baseline['macs']:,.0f} MACs, {baseline['params']:,.0f} params{_latency_text(study)}"
     )
 
 
@@ -284,11 +390,11 @@ def _counts_line(study: optuna.Study, table: pd.DataFrame) -> str:
 
 
 def summary(study: optuna.Study) -> str:
-    """A few lines for the console: trial counts, Pareto front size, best accuracy within MACs budgets, baseline."""
-    table = trials_table(study)
-    params = rank_params(study)
+    """A few lines for the console: trial counts, Pareto front size, best accuracy within budgets of the study's
+    first cost, baseline."""
+    table, params, costs = trials_table(study), rank_params(study), study_costs(study)
     front = f"Pareto front: {int(table['pareto'].sum())} of {len(complete_rows(table))} complete trials"
     lines = [_counts_line(study, table), front]
-    lines += [_budget_line(table, budget, params) for budget in MACS_BUDGETS]
-    lines.append(_baseline_line(baseline_of(study)))
+    lines += [_budget_line(table, budget, params, costs) for budget in COST_BUDGETS]
+    lines.append(_baseline_line(study))
     return "\n".join(lines)

@@ -13,13 +13,24 @@ from .config import Config
 from .data import DeviceData, device_data
 from .errors import UserError
 from .files import check_writable
+from .latency import latency_device
 from .models import rank_modules
+from .objectives import COSTS, costs_text, study_objectives
 from .progress import TrialProgress, ranks_text
-from .study import check_data, create_or_load, find_study, record_setup
+from .study import check_data, check_latency_device, create_or_load, find_study, record_setup
 from .train import resolve_device, use_deterministic_kernels
 from .trial import Objective, param_name, trial_bases
 from .weights import WeightsStore
-from .workers import Worker, done_in_run, forward_sigterm, new_run, optimize_share, requeue_interrupted, run_workers
+from .workers import (
+    Worker,
+    done_in_run,
+    forward_sigterm,
+    new_run,
+    optimize_share,
+    requeue_interrupted,
+    run_workers,
+    worker_threads,
+)
 
 
 def make_sampler(config: Config, worker: str, trials_so_far: int) -> optuna.samplers.BaseSampler:
@@ -30,6 +41,8 @@ def make_sampler(config: Config, worker: str, trials_so_far: int) -> optuna.samp
     seed = sampler_seed(config.seed, worker, trials_so_far)
     if config.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
@@ -46,23 +59,37 @@ def check_enqueued(modules: list[str], rank_vectors: list[list[float]]) -> None:
 
 
 def pareto_summary(study: optuna.Study, modules: list[str]) -> str:
-    front = sorted(study.best_trials, key=lambda t: t.values[1])
-    lines = [f"Pareto front: {len(front)} of {len(study.trials)} trials (val accuracy vs MACs)"]
+    costs = study_objectives(study)[1:]
+    front = sorted(study.best_trials, key=lambda t: t.values[1:])
+    labels = " and ".join(COSTS[name].label for name in costs)
+    lines = [f"Pareto front: {len(front)} of {len(study.trials)} trials (val accuracy vs {labels})"]
     for t in front:
         lines.append(
             f"  trial {t.number:>4}  ranks {ranks_text(t.params, modules)}  val {t.values[0]:7.2%}  "
-            f"MACs {t.user_attrs['macs_ratio']:.3f}x ({int(t.values[1]):,})"
+            f"{costs_text(t, costs, absolute=True)}"
         )
     return "\n".join(lines)
 
 
-def prepare_run(config: Config) -> tuple[optuna.Study | None, DeviceData, Baseline]:
+def latency_where(config: Config, device: torch.device, worker: Worker | None) -> dict | None:
+    """Where this run's trials measure latency (None when it is no objective): the device, the CPU, the torch
+    threads of the process that measures (a worker's share of the cores in a multi-worker run), the batch."""
+    if "latency" not in config.objectives:
+        return None
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    workers = config.workers > 1 and worker is None
+    threads = worker_threads(config.workers, gpus) if workers else torch.get_num_threads()
+    return latency_device(device, threads) | {"batch": config.latency_batch}
+
+
+def prepare_run(config: Config, worker: Worker | None = None) -> tuple[optuna.Study | None, DeviceData, Baseline]:
     """Everything a run needs before its study may be written: the study it resumes (checked, not created),
     the data (checked against that study), the baseline (cached or pretrained). A failure here writes no study."""
     modules = list(rank_modules(new_model(config)))
     check_enqueued(modules, config.enqueue_ranks)
     device = resolve_device(config.device)
     existing = find_study(config)
+    check_latency_device(existing, latency_where(config, device, worker))
     check_writable(config.weights_path(), "weights_dir")
     data = device_data(config, device)
     check_data(existing, data.identity)
@@ -92,7 +119,12 @@ def enqueue_first(study: optuna.Study, config: Config, modules: list[str]) -> No
 
 
 def run_trials(
-    config: Config, study: optuna.Study, data: DeviceData, baseline: Baseline, worker: Worker, modules: list[str],
+    config: Config,
+    study: optuna.Study,
+    data: DeviceData,
+    baseline: Baseline,
+    worker: Worker,
+    modules: list[str],
     label: str = "",
 ) -> None:
     """This process's share of the run: ``config.trials`` trials, one line each (``label``: the worker's name)."""
@@ -100,7 +132,9 @@ def run_trials(
     weights = WeightsStore(config.weights_path())
     study.sampler = make_sampler(config, worker.name, len(study.trials))
     objective = Objective(config, data, baseline, weights, trial_bases(config, baseline))
-    progress = TrialProgress(worker.total, modules, baseline.macs, label=label,
+    if objective.latency is not None and "baseline_latency_ms" not in study.user_attrs:
+        study.set_user_attr("baseline_latency_ms", objective.latency.baseline_ms)  # the first worker's measure
+    progress = TrialProgress(worker.total, modules, config.objectives[1:], label=label,
                              count=lambda trials: len(done_in_run(trials, worker.run_id)))  # fmt: skip
     prune = lambda study, _: weights.prune(study)  # noqa: E731
     optimize_share(study, objective, worker, config.trials, callbacks=[progress, prune])
@@ -118,14 +152,17 @@ def run_search(
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if worker is not None and worker.threads:
         torch.set_num_threads(worker.threads)
-    existing, data, baseline = prepare_run(config)
+    existing, data, baseline = prepare_run(config, worker)
     study = join_study(config, existing, data, baseline)
     run = worker or new_run(config.trials)
     modules = list(rank_modules(baseline.model))
+    gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
+    where = latency_where(config, data.device, worker)
+    if where is not None and not study.trials:
+        study.set_user_attr("latency_device", where)
     if worker is None:
         enqueue_first(study, config, modules)
     if config.workers > 1 and worker is None:
-        gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
         del data  # the workers load their own
         forward_sigterm()
         owed = lambda: run.total - len(done_in_run(study.get_trials(deepcopy=False), run.run_id))  # noqa: E731

@@ -17,10 +17,8 @@ from . import __version__
 from .config import Config, search_fields
 from .errors import UserError, first_line
 from .files import check_writable
+from .objectives import directions, metric_names
 
-DIRECTIONS = ["maximize", "minimize"]  # (validation accuracy, MACs)
-METRIC_NAMES = ["val_accuracy", "macs"]  # what optuna-dashboard labels the objectives
-_DIRECTIONS = [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
 SQLITE_PREFIX = "sqlite:///"
 
 
@@ -153,10 +151,11 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
 
     A study without trials may be re-configured: nothing in it was measured yet.
     """
-    if study.directions != _DIRECTIONS:
+    made, wanted = [d.name.lower() for d in study.directions], directions(config.objectives)
+    if made != wanted:
         raise UserError(
-            f"study {study.study_name!r} exists with directions "
-            f"{[d.name.lower() for d in study.directions]}, not {DIRECTIONS}; use another --study-name"
+            f"study {study.study_name!r} exists with {len(made)} objectives ({', '.join(made)}), not the "
+            f"{len(wanted)} of objectives {','.join(config.objectives)}; use another --study-name"
         )
     if not study.trials:
         return
@@ -190,19 +189,34 @@ def check_data(study: optuna.Study | None, data_identity: dict) -> None:
         )
 
 
+def check_latency_device(study: optuna.Study | None, device: dict | None) -> None:
+    """Refuse to add trials measured elsewhere (``device``: another CPU, thread count, GPU or batch, as
+    ``latency.latency_device`` describes it) to a study whose latencies were measured on its recorded device."""
+    if study is None or device is None or not study.trials:
+        return
+    recorded = study.user_attrs.get("latency_device")
+    if recorded is not None and recorded != device:
+        changed = sorted(k for k in set(recorded) | set(device) if recorded.get(k) != device.get(k))
+        details = ", ".join(f"{k}: {recorded.get(k)!r} -> {device.get(k)!r}" for k in changed)
+        raise UserError(
+            f"study {study.study_name!r} measured latency elsewhere ({details}); its latencies would not compare: "
+            "resume it where it ran (same device, --workers and thread count) or use another --study-name"
+        )
+
+
 def create_or_load(config: Config) -> optuna.Study:
     """The study named by ``config``: loaded when it exists (another process may have just made it: Optuna turns
     the duplicate into a load), with the heartbeat of ``config.heartbeat_seconds``."""
     storage = open_storage(config.storage_url(), config.heartbeat_seconds)
     return optuna.create_study(
-        storage=storage, study_name=config.study_name, directions=DIRECTIONS, load_if_exists=True
+        storage=storage, study_name=config.study_name, directions=directions(config.objectives), load_if_exists=True
     )
 
 
 def record_setup(study: optuna.Study, config: Config, **attrs) -> None:
     """What the study's trials are measured with: config, ranksearch version, metric names, and ``attrs``
     (data identity, baseline metrics, paths)."""
-    study.set_metric_names(METRIC_NAMES)
+    study.set_metric_names(metric_names(config.objectives))
     study.set_user_attr("config", search_fields(config))
     study.set_user_attr("ranksearch_version", __version__)
     for key, value in attrs.items():

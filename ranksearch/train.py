@@ -169,6 +169,26 @@ def finetune(model: nn.Module, data: DeviceData, config: Config, seed: int, teac
     return train_steps(model, data, optimizer, scheduler, steps, config, generator, teacher=teacher)
 
 
+def recalibrate_batchnorm(model: nn.Module, data: DeviceData, batches: int, batch_size: int, seed: int) -> None:
+    """Re-estimate every BatchNorm's running mean and variance as a plain average over ``batches`` augmented
+    training batches, weights untouched: a decomposed layer's outputs no longer have the statistics the baseline's
+    BatchNorm layers recorded."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if batches == 0 or not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average of the batches seen
+    model.train()
+    source = data.train_batches(batch_size, torch.Generator().manual_seed(seed))
+    with torch.no_grad(), autocast(data.device):
+        for _ in range(batches):
+            model(next(source)[0])
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+
+
 def evaluate(model: nn.Module, data: DeviceData, split: str, batch_size: int) -> float:
     """Top-1 accuracy (fraction) on ``split`` ("val" or "test")."""
     with autocast(data.device):

@@ -5,6 +5,7 @@ Export re-runs a trial through the same functions (``trial_model``, ``trial_seed
 """
 
 import copy
+import json
 import time
 
 import optuna
@@ -15,10 +16,11 @@ from .baseline import Baseline, cached_bases
 from .config import Config
 from .data import DeviceData
 from .decompose import Bases, decompose, should_decompose
+from .latency import deployed_form, measure_latency
 from .measure import count_macs
 from .models import RANK_STEPS, rank_modules, set_ranks
 from .progress import ranks_text
-from .train import evaluate, finetune, precision, prepare, synchronize
+from .train import evaluate, finetune, precision, prepare, recalibrate_batchnorm, synchronize
 from .weights import WEIGHTS_ATTR, WeightsStore
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
@@ -26,8 +28,8 @@ COPIED_FROM = "copied_from"  # user attr of a copied trial: the number of the tr
 # What a copy takes from its original: what was measured and how to rebuild it (the seed, the kept weights, which
 # exist exactly while both are on the Pareto front, having the same values); not timings, nor the tags a run sets.
 COPIED_ATTRS = (
-    "ranks", "params", "macs_ratio", "params_ratio", "conv_ranks", "kept_convs", "seed",
-    "device", "device_name", "eval_dtype", "torch_version", WEIGHTS_ATTR,
+    "ranks", "macs", "params", "macs_ratio", "params_ratio", "latency_ms", "latency_ratio", "conv_ranks",
+    "kept_convs", "seed", "device", "device_name", "eval_dtype", "torch_version", WEIGHTS_ATTR,
 )  # fmt: skip
 
 
@@ -64,14 +66,13 @@ def completed_twin(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
     return next((t for t in trials if t.params == trial.params), None)
 
 
-def copy_result(trial: optuna.Trial, original: optuna.trial.FrozenTrial) -> tuple[float, float]:
+def copy_result(trial: optuna.Trial, original: optuna.trial.FrozenTrial) -> list[float]:
     """Record ``original``'s result (``COPIED_ATTRS``) as ``trial``'s, and return its values."""
     for key in COPIED_ATTRS:
         if key in original.user_attrs:
             trial.set_user_attr(key, original.user_attrs[key])
     trial.set_user_attr(COPIED_FROM, original.number)
-    accuracy, macs = original.values
-    return accuracy, macs
+    return list(original.values)
 
 
 def _timed(fn, device: torch.device):
@@ -91,25 +92,82 @@ def decomposed_model(
     return prepare(decompose(model, inplace=True, method=method, bases=bases, refine_iters=refine_iters), device)
 
 
+def tune(model: nn.Module, baseline: nn.Module, config: Config, data: DeviceData, seed: int) -> dict[str, float]:
+    """What follows decomposition, in place: BatchNorm re-estimation (when configured), then the brief fine-tune
+    (distilled from ``baseline`` when configured); the seconds of each."""
+    batches = config.bn_recalibration_batches
+    _, recalibrate_s = _timed(
+        lambda: recalibrate_batchnorm(model, data, batches, config.batch_size, seed), data.device
+    )
+    teacher = baseline if config.distill_weight > 0 else None
+    _, finetune_s = _timed(lambda: finetune(model, data, config, seed, teacher), data.device)
+    return {"recalibrate_s": recalibrate_s, "finetune_s": finetune_s}
+
+
 def trial_model(
     baseline: nn.Module, ranks: dict[str, float], config: Config, data: DeviceData, seed: int,
-    bases: dict[str, Bases] | None = None,
+    bases: dict[str, Bases] | None = None, after_decompose=None,
 ) -> tuple[nn.Module, dict[str, float]]:  # fmt: skip
-    """A trial's model: the baseline decomposed at ``ranks`` and fine-tuned; also the seconds of each part.
+    """A trial's model: the baseline decomposed at ``ranks`` and tuned (``tune``); also the seconds of each part.
 
     ``bases``: the baseline's cached channel bases (for the hosvd methods; computed when absent).
+    ``after_decompose(model)``: called on the decomposed model before it is tuned (to measure its latency).
     """
     torch.manual_seed(seed)
     baseline.eval()  # the teacher, when distilling; the copy below is set to train mode by the fine-tune
     model, decompose_s = _timed(lambda: decomposed_model(baseline, ranks, config, data.device, bases), data.device)
-    teacher = baseline if config.distill_weight > 0 else None
-    _, finetune_s = _timed(lambda: finetune(model, data, config, seed, teacher), data.device)
-    return model, {"decompose_s": decompose_s, "finetune_s": finetune_s}
+    if after_decompose is not None:
+        after_decompose(model)
+    return model, {"decompose_s": decompose_s, **tune(model, baseline, config, data, seed)}
+
+
+def architecture(model: nn.Module) -> str:
+    """What a model's latency depends on: every conv's integer rank and which convs are kept (rank vectors that
+    round to the same integer ranks give the same layers)."""
+    integer_ranks, kept = conv_ranks(model)
+    return json.dumps([integer_ranks, kept], sort_keys=True)
+
+
+def recorded_latency(study: optuna.Study, key: str) -> float | None:
+    """The latency a COMPLETE trial of ``study`` measured for the architecture ``key``, or None."""
+    for t in study.get_trials(deepcopy=False, states=(COMPLETE,)):
+        if "latency_ms" in t.user_attrs and "conv_ranks" in t.user_attrs:
+            if json.dumps([t.user_attrs["conv_ranks"], t.user_attrs["kept_convs"]], sort_keys=True) == key:
+                return t.user_attrs["latency_ms"]
+    return None
+
+
+class LatencyMeter:
+    """Median latency (ms) at ``latency_batch`` on the trial device of a model's deployed form (BatchNorm folded,
+    TorchScript), measured once per architecture (in this process or by an earlier trial of the study); the
+    baseline's is measured first, in this process."""
+
+    def __init__(self, config: Config, device: torch.device, baseline: nn.Module):
+        self.batch, self.device = config.latency_batch, device
+        self.known: dict[str, float] = {}
+        self.baseline_ms = self.measure(baseline)
+
+    def measure(self, model: nn.Module) -> float:
+        deployed = deployed_form(model, device=self.device)
+        return measure_latency(deployed, batch=self.batch, device=self.device).median_ms
+
+    def latency(self, model: nn.Module, study: optuna.Study) -> tuple[float, float]:
+        """The model's latency, and the seconds this call spent measuring it (0 when it was known)."""
+        key = architecture(model)
+        if key in self.known:
+            return self.known[key], 0.0
+        recorded = recorded_latency(study, key)
+        if recorded is not None:
+            self.known[key] = recorded
+            return recorded, 0.0
+        self.known[key], seconds = _timed(lambda: self.measure(model), self.device)
+        return self.known[key], seconds
 
 
 class Objective:
-    """Decompose the baseline at the trial's ranks, fine-tune, and measure (val accuracy, MACs); or, for ranks a
-    COMPLETE trial already has, copy its result (``copy_result``: a finite grid, on which TPE repeats itself late)."""
+    """Decompose the baseline at the trial's ranks, fine-tune, and measure val accuracy and the config's costs
+    (``objectives``); or, for ranks a COMPLETE trial already has, copy its result (``copy_result``: a finite grid,
+    on which TPE repeats itself late)."""
 
     def __init__(
         self, config: Config, data: DeviceData, baseline: Baseline, weights: WeightsStore | None = None,
@@ -117,15 +175,16 @@ class Objective:
     ):  # fmt: skip
         self.config, self.data, self.baseline, self.weights, self.bases = config, data, baseline, weights, bases
         self.modules = list(rank_modules(baseline.model))
+        self.latency = LatencyMeter(config, data.device, baseline.model) if "latency" in config.objectives else None
 
-    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+    def __call__(self, trial: optuna.Trial) -> list[float]:
         try:
             return self._measure(trial)
         except Exception as error:
             trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}")
             raise
 
-    def _measure(self, trial: optuna.Trial) -> tuple[float, float]:
+    def _measure(self, trial: optuna.Trial) -> list[float]:
         config, base, device = self.config, self.baseline, self.data.device
         ranks = suggest_ranks(trial, self.modules, config)
         original = completed_twin(trial)
@@ -134,12 +193,21 @@ class Objective:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # peak_gpu_mib is this trial's peak
         seed = trial_seed(config, trial.number)
-        model, seconds = trial_model(base.model, ranks, config, self.data, seed, self.bases)
+        costs: dict[str, float] = {}
+        if self.latency is not None:  # measured before the fine-tune: it depends on the layers only
+
+            def measure(decomposed: nn.Module) -> None:
+                costs["latency"], costs["latency_s"] = self.latency.latency(decomposed, trial.study)
+
+        model, seconds = trial_model(
+            base.model, ranks, config, self.data, seed, self.bases, measure if self.latency else None
+        )
         integer_ranks, kept = conv_ranks(model)
         accuracy, eval_s = _timed(lambda: evaluate(model, self.data, "val", config.eval_batch_size), device)
         (macs, params), count_s = _timed(lambda: count_macs(model), device)
-        attrs = {  # val accuracy and MACs are the trial's values, not repeated here
+        attrs = {  # val accuracy is the trial's first value, not repeated here; every measured cost is
             "ranks": ranks_text(trial.params, self.modules),
+            "macs": macs,
             "params": params,
             "macs_ratio": macs / base.macs,
             "params_ratio": params / base.params,
@@ -151,13 +219,20 @@ class Objective:
             "count_s": count_s,
             **precision(device),
         }
+        if self.latency is not None:
+            attrs |= {
+                "latency_ms": costs["latency"],
+                "latency_ratio": costs["latency"] / self.latency.baseline_ms,
+                "latency_s": costs["latency_s"],
+            }
         if device.type == "cuda":
             attrs["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if self.weights is not None:
             self.weights.save(trial, model)
-        return accuracy, float(macs)
+        measured = {"macs": float(macs), "params": float(params), "latency": costs.get("latency")}
+        return [accuracy, *(measured[name] for name in config.objectives[1:])]
 
 
 def trial_bases(config: Config, baseline: Baseline) -> dict[str, Bases] | None:

@@ -146,6 +146,11 @@ def shares(total: int, workers: int) -> list[int]:
     return [total // workers + (1 if i < total % workers else 0) for i in range(workers) if i < total]
 
 
+def worker_threads(workers: int, gpus: int) -> int:
+    """The torch threads each of ``workers`` worker processes runs with: the CPU cores split, or 1 beside a GPU."""
+    return max(1, (os.cpu_count() or 1) // workers) if not gpus else 1
+
+
 def _env(worker: Worker, gpus: int) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(worker.threads, 1))}
     if gpus:
@@ -168,7 +173,7 @@ def run_workers(argv: list[str], parent: Worker, workers: int, gpus: int, owed: 
                 grace_seconds: float) -> None:  # fmt: skip
     """Start ``workers`` processes sharing the run's trials and wait for them. A worker that dies is replaced,
     once the heartbeat has failed its trial (``grace_seconds``), by one that runs the trials still ``owed()``."""
-    threads = max(1, (os.cpu_count() or 1) // workers) if not gpus else 0
+    threads = max(1, (os.cpu_count() or 1) // workers) if not gpus else 0  # 0: OMP_NUM_THREADS=1 (_env)
     team = [Worker(parent.run_id, i, parent.total, threads) for i in range(workers)]
     processes = [_start(argv, w, quota, gpus) for w, quota in zip(team, shares(parent.total, workers), strict=False)]
     try:

@@ -21,6 +21,8 @@ def params(ks: list[int]) -> dict[str, float]:
 def add_trial(study, ks, values=None, seconds=1.0, state=COMPLETE, **user_attrs) -> optuna.trial.FrozenTrial:
     """Add a finished trial that ran ``seconds``; returns it as the study stored it (as a callback gets it)."""
     start = datetime(2025, 1, 1, 12)
+    if values is not None:  # what a trial records beside its values
+        user_attrs = {"macs": values[1], "macs_ratio": values[1] / BASELINE_MACS} | user_attrs
     study.add_trial(optuna.trial.FrozenTrial(
         number=0, trial_id=0, state=state, value=None, values=values, datetime_start=start,
         datetime_complete=start + timedelta(seconds=seconds), params=params(ks),
@@ -54,7 +56,7 @@ def test_one_line_per_trial_with_progress_eta_and_best_so_far_over_the_whole_stu
     add_trial(study, [1, 1, 1, 1, 1], [0.58, 90.0])  # t0, before the run: 9 % of the MACs
     add_trial(study, [6, 5, 4, 2, 2], [0.661, 240.0])  # t1, before the run: 24 %
     out, clock = io.StringIO(), Clock(100.0)
-    progress = TrialProgress(total=4, modules=MODULES, baseline_macs=BASELINE_MACS, out=out, clock=clock)
+    progress = TrialProgress(total=4, modules=MODULES, costs=["macs"], out=out, clock=clock)
 
     clock.now = 134.0
     progress(study, add_trial(study, [8, 8, 4, 2, 2], [0.6595, 412.0], seconds=11.2))
@@ -79,7 +81,7 @@ def test_one_line_per_trial_with_progress_eta_and_best_so_far_over_the_whole_stu
 def test_a_dash_when_no_trial_fits_a_budget():
     study = optuna.create_study(directions=["maximize", "minimize"])
     out = io.StringIO()
-    progress = TrialProgress(total=1, modules=MODULES, baseline_macs=BASELINE_MACS, out=out, clock=Clock(0.0))
+    progress = TrialProgress(total=1, modules=MODULES, costs=["macs"], out=out, clock=Clock(0.0))
     progress(study, add_trial(study, [32] * 5, [0.9, 1000.0]))
     assert out.getvalue().endswith(" | elapsed 0:00, ETA 0:00 | best val at <=25% MACs: -, at <=10%: -\n")
 
@@ -96,7 +98,7 @@ def test_as_an_optuna_callback_it_counts_only_the_trials_of_this_run():
         return 0.4, float(sum(ks) * 100)  # never better than the earlier trial
 
     out = io.StringIO()
-    progress = TrialProgress(total=3, modules=MODULES, baseline_macs=BASELINE_MACS, out=out)
+    progress = TrialProgress(total=3, modules=MODULES, costs=["macs"], out=out)
     study.optimize(objective, n_trials=3, callbacks=[progress], catch=(ValueError,))
     lines = out.getvalue().splitlines()
     assert [line.split("  ")[0] for line in lines] == ["[1/3] trial 1", "[2/3] trial 2", "[3/3] trial 3"]

@@ -22,7 +22,8 @@ DIRECTIONS = ["maximize", "minimize"]
 MODULES = ["block1", "block2", "block3", "block4", "block5"]
 DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)
 RANKS = {f"rank_{m}": k / 32 for m, k in zip(MODULES, [8, 8, 4, 2, 2], strict=True)}
-TIMINGS = {"decompose_s", "finetune_s", "eval_s", "count_s"}  # on the CPU; peak_gpu_mib too on CUDA
+TIMINGS = {"decompose_s", "recalibrate_s", "finetune_s", "eval_s", "count_s"}  # CPU; peak_gpu_mib too on CUDA
+LATENCY_ATTRS = {"latency_ms", "latency_ratio"}  # recorded (and copied) when latency is an objective
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,8 @@ def test_ranks_already_complete_are_copied_not_trained_again(setup, trainings, t
     assert len(trainings) == 1  # the failed trial does not count: trial 1 trained, trial 2 did not
     assert copy.state == optuna.trial.TrialState.COMPLETE and copy.values == original.values
     measured = {key: value for key, value in original.user_attrs.items() if key not in TIMINGS}
-    assert TIMINGS <= set(original.user_attrs) and set(measured) == {*trial.COPIED_ATTRS, "run_id"}
+    assert TIMINGS <= set(original.user_attrs)
+    assert set(measured) == {*trial.COPIED_ATTRS, "run_id"} - LATENCY_ATTRS
     assert copy.user_attrs == measured | {"copied_from": 1, "run_id": "second"}  # its own tags, no timings
     assert copy.user_attrs["seed"] == trial.trial_seed(config, 1) != trial.trial_seed(config, 2)
     kept = weights.load(original)
@@ -106,3 +108,33 @@ def test_sampler_seeds_are_stable_across_processes_and_fit_32_bits():
     assert sampler_seed(0, "run/0", 0) == 2986086431  # sha256, not the per-process salted ``hash``
     assert sampler_seed(0, "a/1", 2) != sampler_seed(0, "a", 12) != sampler_seed(0, "a/12", 0)
     assert all(0 <= sampler_seed(seed, "w", 0) < 2**32 for seed in (0, 2**32 - 1))
+
+
+def test_latency_objective_is_measured_once_per_architecture(setup, trainings, monkeypatch):
+    """Three objectives: values (val accuracy, MACs, latency ms); the latency is measured on the decomposed model
+    before its fine-tune, once per set of integer ranks (block1 at 1/32 and 3/32 both round to R = 1 of its 4
+    channels), and once for the baseline, in this process."""
+    config, data, baseline = setup
+    config = dataclasses.replace(config, objectives=["accuracy", "macs", "latency"])
+    timed = []
+    real = trial.measure_latency
+
+    def counted(model, **kwargs):
+        timed.append(model)
+        return real(model, max_seconds=0.5, **kwargs)
+
+    monkeypatch.setattr(trial, "measure_latency", counted)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    first, same_layers, other = dict(RANKS), dict(RANKS), dict(RANKS)
+    first["rank_block1"], same_layers["rank_block1"], other["rank_block5"] = 1 / 32, 3 / 32, 5 / 32
+    for ranks in (first, same_layers, other):
+        study.enqueue_trial(ranks)
+    objective = trial.Objective(config, data, baseline)
+    study.optimize(objective, n_trials=3)
+    assert len(trainings) == 3 and len(timed) == 1 + 2  # the baseline, then two architectures of three trials
+    one, two, three = study.trials
+    assert len(one.values) == 3 and one.values[2] == one.user_attrs["latency_ms"] > 0
+    assert two.values[2] == one.values[2] and two.user_attrs["latency_s"] == 0 < one.user_attrs["latency_s"]
+    assert three.values[2] != one.values[2] or three.user_attrs["latency_s"] > 0
+    assert one.user_attrs["latency_ratio"] == pytest.approx(one.values[2] / objective.latency.baseline_ms)
+    assert one.values[1] == one.user_attrs["macs"] and one.user_attrs["conv_ranks"] == two.user_attrs["conv_ranks"]

@@ -1,0 +1,114 @@
+"""Inference latency of a model, measured until its median settles: warm-up, then rounds of timed forward passes.
+
+``measure_latency`` gives milliseconds per forward pass of a whole batch; ``latency_device`` says where it was
+measured (latencies from different machines or thread counts do not compare).
+"""
+
+import contextlib
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .fold import fold_batchnorm
+from .train import cpu_name
+
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    median_ms: float  # milliseconds per forward pass of the whole batch, median of all timed runs
+    runs: int  # timed forward passes
+    stable: bool  # False when max_seconds ran out before the median settled within rel_tol
+    threads: int  # torch's intra-op threads during the measurement
+    batch: int  # images per forward pass
+
+
+def measure_latency(
+    model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), batch: int = 1,
+    device: torch.device = CPU, threads: int | None = None, rel_tol: float = 0.02,
+    min_rounds: int = 3, round_size: int = 10, max_seconds: float = 10.0, warmup: int = 5,
+) -> LatencyResult:  # fmt: skip
+    """Median latency of ``model`` (already on ``device``) on one fixed random batch, under ``inference_mode``.
+
+    After ``warmup`` untimed passes, rounds of ``round_size`` timed passes run until, from round ``min_rounds``
+    on, the median of all timings so far moved less than ``rel_tol`` (relative) since the previous round, or
+    ``max_seconds`` of timing passed (then ``stable`` is False). ``threads`` sets torch's intra-op threads for
+    the measurement. The model's training flag and torch's thread count are restored afterwards.
+    """
+    was_training, previous_threads = model.training, torch.get_num_threads()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn((batch, *input_shape), generator=generator).to(device)  # (B, C, H, W)
+    on_gpu = device.type == "cuda"
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        model.eval()
+        with torch.inference_mode(), torch.cuda.device(device) if on_gpu else contextlib.nullcontext():
+            for _ in range(warmup):
+                model(images)
+            if on_gpu:
+                torch.cuda.synchronize(device)
+            timer = _cuda_ms if on_gpu else _cpu_ms
+            timings, stable = _timed_rounds(lambda: timer(model, images), rel_tol, min_rounds, round_size, max_seconds)
+        return LatencyResult(statistics.median(timings), len(timings), stable, torch.get_num_threads(), batch)
+    finally:
+        model.train(was_training)
+        torch.set_num_threads(previous_threads)
+
+
+def _cpu_ms(model: nn.Module, images: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(images)
+    return (time.perf_counter() - start) * 1000
+
+
+def _cuda_ms(model: nn.Module, images: torch.Tensor) -> float:
+    """One forward pass timed on the GPU itself: events on the current stream around it, then wait for the end."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    model(images)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)  # milliseconds
+
+
+def _timed_rounds(
+    time_one: Callable[[], float], rel_tol: float, min_rounds: int, round_size: int, max_seconds: float
+) -> tuple[list[float], bool]:
+    """All timings (ms) and whether their median settled before ``max_seconds``; see ``measure_latency``."""
+    timings: list[float] = []
+    rounds, previous_median = 0, None
+    deadline = time.perf_counter() + max_seconds
+    while True:
+        timings += [time_one() for _ in range(round_size)]
+        rounds, median = rounds + 1, statistics.median(timings)
+        if rounds >= min_rounds and previous_median and abs(median - previous_median) < rel_tol * previous_median:
+            return timings, True
+        if time.perf_counter() >= deadline:
+            return timings, False
+        previous_median = median
+
+
+def deployed_form(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), device: torch.device = CPU):
+    """The form a user ships, as ``export --format torchscript`` writes it: BatchNorm folded, traced. Eager
+    PyTorch would time Python's per-layer overhead, which hides most of a small decomposed model's gain."""
+    example = torch.zeros(1, *input_shape, device=device)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+        return torch.jit.trace(fold_batchnorm(model).to(device), example)
+
+
+def latency_device(device: torch.device, threads: int) -> dict:
+    """Where a latency was measured: device type, CPU model, torch threads and the GPU's name (None on the CPU)."""
+    return {
+        "device": device.type,
+        "cpu": cpu_name(),
+        "threads": threads,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
