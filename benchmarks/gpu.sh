@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On one NVIDIA GPU (H100/H200 class), offline: install from .gpu/ (made by benchmarks/gpu_wheels.sh), pretrain
 # the full-width baseline briefly, run a 20-trial search with the default config, and print the per-trial
-# time split, trials per minute, peak GPU memory and the projected time of 200 trials. Budget: < 8 minutes.
+# time split, trials per minute, peak GPU memory and the projected time of 200 trials; then two short
+# latency-objective studies (batch 1 and 128): MACs ratio against measured GPU latency ratio. Budget: < 10 minutes.
 #   device run: carry [".gpu"], command: bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,3 +29,19 @@ peak = max(t.user_attrs.get("peak_gpu_mib", 0) for t in done)
 print(f"pretraining {pretrain_s} s; 20 trials {search_s} s = {60 * len(done) / search_s:.1f} trials/min; "
       f"peak GPU memory {peak:.0f} MiB; projected 200 trials: {200 * search_s / len(done) / 60:.1f} min")
 PY
+# Is decomposed VGG16 faster on this GPU, and by how much? A short latency-objective study (batch 1 and 128): each
+# trial's latency is the deployed form's (BatchNorm folded, TorchScript) median on the GPU, timed with CUDA events.
+for batch in 1 128; do
+  python3 -m ranksearch run --trials 10 --data-dir /tmp/data/cifar10-jpeg --pretrain-epochs "${PRETRAIN_EPOCHS:-8}" \
+      --no-download --study-name "gpu-latency-b$batch" --objectives accuracy,macs,latency --latency-batch "$batch" \
+      --ranks 4/32,4/32,4/32,4/32,4/32 --ranks 8/32,8/32,8/32,8/32,8/32 --ranks 16/32,16/32,16/32,16/32,16/32
+  python3 - "$batch" <<'PY'
+import sys, optuna
+batch = sys.argv[1]
+study = optuna.load_study(study_name=f"gpu-latency-b{batch}", storage=f"sqlite:///studies/gpu-latency-b{batch}.db")
+print(f"batch {batch}: baseline {study.user_attrs['baseline_latency_ms']:.3f} ms on {study.user_attrs['latency_device']}")
+for t in sorted((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.user_attrs["macs_ratio"]):
+    print(f"  trial {t.number}: MACs {t.user_attrs['macs_ratio']:.3f}x  latency {t.user_attrs['latency_ratio']:.3f}x "
+          f"({t.user_attrs['latency_ms']:.3f} ms)  val {t.values[0]:.2%}")
+PY
+done

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -35,6 +36,8 @@ import torch
 from ranksearch.baseline import ensure_baseline
 from ranksearch.config import load_config
 from ranksearch.data import device_data
+from ranksearch.export import load_model, read_export
+from ranksearch.latency import deployed_form, measure_latency
 from ranksearch.measure import count_macs
 from ranksearch.models import RANK_STEPS, rank_modules
 from ranksearch.train import evaluate, resolve_device, steps_per_epoch
@@ -230,7 +233,8 @@ def samplers(work: Path, config: Path, data_dir: str, trials: int, finetune_step
 
 
 def print_samplers(curves: dict[str, list[float]], work: Path) -> None:
-    checkpoints = [n for n in (10, 20, 30, 32, 40) if any(len(c) >= n for c in curves.values())]
+    longest = max(len(c) for c in curves.values())
+    checkpoints = sorted({n for n in (10, 20, 30, 32, 40) if n <= longest} | {longest})
     print("\n| sampler | " + " | ".join(f"HV @ {n}" for n in checkpoints) + " |")
     print("|---|" + "---:|" * len(checkpoints))
     for arm, curve in curves.items():
@@ -255,6 +259,111 @@ def print_samplers(curves: dict[str, list[float]], work: Path) -> None:
     print(f"\nplot: {path}")
 
 
+# ----- result: the refined best trial at >= 5x and >= 10x fewer MACs ------------------------------------------
+
+BUDGETS = {"5x": 1 / 5, "10x": 1 / 10}
+
+
+def best_under(study, budget: float):
+    """The COMPLETE trial with the best val accuracy at <= ``budget`` of the baseline's MACs (a Pareto trial)."""
+    fits = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs["macs_ratio"] <= budget]
+    return max(fits, key=lambda t: (t.values[0], -t.user_attrs["macs_ratio"]), default=None)
+
+
+def paired_latency(models: dict, batch: int, repeats: int = 3) -> dict[str, float]:
+    """Median ms of each model's deployed form at ``batch``, measured in turns (``repeats`` times each, the lowest
+    median kept): side by side in one process, so that the ratios survive a noisy machine."""
+    deployed = {name: deployed_form(model) for name, model in models.items()}
+    best = dict.fromkeys(models, math.inf)
+    for _ in range(repeats):
+        for name, model in deployed.items():
+            best[name] = min(best[name], measure_latency(model, batch=batch, max_seconds=20).median_ms)
+    return best
+
+
+def result(work: Path, baseline, study_name: str, epochs: int) -> None:
+    results = Results(work / "result.json")
+    study = load_study(work, study_name)
+    for label, budget in BUDGETS.items():
+        trial = best_under(study, budget)
+        if trial is None:
+            print(f"{label}: no trial of {study_name} at <= {budget:.2f} of the baseline's MACs")
+            continue
+        out = work / "exports" / f"{study_name}-{label}.pt"
+
+        def refine(trial=trial, out=out) -> dict:
+            command = [sys.executable, "-m", "ranksearch", "export", "--study-name", study_name, "--trial",
+                       str(trial.number), "--finetune-epochs", str(epochs), "--format", "pt,torchscript",
+                       "--out", str(out)]  # fmt: skip
+            print(" ".join(command), flush=True)
+            subprocess.run(command, cwd=work, check=True)
+            meta = read_export(out)
+            return {"trial": trial.number, "ranks": meta["ranks"], "val_at_trial": trial.values[0], **{
+                k: meta[k] for k in ("val_accuracy", "test_accuracy", "macs", "params", "macs_ratio", "params_ratio")
+            }}  # fmt: skip
+
+        row = results.get(f"{study_name}|{label}|{epochs}", refine)
+        models = {"baseline": baseline.model, label: load_model(out)}
+        for batch in (1, 64):
+            row[f"latency_b{batch}"] = paired_latency(models, batch)
+        print_result(label, row, baseline, epochs)
+
+
+def print_result(label: str, row: dict, baseline, epochs: int) -> None:
+    ranks = "/".join(str(round(v * RANK_STEPS)) for v in row["ranks"].values())
+    print(f"\n{label}: trial {row['trial']} (ranks {ranks}), refined {epochs} epochs")
+    print("| | baseline | decomposed | ratio |")
+    print("|---|---:|---:|---:|")
+    print(f"| test accuracy | {baseline.test_accuracy:.2%} | {row['test_accuracy']:.2%} | "
+          f"{(row['test_accuracy'] - baseline.test_accuracy) * 100:+.2f} pp |")  # fmt: skip
+    print(f"| val accuracy (trial -> refined) | {baseline.val_accuracy:.2%} | {row['val_at_trial']:.2%} -> "
+          f"{row['val_accuracy']:.2%} | |")  # fmt: skip
+    print(f"| MACs | {baseline.macs:,} | {row['macs']:,} | {baseline.macs / row['macs']:.1f}x fewer |")
+    print(f"| params | {baseline.params:,} | {row['params']:,} | {baseline.params / row['params']:.1f}x fewer |")
+    for batch in (1, 64):
+        ms = row[f"latency_b{batch}"]
+        print(f"| CPU latency, batch {batch} (ms, TorchScript, BN folded) | {ms['baseline']:.2f} | {ms[label]:.2f} | "
+              f"{ms['baseline'] / ms[label]:.2f}x faster |")  # fmt: skip
+
+
+# ----- latency: a latency-objective study against the MACs front --------------------------------------------
+
+
+def latency_stage(work: Path, config_path: Path, data_dir: str, baseline, trials: int, steps: int, macs_study: str):
+    study = "quality-latency"
+    extra = ["--objectives", "accuracy,latency", "--finetune-steps", str(steps)]
+    run_study(work, config_path, data_dir, study, trials, extra)
+    fronts = {name: load_study(work, name).best_trials for name in (macs_study, study)}
+    modules = [m.removeprefix("rank_") for m in sorted(fronts[study][0].params)]
+    print("\n| front | trials | mean rank k/32 per module (" + ", ".join(modules) + ") | MACs ratio range |")
+    print("|---|---:|---|---|")
+    for name, front in fronts.items():
+        means = [statistics.mean(t.params[f"rank_{m}"] * RANK_STEPS for t in front) for m in modules]
+        ratios = [t.user_attrs["macs_ratio"] for t in front]
+        print(f"| {name} | {len(front)} | {' / '.join(f'{v:.1f}' for v in means)} | "
+              f"{min(ratios):.3f}-{max(ratios):.3f} |")  # fmt: skip
+    latency_front = {t.number for t in fronts[study]}
+    latencies = load_study(work, study).trials
+    on_macs_front = [t for t in latencies if t.state.name == "COMPLETE" and is_macs_pareto(t, latencies)]
+    both = sorted(latency_front & {t.number for t in on_macs_front})
+    print(
+        f"\nwithin {study}: {len(latency_front)} trials on the latency front, {len(on_macs_front)} on the "
+        f"(accuracy, MACs) front of the same trials, {len(both)} on both: {both}"
+    )
+
+
+def is_macs_pareto(trial, trials) -> bool:
+    """No COMPLETE trial has at least ``trial``'s val accuracy at fewer MACs, or more accuracy at as few."""
+    accuracy, macs = trial.values[0], trial.user_attrs["macs"]
+    for t in trials:
+        if t.state.name != "COMPLETE" or t.number == trial.number:
+            continue
+        a, m = t.values[0], t.user_attrs["macs"]
+        if a >= accuracy and m <= macs and (a > accuracy or m < macs):
+            return False
+    return True
+
+
 # ----- main ----------------------------------------------------------------------------------------------------
 
 
@@ -269,6 +378,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40, help="samplers: trials per sampler (default 40)")
     parser.add_argument("--finetune-steps", type=int, help="samplers: fine-tune steps per trial (default: config)")
     parser.add_argument("--samplers", default=",".join(SAMPLERS), help="samplers: which arms, comma-separated")
+    parser.add_argument("--study", default="quality-tpe", help="result, latency: the MACs study to take trials from")
+    parser.add_argument("--refine-epochs", type=int, default=10, help="result: epochs of the refine (default 10)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     os.chdir(args.work)  # the config's baseline_dir and studies/ are relative to the working folder
@@ -284,6 +395,11 @@ def main() -> None:
           f"({config.pretrain_epochs} epochs) on {torch.get_num_threads()} threads")  # fmt: skip
     if args.stage == "proxy":
         proxy(config, data, baseline, args.work, args.vectors, args.long_epochs)
+    elif args.stage == "result":
+        result(args.work, baseline, args.study, args.refine_epochs)
+    elif args.stage == "latency":
+        steps = args.finetune_steps or config.finetune_steps
+        latency_stage(args.work, args.config.resolve(), args.data_dir, baseline, args.trials, steps, args.study)
 
 
 if __name__ == "__main__":

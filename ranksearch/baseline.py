@@ -78,6 +78,22 @@ def _save(path: Path, baseline: Baseline, config: Config, data_identity: dict) -
     atomic_save(payload, path)  # never a half-written checkpoint under the real name
 
 
+class EpochLines:
+    """Pretraining progress for a log: one line per epoch with the time so far and the time left."""
+
+    def __init__(self, epochs: int, total_steps: int, start: float):
+        self.epochs, self.total, self.start, self.done = epochs, total_steps, start, 0
+
+    def update(self, steps: int) -> None:
+        self.done += steps
+        per_epoch = self.total // self.epochs
+        if self.done % per_epoch == 0:
+            elapsed = time.perf_counter() - self.start
+            left = elapsed / self.done * (self.total - self.done)
+            print(f"baseline: epoch {self.done // per_epoch}/{self.epochs}, {elapsed / 60:.1f} min, "
+                  f"{left / 60:.1f} min left", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def train_baseline(config: Config, data: DeviceData) -> Baseline:
     torch.manual_seed(config.seed)
     model = prepare(new_model(config), data.device)
@@ -85,9 +101,11 @@ def train_baseline(config: Config, data: DeviceData) -> Baseline:
     print(f"baseline: pretraining {config.pretrain_epochs} epochs ({total:,} steps) on {data.device.type}; "
           "cached for later runs", file=sys.stderr, flush=True)  # fmt: skip
     start = time.perf_counter()
-    bar = tqdm(total=total, desc="pretraining baseline", unit="step", file=sys.stderr, leave=False, disable=None)
-    with bar:  # shown on a terminal only
-        pretrain(model, data, config, progress=bar)
+    if sys.stderr.isatty():
+        with tqdm(total=total, desc="pretraining baseline", unit="step", file=sys.stderr, leave=False) as bar:
+            pretrain(model, data, config, progress=bar)
+    else:  # a log file (nohup, CI): a line per epoch instead of a bar
+        pretrain(model, data, config, progress=EpochLines(config.pretrain_epochs, total, start))
     seconds = time.perf_counter() - start
     macs, params = count_macs(model)
     return Baseline(

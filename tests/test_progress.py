@@ -1,6 +1,7 @@
 """The per-trial progress line, on in-memory studies with hand-made trials and a hand-driven clock."""
 
 import io
+import time
 from datetime import datetime, timedelta
 
 import optuna
@@ -106,3 +107,14 @@ def test_as_an_optuna_callback_it_counts_only_the_trials_of_this_run():
     for trial, line in zip(study.trials[1:], lines, strict=True):
         assert f"ranks {ranks_text(trial.params, MODULES)}  " in line
         assert line.endswith("| best val at <=25% MACs: 50.0% (t0), at <=10%: 50.0% (t0)")
+
+
+def test_pretraining_in_a_log_prints_one_line_per_epoch(capsys):
+    from ranksearch.baseline import EpochLines
+
+    lines = EpochLines(epochs=3, total_steps=6, start=time.perf_counter())
+    for _ in range(6):
+        lines.update(1)
+    printed = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in printed] == [f"baseline: epoch {k}/3" for k in (1, 2, 3)]
+    assert printed[-1].endswith("0.0 min left")
