@@ -154,8 +154,8 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
     made, wanted = [d.name.lower() for d in study.directions], directions(config.objectives)
     if made != wanted:
         raise UserError(
-            f"study {study.study_name!r} exists with {len(made)} objectives ({', '.join(made)}), not the "
-            f"{len(wanted)} of objectives {','.join(config.objectives)}; use another --study-name"
+            f"study {study.study_name!r} exists with directions ({', '.join(made)}), not the ({', '.join(wanted)}) of "
+            f"objectives {','.join(config.objectives)}; use another --study-name"
         )
     if not study.trials:
         return

@@ -80,7 +80,7 @@ def test_resume_with_other_objectives_or_latency_device_is_refused(workdir, tiny
     other = run(workdir, tiny_imagefolder, "lat", "--objectives", "accuracy,params", "--trials", "1")
     assert_one_line_error(other, "was made with another config", "objectives")
     three = run(workdir, tiny_imagefolder, "lat", "--objectives", "accuracy,macs,latency", "--trials", "1")
-    assert_one_line_error(three, "exists with 2 objectives", "use another --study-name")
+    assert_one_line_error(three, "exists with directions (maximize, minimize), not the (maximize, minimize, minimize)")
 
     study = study_of(workdir, "lat")
     elsewhere = study.user_attrs["latency_device"] | {"cpu": "some other CPU", "threads": 64}
