@@ -41,7 +41,8 @@ class Baseline:
 
 def baseline_path(config: Config, data_identity: dict) -> Path:
     """The cached baseline of ``config`` trained on the data (and split) of ``data_identity``."""
-    return Path(config.baseline_dir) / f"{config.model}-w{config.width:g}-{baseline_key(config, data_identity)}.pt"
+    model = config.model.replace(":", "-")  # torchvision:resnet18 -> torchvision-resnet18
+    return Path(config.baseline_dir) / f"{model}-w{config.width:g}-{baseline_key(config, data_identity)}.pt"
 
 
 def new_model(config: Config) -> nn.Module:

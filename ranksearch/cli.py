@@ -28,6 +28,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="CIFAR-10: ImageFolder tree with train/ and test/, or torchvision's folder")
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
                         help="download torchvision's CIFAR-10 into --data-dir when it holds none")  # fmt: skip
+    parser.add_argument("--model", help="vgg11 | vgg16 | resnet20 | resnet56 | resnet18 | torchvision:<name>")
     parser.add_argument("--device", help="auto | cpu | cuda")
     parser.add_argument("--seed", type=int, help="seed of sampler, pretraining and fine-tunes")
     parser.add_argument("--width", type=float, help="channel multiplier of the model")
@@ -44,8 +45,9 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
                         help="accuracy then one or two of macs, params, latency (default accuracy,macs)")  # fmt: skip
     parser.add_argument("--latency-batch", type=int, help="images per forward pass when timing latency (default 1)")
     parser.add_argument("--finetune-steps", type=int, help="fine-tune steps per trial")
-    parser.add_argument("--ranks", action="append", metavar="R1,..,R5",
-                        help="try these module ranks first (k/32 each); repeat for more")  # fmt: skip
+    parser.add_argument("--search-space", help="module (one rank per module, default) | layer (one per conv)")
+    parser.add_argument("--ranks", action="append", metavar="R1,R2,...",
+                        help="try these module ranks first (k/32 each, one per module); repeat for more")  # fmt: skip
     parser.add_argument("--workers", type=int, help="processes adding trials to the study on this machine (default 1)")
     parser.add_argument("--heartbeat-seconds", type=int,
                         help="a silent worker's trial is failed and retried after 2x this (default 60)")  # fmt: skip

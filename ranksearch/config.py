@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .models import RANK_STEPS, check_rank, model_names
+from .models import RANK_STEPS, SEARCH_SPACES, check_model_name, check_rank, check_width
 from .objectives import DEFAULT_OBJECTIVES, check_objectives
 
 
@@ -23,7 +23,7 @@ def default_storage_url(study_name: str) -> str:
 @dataclass
 class Config:
     # model
-    model: str = "vgg16"  # architecture from the model registry
+    model: str = "vgg16"  # the model registry's name: vgg11, vgg16, resnet20, resnet56, resnet18, torchvision:<name>
     width: float = 1.0  # channel multiplier (1.0 = the standard 64..512 channels)
     num_classes: int = 10  # classes in the dataset
     # data
@@ -52,6 +52,7 @@ class Config:
     compile: bool = False  # torch.compile the fine-tuned model (pays a compile per trial: for GPUs)
     rank_min: float = 1 / RANK_STEPS  # smallest normalized rank the search may pick (on the 1/32 grid)
     rank_max: float = 1.0  # largest normalized rank the search may pick (on the 1/32 grid)
+    search_space: str = "module"  # one rank per module of the model's grouping ("module") or per eligible conv
     # search
     objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))  # accuracy, then 1-2 costs
     latency_batch: int = 1  # images per forward pass when latency (median ms on the trial's device) is measured
@@ -91,6 +92,7 @@ CHOICES = {
     "sampler": ("tpe", "nsga2", "random"),
     "device": ("auto", "cpu", "cuda"),
     "decompose_method": ("hosvd", "hosvd+refine", "hooi"),
+    "search_space": SEARCH_SPACES,
 }
 
 
@@ -219,8 +221,10 @@ def validate(config: Config) -> None:
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {reprlib.repr(getattr(config, name))}")
-    if config.model not in model_names():
-        raise UserError(f"model must be one of {', '.join(model_names())}, got {reprlib.repr(config.model)}")
+    try:
+        check_width(check_model_name(config.model), config.width)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     for name, value in config.to_dict().items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{name} must be a finite number, got {value}")

@@ -45,6 +45,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 BEFORE_FIELD_EXISTED = {
     "decompose_method": "hooi", "refine_iters": 0, "distill_weight": 0.0, "distill_temperature": 4.0,
     "compile": False, "bn_recalibration_batches": 0, "objectives": DEFAULT_OBJECTIVES, "latency_batch": 1,
+    "search_space": "module",
 }  # fmt: skip
 
 
@@ -338,7 +339,7 @@ def parse_formats(text: str) -> list[str]:
 
 
 def _describe(trial: optuna.trial.FrozenTrial, costs: list[str]) -> str:
-    ranks = "/".join(str(round(v * 32)) for _, v in sorted(trial.params.items()))
+    ranks = "/".join(str(round(v * 32)) for v in trial.params.values())  # in module order, as drawn
     return f"trial {trial.number} (ranks {ranks} /32, val {trial.values[0]:.2%}, {costs_text(trial, costs)})"
 
 

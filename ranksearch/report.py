@@ -5,7 +5,6 @@ Agg backend, so no browser (kaleido/Chrome) is needed.
 """
 
 import math
-import re
 from pathlib import Path
 
 import optuna
@@ -29,17 +28,11 @@ REPORT_FILES = ("trials.csv", "pareto.html", "pareto.png")
 # ----- the table -------------------------------------------------------------------------------------------------
 
 
-def _natural_key(name: str) -> list:
-    """Sort block2 before block10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
 def rank_params(study: optuna.Study) -> list[str]:
-    """The study's rank parameters (``rank_block1`` ...), in block order."""
-    names = {
-        name for trial in study.get_trials(deepcopy=False) for name in trial.params if name.startswith(RANK_PREFIX)
-    }
-    return sorted(names, key=_natural_key)
+    """The study's rank parameters (``rank_block1`` ...), in module order: the order trials draw them in (Optuna
+    keeps it), which is not the names' order for every model (``rank_stem`` comes before ``rank_stage1``)."""
+    names = (name for trial in study.get_trials(deepcopy=False) for name in trial.params)
+    return list(dict.fromkeys(name for name in names if name.startswith(RANK_PREFIX)))
 
 
 def rank_column(param: str) -> str:

@@ -85,7 +85,7 @@ def latency_where(config: Config, device: torch.device, worker: Worker | None) -
 def prepare_run(config: Config, worker: Worker | None = None) -> tuple[optuna.Study | None, DeviceData, Baseline]:
     """Everything a run needs before its study may be written: the study it resumes (checked, not created),
     the data (checked against that study), the baseline (cached or pretrained). A failure here writes no study."""
-    modules = list(rank_modules(new_model(config)))
+    modules = list(rank_modules(new_model(config), config.search_space))
     check_enqueued(modules, config.enqueue_ranks)
     device = resolve_device(config.device)
     existing = find_study(config)
@@ -155,7 +155,7 @@ def run_search(
     existing, data, baseline = prepare_run(config, worker)
     study = join_study(config, existing, data, baseline)
     run = worker or new_run(config.trials)
-    modules = list(rank_modules(baseline.model))
+    modules = list(rank_modules(baseline.model, config.search_space))
     gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
     where = latency_where(config, data.device, worker)
     if where is not None and not study.trials:

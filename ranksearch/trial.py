@@ -38,7 +38,11 @@ def param_name(module: str) -> str:
 
 
 def suggest_ranks(trial: optuna.Trial, modules: list[str], config: Config) -> dict[str, float]:
-    """One normalized rank per module on the 1/32 grid, within [rank_min, rank_max]."""
+    """One normalized rank per module on the 1/32 grid, within [rank_min, rank_max].
+
+    ``modules``: those of the config's ``search_space`` (``rank_modules(model, config.search_space)``): a model's
+    grouping (``rank_block1``, ``rank_stage2``) or its eligible convs (``rank_stage1.0.conv1``).
+    """
     step = 1 / RANK_STEPS
     return {m: trial.suggest_float(param_name(m), config.rank_min, config.rank_max, step=step) for m in modules}
 
@@ -87,7 +91,7 @@ def decomposed_model(
     bases: dict[str, Bases] | None = None,
 ) -> nn.Module:  # fmt: skip
     """A copy of the baseline decomposed at ``ranks`` by the config's method, on ``device`` (not fine-tuned)."""
-    model = set_ranks(copy.deepcopy(baseline), ranks)
+    model = set_ranks(copy.deepcopy(baseline), ranks, space=config.search_space)
     method, refine_iters = config.decompose_method, config.refine_iters
     return prepare(decompose(model, inplace=True, method=method, bases=bases, refine_iters=refine_iters), device)
 
@@ -174,7 +178,7 @@ class Objective:
         bases: dict[str, Bases] | None = None,
     ):  # fmt: skip
         self.config, self.data, self.baseline, self.weights, self.bases = config, data, baseline, weights, bases
-        self.modules = list(rank_modules(baseline.model))
+        self.modules = list(rank_modules(baseline.model, config.search_space))
         self.latency = LatencyMeter(config, data.device, baseline.model) if "latency" in config.objectives else None
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
