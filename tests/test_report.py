@@ -77,6 +77,11 @@ def latency_study(objectives: list[str]) -> optuna.Study:
             params=_params(ranks), distributions=distributions, values=[accuracy, *(measured[c] for c in costs)],
             user_attrs=_latency_attrs(ranks, accuracy, macs, params, latency_ms),
         ))  # fmt: skip
+    return _with_failed_trial(study, distributions)
+
+
+def _with_failed_trial(study: optuna.Study, distributions: dict) -> optuna.Study:
+    """``study`` with one failed trial added last (as a crashed trial would be)."""
     study.add_trial(optuna.trial.create_trial(
         params=_params(FAILED_RANKS), distributions=distributions, state=optuna.trial.TrialState.FAIL, values=None,
         user_attrs={"fail_reason": "RuntimeError: CUDA out of memory"},
@@ -96,11 +101,7 @@ def hand_built_study(storage: str, trials=TRIALS, name: str = "s", attrs=_attrs)
             params=_params(ranks), distributions=distributions, values=[accuracy, float(macs)],
             user_attrs=attrs(ranks, accuracy, macs, params),
         ))  # fmt: skip
-    study.add_trial(optuna.trial.create_trial(
-        params=_params(FAILED_RANKS), distributions=distributions, state=optuna.trial.TrialState.FAIL, values=None,
-        user_attrs={"fail_reason": "RuntimeError: CUDA out of memory"},
-    ))  # fmt: skip
-    return study
+    return _with_failed_trial(study, distributions)
 
 
 @pytest.fixture
