@@ -209,7 +209,7 @@ class Objective:
         integer_ranks, kept = conv_ranks(model)
         accuracy, eval_s = _timed(lambda: evaluate(model, self.data, "val", config.eval_batch_size), device)
         (macs, params), count_s = _timed(lambda: count_macs(model), device)
-        attrs = {  # val accuracy is the trial's first value, not repeated here; every measured cost is
+        attrs = {  # every measured cost (val accuracy, the first value, is not repeated here)
             "ranks": ranks_text(trial.params, self.modules),
             "macs": macs,
             "params": params,
