@@ -160,7 +160,7 @@ def print_proxy(done: dict, vectors: list, variants: dict) -> None:
 
 # ----- samplers at equal budget -------------------------------------------------------------------------------
 
-SAMPLERS = ("tpe", "nsga2", "random", "uniform")
+SAMPLERS = ("tpe", "nsga2", "random", "uniform", "tpe+uniform")  # tpe+uniform: TPE after `--warm-start uniform`
 
 
 def run_study(work: Path, config: Path, data_dir: str, study: str, trials: int, extra: list[str]) -> None:
@@ -220,15 +220,17 @@ def hypervolume_curve(study) -> list[float]:
 def samplers(work: Path, config: Path, data_dir: str, trials: int, finetune_steps: int, arms: list[str]) -> None:
     modules = 5
     for arm in arms:
-        study = f"quality-{arm}"
+        study = f"quality-{arm.replace('+', '-')}"
         extra = ["--finetune-steps", str(finetune_steps)]
-        if arm == "uniform":
+        if arm == "tpe+uniform":
+            run_study(work, config, data_dir, study, trials, extra + ["--sampler", "tpe", "--warm-start", "uniform"])
+        elif arm == "uniform":
             vectors = uniform_ranks(modules, trials)
             extra += [item for ranks in vectors for item in ("--ranks", ranks)]
             run_study(work, config, data_dir, study, len(vectors), extra)
         else:
             run_study(work, config, data_dir, study, trials, extra + ["--sampler", arm])
-    curves = {arm: hypervolume_curve(load_study(work, f"quality-{arm}")) for arm in arms}
+    curves = {arm: hypervolume_curve(load_study(work, f"quality-{arm.replace('+', '-')}")) for arm in arms}
     print_samplers(curves, work)
 
 
@@ -264,10 +266,12 @@ def print_samplers(curves: dict[str, list[float]], work: Path) -> None:
 BUDGETS = {"5x": 1 / 5, "10x": 1 / 10}
 
 
-def best_under(study, budget: float):
-    """The COMPLETE trial with the best val accuracy at <= ``budget`` of the baseline's MACs (a Pareto trial)."""
-    fits = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs["macs_ratio"] <= budget]
-    return max(fits, key=lambda t: (t.values[0], -t.user_attrs["macs_ratio"]), default=None)
+def best_under(studies: dict, budget: float):
+    """(study name, trial): the COMPLETE trial with the best val accuracy at <= ``budget`` of the baseline's MACs,
+    over ``studies`` (name -> study; all on one baseline)."""
+    fits = [(name, t) for name, study in studies.items() for t in study.trials
+            if t.state.name == "COMPLETE" and t.user_attrs["macs_ratio"] <= budget]  # fmt: skip
+    return max(fits, key=lambda pair: (pair[1].values[0], -pair[1].user_attrs["macs_ratio"]), default=(None, None))
 
 
 def paired_latency(models: dict, batch: int, repeats: int = 3) -> dict[str, float]:
@@ -281,28 +285,28 @@ def paired_latency(models: dict, batch: int, repeats: int = 3) -> dict[str, floa
     return best
 
 
-def result(work: Path, baseline, study_name: str, epochs: int) -> None:
+def result(work: Path, baseline, study_names: list[str], epochs: int) -> None:
     results = Results(work / "result.json")
-    study = load_study(work, study_name)
+    studies = {name: load_study(work, name) for name in study_names}
     for label, budget in BUDGETS.items():
-        trial = best_under(study, budget)
+        study_name, trial = best_under(studies, budget)
         if trial is None:
-            print(f"{label}: no trial of {study_name} at <= {budget:.2f} of the baseline's MACs")
+            print(f"{label}: no trial of {', '.join(study_names)} at <= {budget:.2f} of the baseline's MACs")
             continue
         out = work / "exports" / f"{study_name}-{label}.pt"
 
-        def refine(trial=trial, out=out) -> dict:
+        def refine(trial=trial, out=out, study_name=study_name) -> dict:
             command = [sys.executable, "-m", "ranksearch", "export", "--study-name", study_name, "--trial",
                        str(trial.number), "--finetune-epochs", str(epochs), "--format", "pt,torchscript",
                        "--out", str(out)]  # fmt: skip
             print(" ".join(command), flush=True)
             subprocess.run(command, cwd=work, check=True)
             meta = read_export(out)
-            return {"trial": trial.number, "ranks": meta["ranks"], "val_at_trial": trial.values[0], **{
-                k: meta[k] for k in ("val_accuracy", "test_accuracy", "macs", "params", "macs_ratio", "params_ratio")
-            }}  # fmt: skip
+            measured = ("val_accuracy", "test_accuracy", "macs", "params", "macs_ratio", "params_ratio")
+            return {"study": study_name, "trial": trial.number, "ranks": meta["ranks"],
+                    "val_at_trial": trial.values[0], **{k: meta[k] for k in measured}}  # fmt: skip
 
-        row = results.get(f"{study_name}|{label}|{epochs}", refine)
+        row = results.get(f"{study_name}|{trial.number}|{label}|{epochs}", refine)
         models = {"baseline": baseline.model, label: load_model(out)}
         for batch in (1, 64):
             row[f"latency_b{batch}"] = paired_latency(models, batch)
@@ -311,7 +315,7 @@ def result(work: Path, baseline, study_name: str, epochs: int) -> None:
 
 def print_result(label: str, row: dict, baseline, epochs: int) -> None:
     ranks = "/".join(str(round(v * RANK_STEPS)) for v in row["ranks"].values())
-    print(f"\n{label}: trial {row['trial']} (ranks {ranks}), refined {epochs} epochs")
+    print(f"\n{label}: {row['study']} trial {row['trial']} (ranks {ranks}), refined {epochs} epochs")
     print("| | baseline | decomposed | ratio |")
     print("|---|---:|---:|---:|")
     print(f"| test accuracy | {baseline.test_accuracy:.2%} | {row['test_accuracy']:.2%} | "
@@ -378,7 +382,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40, help="samplers: trials per sampler (default 40)")
     parser.add_argument("--finetune-steps", type=int, help="samplers: fine-tune steps per trial (default: config)")
     parser.add_argument("--samplers", default=",".join(SAMPLERS), help="samplers: which arms, comma-separated")
-    parser.add_argument("--study", default="quality-tpe", help="result, latency: the MACs study to take trials from")
+    parser.add_argument("--study", default="quality-tpe", help="result: the MACs studies to take the best trial "
+                        "from (comma-separated); latency: the MACs study to compare with")  # fmt: skip
     parser.add_argument("--refine-epochs", type=int, default=10, help="result: epochs of the refine (default 10)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -396,7 +401,7 @@ def main() -> None:
     if args.stage == "proxy":
         proxy(config, data, baseline, args.work, args.vectors, args.long_epochs)
     elif args.stage == "result":
-        result(args.work, baseline, args.study, args.refine_epochs)
+        result(args.work, baseline, args.study.split(","), args.refine_epochs)
     elif args.stage == "latency":
         steps = args.finetune_steps or config.finetune_steps
         latency_stage(args.work, args.config.resolve(), args.data_dir, baseline, args.trials, steps, args.study)

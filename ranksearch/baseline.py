@@ -46,7 +46,15 @@ def baseline_path(config: Config, data_identity: dict) -> Path:
 
 
 def new_model(config: Config) -> nn.Module:
-    return build_model(config.model, num_classes=config.num_classes, width=config.width)
+    return build_model(config.model, num_classes=config.num_classes, width=config.width, svd_layers=config.svd_layers)
+
+
+def _as_ranked_by(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A baseline's ``state_dict`` with ``model``'s rank buffers: a baseline is shared by configs with and without
+    the SVD switch (which ranks 1x1 convs and linear layers), and an undecomposed layer's rank is 1.0."""
+    expected = model.state_dict()
+    kept = {k: v for k, v in state_dict.items() if k in expected or not k.endswith(".rank")}
+    return {**{k: torch.ones(()) for k in expected if k.endswith(".rank") and k not in kept}, **kept}
 
 
 def load_baseline(path: Path, config: Config, device: torch.device, data_identity: dict | None = None) -> Baseline:
@@ -54,7 +62,7 @@ def load_baseline(path: Path, config: Config, device: torch.device, data_identit
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model = new_model(config)
-        model.load_state_dict(saved["state_dict"])
+        model.load_state_dict(_as_ranked_by(model, saved["state_dict"]))
         metrics = saved["metrics"]
         trained_on = saved.get("data")
     except Exception as error:

@@ -1,6 +1,7 @@
-"""Command line: ``python -m ranksearch {run,pretrain} ...``. User mistakes exit 2 with one line."""
+"""Command line: ``python -m ranksearch {run,pretrain,ranks,...} ...``. User mistakes exit 2 with one line."""
 
 import argparse
+import math
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +22,10 @@ def _parse_ranks(text: str) -> list[float]:
         return [float(Fraction(token.strip())) for token in text.split(",")]
     except (ValueError, ZeroDivisionError, OverflowError):  # not a number, 1/0, 1e400
         raise UserError(f"--ranks {text!r}: give comma-separated ranks such as 8/32,8/32,4/32,2/32,2/32") from None
+
+
+def _parse_names(text: str) -> list[str]:
+    return [token.strip() for token in text.split(",")]
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,16 +51,25 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-batch", type=int, help="images per forward pass when timing latency (default 1)")
     parser.add_argument("--finetune-steps", type=int, help="fine-tune steps per trial")
     parser.add_argument("--search-space", help="module (one rank per module, default) | layer (one per conv)")
+    parser.add_argument("--decomposition", help="what k x k convs become: tucker2 (default) | cp")
+    parser.add_argument("--svd-layers", action=argparse.BooleanOptionalAction, default=None,
+                        help="also rank 1x1 convs and linear layers, decomposed by truncated SVD")  # fmt: skip
     parser.add_argument("--ranks", action="append", metavar="R1,R2,...",
                         help="try these module ranks first (k/32 each, one per module); repeat for more")  # fmt: skip
+    parser.add_argument("--warm-start", type=_parse_names, metavar="vbmf,uniform",
+                        help="then try these first: vbmf (the `ranks --vbmf` point), uniform (all modules at "
+                        "2, 4, 8, 16 /32); vectors the study holds are skipped")  # fmt: skip
     parser.add_argument("--workers", type=int, help="processes adding trials to the study on this machine (default 1)")
     parser.add_argument("--heartbeat-seconds", type=int,
                         help="a silent worker's trial is failed and retried after 2x this (default 60)")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # RUN:INDEX:TOTAL:THREADS, set by `run --workers N`
 
 
+_NOT_CONFIG = ("command", "config", "ranks", "worker", "argv", "vbmf", "weakening")  # flags that are no config key
+
+
 def _resolve(args: argparse.Namespace) -> Config:
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "ranks", "worker", "argv")}
+    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     if getattr(args, "ranks", None):
         overrides["enqueue_ranks"] = [_parse_ranks(text) for text in args.ranks]
     return load_config(args.config, overrides)
@@ -79,13 +93,92 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
+def _baseline(config: Config):
+    """The config's pretrained baseline: cached, or pretrained now (and cached)."""
     from .baseline import ensure_baseline
     from .data import device_data
     from .train import resolve_device
 
+    return ensure_baseline(config, device_data(config, resolve_device(config.device)))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    _baseline(_resolve(args))
+    return 0
+
+
+def _ranks_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vbmf", action="store_true", help="estimate each conv's (R_in, R_out) with EVBMF (Kim et "
+                        "al. 2015); the only estimator today, so required")  # fmt: skip
+    parser.add_argument("--weakening", type=float, default=1.0, help="scales EVBMF's noise variance: 1 plain "
+                        "(default), below 1 keeps more components, above 1 fewer")  # fmt: skip
+    parser.add_argument("--search-space", help="module (one rank per module, default) | layer (one per conv)")
+    parser.add_argument("--decomposition", help="what k x k convs become: tucker2 (default) | cp")
+    parser.add_argument("--svd-layers", action=argparse.BooleanOptionalAction, default=None,
+                        help="also rank 1x1 convs and linear layers, decomposed by truncated SVD")  # fmt: skip
+
+
+def _layer_row(layer) -> str:
+    from .warmstart import rank_text
+
+    shape = " x ".join(map(str, layer.shape))
+    found, rank = layer.found, rank_text(layer.rank)
+    return f"{layer.name:<24} {layer.form:<7} {shape:>20} {found[0]:>9} {found[1]:>5}  {rank:>5}"
+
+
+def _noise_note(layer) -> str:
+    modes = ", ".join(mode for mode, rank in zip(("R_in", "R_out"), layer.found, strict=True) if rank == 0)
+    where = f"rank 0 for {modes}" if layer.form == "tucker2" else "rank 0"
+    return f"{layer.name}: VBMF found no component above the noise ({where}); using 1"
+
+
+def _ranks_line(ranks: list[float], config: Config) -> str:
+    """The ``--ranks`` text for ``run``, clipped into [rank_min, rank_max] (and saying so when that changed any)."""
+    from .warmstart import clip_ranks, rank_text, ranks_argument
+
+    clipped = clip_ranks(ranks, config.rank_min, config.rank_max)
+    note = f"  (clipped into rank_min..rank_max: {rank_text(config.rank_min)}..{rank_text(config.rank_max)})"
+    return f"--ranks {ranks_argument(clipped)}" + (note if clipped != ranks else "")
+
+
+def _ranks_report(estimates, config: Config) -> str:
+    """``ranks --vbmf``'s output: a row per rank-carrying layer, a note per layer where VBMF found only noise, a
+    line per module (of the config's search space), then the ``--ranks`` text for ``run``."""
+    from .warmstart import rank_text
+
+    lines = [
+        f"VBMF ranks at weakening {estimates.weakening:g}; rank: the smallest k/32 whose R_in, R_out (of the "
+        "layer's form) are at least VBMF's",
+        f"{'layer':<24} {'form':<7} {'Cout x Cin x kh x kw':>20} {'VBMF R_in':>9} {'R_out':>5}  {'rank':>5}",
+        *(_layer_row(layer) for layer in estimates.layers),
+        *(_noise_note(layer) for layer in estimates.layers if layer.found_only_noise),
+        "module ranks (the largest of each module's layers'):" if config.search_space == "module" else "layer ranks:",
+        *(f"  {module:<22} {rank_text(rank):>5}" for module, rank in estimates.modules.items()),
+        _ranks_line(list(estimates.modules.values()), config),
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def cmd_ranks(args: argparse.Namespace) -> int:
+    """``ranks --vbmf [--weakening W]``: EVBMF's (R_in, R_out) for every rank-carrying layer of the baseline (cached,
+    or pretrained now as ``pretrain`` would), each layer's grid rank, each module's, and ``--ranks`` text for ``run``.
+
+    A conv's grid rank is the smallest k/32 whose Tucker-2 ranks (R = max(1, round(k/32 * Cout)), R_in = min(R, Cin),
+    R_out = min(R, Cout)) are at least VBMF's in both modes (a 0, only noise, counts as 1; 1 when no k reaches them);
+    a 1x1 conv's or linear layer's (``svd_layers``), the smallest whose SVD rank max(1, round(k/32 * min(Cin, Cout)))
+    is at least VBMF's; a module's is the largest of its layers'. The math is ``ranksearch.warmstart``'s.
+    """
+    from .warmstart import vbmf_ranks
+
+    if not args.vbmf:
+        raise UserError("ranks needs --vbmf: VBMF is the only rank estimator today (ranksearch ranks --vbmf ...)")
+    if not (math.isfinite(args.weakening) and args.weakening > 0):
+        raise UserError(f"--weakening must be a finite number > 0 (1: plain EVBMF), got {args.weakening}")
     config = _resolve(args)
-    ensure_baseline(config, device_data(config, resolve_device(config.device)))
+    if config.decomposition != "tucker2":
+        raise UserError(f"ranks --vbmf estimates Tucker-2 ranks, not {config.decomposition}'s (decomposition tucker2)")
+    baseline = _baseline(config)
+    print(_ranks_report(vbmf_ranks(baseline.model, config.search_space, args.weakening), config))
     return 0
 
 
@@ -165,13 +258,14 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "run": (cmd_run, "search Tucker-2 ranks: pretrain the baseline if needed, then add --trials trials", True),
     "pretrain": (cmd_pretrain, "train (or show) the cached baseline for the config", False),
+    "ranks": (cmd_ranks, "estimate ranks from the baseline's weights (--vbmf), as --ranks text for run", False),
     "export": (cmd_export, "write a trial's model (.pt, ONNX, TorchScript), verified against the study", None),
     "report": (cmd_report, "write the trials table (CSV) and Pareto plot (HTML, PNG); print a summary", None),
     "dashboard": (cmd_dashboard, "serve optuna-dashboard for a study on 127.0.0.1 (Ctrl-C to stop)", None),
 }
 
 
-_EXTRA_FLAGS = {"export": _export_flags, "report": _report_flags, "dashboard": _dashboard_flags}
+_EXTRA_FLAGS = {"export": _export_flags, "report": _report_flags, "dashboard": _dashboard_flags, "ranks": _ranks_flags}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         _config_flags(sub)
         if is_search:
             _run_flags(sub)
+        if name in _EXTRA_FLAGS:
+            _EXTRA_FLAGS[name](sub)
     return parser
 
 

@@ -44,6 +44,8 @@ class Config:
     finetune_steps: int = 200  # SGD steps after decomposition in each trial
     finetune_lr: float = 0.01  # initial fine-tune learning rate
     finetune_schedule: str = "cosine"  # "cosine" (to 0) or "constant"
+    decomposition: str = "tucker2"  # what k x k convs become: "tucker2" (Kim et al.) or "cp" (Lebedev et al.)
+    svd_layers: bool = False  # also search ranks of 1x1 convs and linear layers, decomposed by truncated SVD
     decompose_method: str = "hosvd"  # "hosvd" (cached bases, truncated), "hosvd+refine" or "hooi" (partial_tucker)
     refine_iters: int = 2  # HOOI sweeps after the HOSVD start, for "hosvd+refine"
     distill_weight: float = 0.0  # knowledge distillation from the baseline in the fine-tune: 0 = off, 1 = KD only
@@ -63,6 +65,7 @@ class Config:
     storage: str | None = None  # Optuna storage URL; default sqlite:///studies/<study_name>.db
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     enqueue_ranks: list[list[float]] = field(default_factory=list)  # rank vectors to try first
+    warm_start: list[str] = field(default_factory=list)  # then these (WARM_STARTS: "vbmf", "uniform"), see warmstart
     weights_dir: str | None = None  # Pareto trials' weights; default studies/<study_name>-weights
     # workers
     workers: int = 1  # processes on this machine adding trials to the study (GPU i mod G; CPU cores split)
@@ -81,17 +84,19 @@ class Config:
 # Fields that change what a trial measures; a resumed study must agree on all of them.
 RUN_CONTROL = {
     "data_dir", "download", "trials", "study_name", "storage", "device", "enqueue_ranks", "baseline_dir",
-    "weights_dir", "workers", "heartbeat_seconds",
+    "weights_dir", "workers", "heartbeat_seconds", "warm_start",
 }  # fmt: skip
 BASELINE_FIELDS = (
     "model", "width", "num_classes", "val_size", "split_seed", "batch_size",
     "pretrain_epochs", "pretrain_lr", "momentum", "weight_decay", "label_smoothing", "seed",
 )  # fmt: skip
+WARM_STARTS = ("vbmf", "uniform")  # rank vectors a run may queue first (ranksearch.warmstart)
 CHOICES = {
     "finetune_schedule": ("cosine", "constant"),
     "sampler": ("tpe", "nsga2", "random"),
     "device": ("auto", "cpu", "cuda"),
     "decompose_method": ("hosvd", "hosvd+refine", "hooi"),
+    "decomposition": ("tucker2", "cp"),
     "search_space": SEARCH_SPACES,
 }
 
@@ -241,3 +246,13 @@ def validate(config: Config) -> None:
     if config.rank_min > config.rank_max:
         raise UserError(f"rank_min {config.rank_min} is above rank_max {config.rank_max}")
     config.enqueue_ranks = [[_on_grid("enqueued rank", r) for r in ranks] for ranks in config.enqueue_ranks]
+    _check_warm_start(config)
+
+
+def _check_warm_start(config: Config) -> None:
+    unknown = [kind for kind in config.warm_start if kind not in WARM_STARTS]
+    if unknown:
+        valid, got = " or ".join(WARM_STARTS), reprlib.repr(unknown[0])
+        raise UserError(f"warm_start must name {valid} (e.g. --warm-start vbmf,uniform), got {got}")
+    if "vbmf" in config.warm_start and config.decomposition != "tucker2":
+        raise UserError(f"warm start vbmf estimates Tucker-2 ranks, not {config.decomposition}'s; use uniform")

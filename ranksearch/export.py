@@ -30,7 +30,9 @@ from .trial import trial_model, trial_seed
 from .weights import WeightsStore
 
 FILE_KIND = "ranksearch-model"
-FILE_VERSION = 2  # 1: ranksearch 0.1.0; 2: adds input, classes, device, eval_dtype, measured_with
+# 1: ranksearch 0.1.0; 2: adds input, classes, device, eval_dtype, measured_with; 3 (0.5.0): each decomposed layer
+# records its method (a ``decomposition`` buffer: Tucker-2, CP or SVD), where 1 and 2 had Tucker-2 only
+FILE_VERSION = 3
 FORMATS = ("pt", "onnx", "torchscript")
 SUFFIXES = {"pt": ".pt", "onnx": ".onnx", "torchscript": ".ts"}
 ACCURACY_TOLERANCE = 0.001  # 0.1 percentage point, as a fraction
@@ -45,7 +47,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 BEFORE_FIELD_EXISTED = {
     "decompose_method": "hooi", "refine_iters": 0, "distill_weight": 0.0, "distill_temperature": 4.0,
     "compile": False, "bn_recalibration_batches": 0, "objectives": DEFAULT_OBJECTIVES, "latency_batch": 1,
-    "search_space": "module",
+    "search_space": "module", "decomposition": "tucker2", "svd_layers": False,
 }  # fmt: skip
 
 
@@ -210,7 +212,7 @@ def save_pt(model: nn.Module, path: Path, metadata: dict) -> None:
 
 
 def read_export(path: str | Path) -> dict:
-    """The payload of a ``.pt`` export (file version 1 or 2), checked; a one-line UserError for anything else."""
+    """The payload of a ``.pt`` export (file version 1 to 3), checked; a one-line UserError for anything else."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no file {path}; pass the .pt written by `ranksearch export`")

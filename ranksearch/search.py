@@ -20,6 +20,7 @@ from .progress import TrialProgress, ranks_text
 from .study import check_data, check_latency_device, create_or_load, find_study, record_setup
 from .train import resolve_device, use_deterministic_kernels
 from .trial import Objective, param_name, trial_bases
+from .warmstart import queue_warm_starts
 from .weights import WeightsStore
 from .workers import (
     Worker,
@@ -162,6 +163,7 @@ def run_search(
         study.set_user_attr("latency_device", where)
     if worker is None:
         enqueue_first(study, config, modules)
+        queue_warm_starts(study, config, baseline.model, modules)
     if config.workers > 1 and worker is None:
         del data  # the workers load their own
         forward_sigterm()

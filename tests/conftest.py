@@ -40,13 +40,16 @@ def tiny_imagefolder(tmp_path_factory) -> Path:
     return write_imagefolder(tmp_path_factory.mktemp("tiny") / "cifar")
 
 
-def run_cli(*args: str, cwd: Path, read_only: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, read_only: tuple[Path, ...] = (), pythonpath: Path | None = None
+) -> subprocess.CompletedProcess:
     """``python -m ranksearch ARGS`` in ``cwd``, as a user would type it.
 
+    ``pythonpath``: a folder put before the repo on PYTHONPATH (e.g. a ``sitecustomize.py`` that patches a function).
     ``read_only``: folders the command sees as a read-only file system (EROFS, which binds root too: a private
     mount namespace with read-only bind mounts; for a non-root user, the folders are chmod'ed instead).
     """
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (pythonpath, REPO) if p)}
     command = [sys.executable, "-m", "ranksearch", *args]
     if read_only and os.geteuid() == 0:
         quoted = [shlex.quote(str(p)) for p in read_only]

@@ -119,15 +119,22 @@ def test_torchvision_names_and_width_are_checked_with_clear_errors():
         register_family("torchvision", variants=lambda: [])(lambda name, **kwargs: nn.Identity())
 
 
-def test_the_default_grouping_splits_a_child_that_holds_every_layer():
-    assert top_level_children(["conv1", "layer1.0.conv1", "layer1.1.conv1"]) == ["conv1", "layer1", "layer1"]
+def test_the_default_grouping_splits_children_when_fewer_than_3_hold_layers():
+    names = ["conv1", "layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1"]
+    assert top_level_children(names) == ["conv1", "layer1", "layer1", "layer2"]
+    assert top_level_children(names[:3]) == ["conv1", "layer1.0", "layer1.1"]  # 2 modules would hardly be a search
+    assert top_level_children(["features.0.0", "features.1.conv.0", "classifier.1"]) == [
+        "features.0",
+        "features.1",
+        "classifier",
+    ]  # mobilenet_v2 with its 1x1 convs and linear layer ranked (svd_layers)
     assert top_level_children(["features.0.0", "features.3.conv.1"]) == ["features.0", "features.3"]
     assert top_level_children(["conv"]) == ["conv"]
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)))
     for layer in model.modules():  # a model built outside the registry: the default grouping
         if isinstance(layer, nn.Conv2d):
             layer.register_buffer("rank", torch.tensor(1.0))
-    assert module_names(model) == ["0", "2"]
+    assert module_names(model) == ["0", "2.0", "2.1"]  # 2 top-level children: split
 
 
 # ----- search spaces ---------------------------------------------------------------------------------------------
@@ -207,5 +214,21 @@ def test_run_and_export_a_resnet20(tmp_path, tiny_imagefolder):
     assert result.returncode == 0, result.stderr
     model = load_model(tmp_path / "best.pt")
     assert model.ranksearch_name == "resnet20" and module_names(model) == ["stem", "stage1", "stage2", "stage3"]
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_run_and_export_a_torchvision_resnet18_in_layer_space(tmp_path, tiny_imagefolder):
+    smoke = ("--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--pretrain-epochs", "1")
+    result = run_cli("run", *smoke, "--model", "torchvision:resnet18", "--width", "1", "--search-space", "layer",
+                     "--study-name", "tv", "--ranks", ",".join(["4/32"] * 17), "--trials", "2", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="tv", storage=f"sqlite:///{tmp_path / 'studies' / 'tv.db'}")
+    assert len(study.trials[0].params) == 17 and "rank_layer4.1.conv2" in study.trials[0].params  # 17 3x3+ convs
+    result = run_cli("export", "--study-name", "tv", "--trial", "0", "--out", "tv.pt", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    model = load_model(tmp_path / "tv.pt")
+    assert isinstance(model.layer4[1].conv2, Tucker2Conv) and model.ranksearch_name == "torchvision:resnet18"
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -3,6 +3,7 @@ each worker's sampler draws its own ranks, reproducibly."""
 
 import dataclasses
 import math
+import types
 
 import optuna
 import pytest
@@ -110,6 +111,23 @@ def test_sampler_seeds_are_stable_across_processes_and_fit_32_bits():
     assert all(0 <= sampler_seed(seed, "w", 0) < 2**32 for seed in (0, 2**32 - 1))
 
 
+def test_latency_is_timed_beside_the_baseline_so_that_load_cancels(monkeypatch):
+    """The machine gets 3x slower after the baseline was first timed: a model that is truly half as fast as the
+    baseline still reads baseline_ms x 0.5, the ratio timed side by side."""
+    load = {"factor": 1.0}
+    true_ms = {"baseline": 4.0, "model": 2.0}
+
+    def fake_measure(model, **kwargs):
+        return types.SimpleNamespace(median_ms=true_ms[model.name] * load["factor"])
+
+    monkeypatch.setattr(trial, "measure_latency", fake_measure)
+    monkeypatch.setattr(trial, "deployed_form", lambda model, device: model)
+    config = load_config(SMOKE_CONFIG, {"objectives": ["accuracy", "latency"]})
+    meter = trial.LatencyMeter(config, torch.device("cpu"), types.SimpleNamespace(name="baseline"))
+    load["factor"] = 3.0
+    assert meter.baseline_ms == 4.0 and meter.measure(types.SimpleNamespace(name="model")) == pytest.approx(2.0)
+
+
 def test_latency_objective_is_measured_once_per_architecture(setup, trainings, monkeypatch):
     """Three objectives: values (val accuracy, MACs, latency ms); the latency is measured on the decomposed model
     before its fine-tune, once per set of integer ranks (block1 at 1/32 and 3/32 both round to R = 1 of its 4
@@ -131,7 +149,9 @@ def test_latency_objective_is_measured_once_per_architecture(setup, trainings, m
         study.enqueue_trial(ranks)
     objective = trial.Objective(config, data, baseline)
     study.optimize(objective, n_trials=3)
-    assert len(trainings) == 3 and len(timed) == 1 + 2  # the baseline, then two architectures of three trials
+    architectures = {id(model) for model in timed if model is not objective.latency.baseline}
+    beside = sum(model is objective.latency.baseline for model in timed)  # first alone, then beside each architecture
+    assert len(trainings) == 3 and len(architectures) == 2 and beside == 1 + 2 * trial.PAIRED_ROUNDS
     one, two, three = study.trials
     assert len(one.values) == 3 and one.values[2] == one.user_attrs["latency_ms"] > 0
     assert two.values[2] == one.values[2] and two.user_attrs["latency_s"] == 0 < one.user_attrs["latency_s"]

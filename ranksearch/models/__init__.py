@@ -14,6 +14,7 @@ from .ranks import (
     check_rank,
     get_ranks,
     is_eligible,
+    is_pointwise,
     module_names,
     rank_layers,
     rank_modules,
@@ -35,7 +36,8 @@ from .vgg import VGG, vgg11_cifar, vgg16_cifar, vgg_blocks
 
 __all__ = [
     "RANK_GRID", "RANK_STEPS", "SEARCH_SPACES", "Grouping", "ResNet", "VGG", "attach_rank_buffers", "build_model",
-    "check_model_name", "check_rank", "check_width", "get_ranks", "is_eligible", "model_names", "module_names",
-    "rank_layers", "rank_modules", "ranked_conv", "register_family", "register_model", "resnet18", "resnet20",
-    "resnet56", "scaled_channels", "set_ranks", "top_level_children", "vgg11_cifar", "vgg16_cifar", "vgg_blocks",
+    "check_model_name", "check_rank", "check_width", "get_ranks", "is_eligible", "is_pointwise", "model_names",
+    "module_names", "rank_layers", "rank_modules", "ranked_conv", "register_family", "register_model", "resnet18",
+    "resnet20", "resnet56", "scaled_channels", "set_ranks", "top_level_children", "vgg11_cifar", "vgg16_cifar",
+    "vgg_blocks",
 ]  # fmt: skip

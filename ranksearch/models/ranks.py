@@ -32,14 +32,23 @@ def is_eligible(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Conv2d) and layer.groups == 1 and tuple(layer.kernel_size) != (1, 1)
 
 
+def is_pointwise(layer: nn.Module) -> bool:
+    """A layer SVD may decompose (when the config's ``svd_layers`` is on): a 1x1 conv with groups == 1, or a linear
+    layer."""
+    if isinstance(layer, nn.Linear):
+        return True
+    return isinstance(layer, nn.Conv2d) and layer.groups == 1 and tuple(layer.kernel_size) == (1, 1)
+
+
 def carries_rank(layer: nn.Module) -> bool:
     return "rank" in dict(layer.named_buffers(recurse=False))
 
 
-def attach_rank_buffers(model: nn.Module) -> nn.Module:
-    """Give every eligible conv of ``model`` a ``rank`` buffer of 1.0 (those that have one keep theirs)."""
+def attach_rank_buffers(model: nn.Module, pointwise: bool = False) -> nn.Module:
+    """Give every eligible conv of ``model`` a ``rank`` buffer of 1.0 (those that have one keep theirs); with
+    ``pointwise``, every 1x1 conv and linear layer too (``is_pointwise``: for the SVD switch)."""
     for layer in model.modules():
-        if is_eligible(layer) and not carries_rank(layer):
+        if (is_eligible(layer) or (pointwise and is_pointwise(layer))) and not carries_rank(layer):
             layer.register_buffer("rank", torch.tensor(1.0))
     return model
 
@@ -57,13 +66,16 @@ def rank_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def top_level_children(names: list[str]) -> list[str]:
     """The default grouping: the top-level child holding each layer (``conv1``, ``layer1``, ``stage2``).
 
-    When one top-level child holds every layer (a ``features`` Sequential, as in torchvision's mobilenet_v2,
-    densenet, efficientnet), its children instead (``features.0``, ``features.3``).
+    When fewer than 3 top-level children hold layers (a ``features`` Sequential, maybe a ``classifier``, as in
+    torchvision's mobilenet_v2, densenet, efficientnet), the children of those holding several layers (or all)
+    instead (``features.0``, ``features.3``, ``classifier``).
     """
     parts = [name.split(".") for name in names]
-    if len({p[0] for p in parts}) == 1 and all(len(p) > 1 for p in parts):
-        return [".".join(p[:2]) for p in parts]
-    return [p[0] for p in parts]
+    tops = [p[0] for p in parts]
+    if len(set(tops)) >= 3:
+        return tops
+    split = {top for top in tops if tops.count(top) > 1 or len(set(tops)) == 1}
+    return [".".join(p[:2]) if len(p) > 1 and p[0] in split else p[0] for p in parts]
 
 
 def rank_modules(model: nn.Module, space: str = "module") -> Modules:
@@ -94,7 +106,7 @@ def check_rank(rank: float) -> float:
 
 def _check_undecomposed(modules: Modules) -> None:
     for name, layer in (pair for pairs in modules.values() for pair in pairs):
-        if not isinstance(layer, nn.Conv2d):
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise ValueError(
                 f"set_ranks needs an undecomposed model, but {name} is already a {type(layer).__name__}; "
                 "set the ranks on the original model, then decompose it"

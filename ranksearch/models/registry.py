@@ -110,13 +110,16 @@ def check_width(name: str, width: float) -> float:
     return width
 
 
-def build_model(name: str, num_classes: int = 10, width: float = 1.0) -> nn.Module:
-    """Build a registered model by name, with rank buffers of 1.0 on its eligible convs."""
+def build_model(name: str, num_classes: int = 10, width: float = 1.0, svd_layers: bool = False) -> nn.Module:
+    """Build a registered model by name, with rank buffers of 1.0 on its eligible convs (and, with ``svd_layers``,
+    on its 1x1 convs and linear layers)."""
     check_width(check_model_name(name), width)
     if name in _BUILDERS:
-        return _BUILDERS[name](num_classes=num_classes, width=width)
-    family, variant = _family(name)
-    return _ranked(family.build(variant, num_classes=num_classes, width=width), name, family.grouping)
+        model = _BUILDERS[name](num_classes=num_classes, width=width)
+    else:
+        family, variant = _family(name)
+        model = _ranked(family.build(variant, num_classes=num_classes, width=width), name, family.grouping)
+    return attach_rank_buffers(model, pointwise=True) if svd_layers else model
 
 
 def scaled_channels(channels: int, width: float) -> int:

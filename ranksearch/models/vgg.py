@@ -19,8 +19,9 @@ _CFGS: dict[str, list[list[int]]] = {
 
 
 def vgg_blocks(names: list[str]) -> list[str]:
-    """VGG's grouping rule: the block holding each conv (``features.block3.0`` -> ``block3``)."""
-    return [name.split(".")[1] for name in names]
+    """VGG's grouping rule: the block holding each conv (``features.block3.0`` -> ``block3``); a layer outside the
+    blocks is its own module (``classifier``, ranked when the SVD switch is on)."""
+    return [name.split(".")[1] if name.startswith("features.") else name.split(".")[0] for name in names]
 
 
 def _vgg_block(in_channels: int, widths: list[int]) -> nn.Sequential:

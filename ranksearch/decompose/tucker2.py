@@ -1,11 +1,12 @@
 """Tucker-2 decomposition of convs over their channel modes (Kim et al. 2015, arXiv 1511.06530).
 
 A k x k conv Cin -> Cout becomes 1x1 Cin -> R_in, k x k R_in -> R_out (the core), 1x1 R_out -> Cout.
-Three layers of code: ``tucker2_factors`` (pure math on a weight tensor), ``Tucker2Conv.from_conv``
-(one conv into its replacement) and ``decompose`` (walks a model by its rank buffers).
+Normalized rank r -> R = max(1, round(r * Cout)), R_in = min(R, Cin), R_out = min(R, Cout); MACs per output pixel
+s*Cin*R_in + R_in*R_out*kh*kw + R_out*Cout (s: input pixels per output pixel, for a strided conv), against
+Cout*Cin*kh*kw. Pure math on a weight tensor (``tucker2_factors``, ``hosvd_factors``), then ``Tucker2Conv``
+(one conv into its replacement); ``surgery.decompose`` walks a model.
 """
 
-import copy
 import warnings
 
 import tensorly as tl
@@ -13,7 +14,8 @@ import torch
 from tensorly.decomposition import partial_tucker
 from torch import nn
 
-from .models import rank_modules
+from ..models import is_eligible, rank_layers
+from .layer import DecomposedLayer, FactorOptions
 
 
 def tucker2_ranks(rank: float, in_channels: int, out_channels: int) -> tuple[int, int]:
@@ -41,10 +43,7 @@ def tucker2_macs_per_pixel(conv: nn.Conv2d, rank_in: int, rank_out: int) -> floa
 
 def should_decompose(conv: nn.Conv2d, rank: float) -> bool:
     """True when the conv is decomposable and its Tucker-2 form has fewer MACs than the conv."""
-    if conv.groups != 1 or conv.kernel_size == (1, 1):
-        return False
-    rank_in, rank_out = tucker2_ranks(rank, conv.in_channels, conv.out_channels)
-    return tucker2_macs_per_pixel(conv, rank_in, rank_out) < conv_macs_per_pixel(conv)
+    return Tucker2Conv.applies_to(conv) and Tucker2Conv.cheaper(conv, rank)
 
 
 def tucker2_factors(
@@ -125,12 +124,14 @@ def factorize(
     return hosvd_factors(weight, rank_in, rank_out, bases, refine_iters if method == "hosvd+refine" else 0)
 
 
-class Tucker2Conv(nn.Module):
+class Tucker2Conv(DecomposedLayer):
     """1x1 Cin -> R_in, k x k R_in -> R_out (stride, padding, dilation of the original), 1x1 R_out -> Cout."""
+
+    method, code = "tucker2", 1
 
     def __init__(self, conv: nn.Conv2d, rank: float, ranks: tuple[int, int] | None = None):
         """The layer shapes for ``conv`` at normalized ``rank``; ``ranks`` (R_in, R_out) overrides the rule."""
-        super().__init__()
+        super().__init__(rank)
         rank_in, rank_out = ranks or tucker2_ranks(rank, conv.in_channels, conv.out_channels)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.first = nn.Conv2d(conv.in_channels, rank_in, 1, bias=False)
@@ -145,8 +146,32 @@ class Tucker2Conv(nn.Module):
             bias=False,
         )
         self.last = nn.Conv2d(rank_out, conv.out_channels, 1, bias=conv.bias is not None)
-        self.register_buffer("rank", torch.tensor(float(rank)))
         self.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+    @staticmethod
+    def applies_to(layer: nn.Module) -> bool:
+        return is_eligible(layer)  # a k x k conv (k > 1) with groups == 1
+
+    @classmethod
+    def integer_ranks(cls, layer: nn.Module, rank: float) -> tuple[int, int]:
+        return tucker2_ranks(rank, layer.in_channels, layer.out_channels)
+
+    @classmethod
+    def macs_per_pixel(cls, layer: nn.Module, ranks: tuple[int, int]) -> float:
+        return tucker2_macs_per_pixel(layer, *ranks)
+
+    @classmethod
+    def saved_ranks(cls, state_dict: dict[str, torch.Tensor], name: str) -> tuple[int, int]:
+        first, core = state_dict[f"{name}.first.weight"], state_dict[f"{name}.core.weight"]
+        return first.shape[0], core.shape[0]  # (R_in, Cin, 1, 1), (R_out, R_in, kh, kw)
+
+    @classmethod
+    def shaped(cls, layer: nn.Module, rank: float, ranks: tuple[int, ...] | None = None) -> "Tucker2Conv":
+        return cls(layer, rank, ranks)
+
+    @classmethod
+    def factorized(cls, layer: nn.Module, rank: float, name: str, options: FactorOptions) -> "Tucker2Conv":
+        return cls.from_conv(layer, rank, options.tucker2_method, options.bases.get(name), options.refine_iters)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: float, method: str = "hosvd", bases: Bases | None = None,
@@ -163,94 +188,16 @@ class Tucker2Conv(nn.Module):
                 layer.last.bias.copy_(conv.bias)
         return layer
 
+    def integer_rank(self) -> int:
+        return max(1, round(float(self.rank) * self.out_channels))  # R, before the clamp to each mode
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(self.core(self.first(x)))
 
 
-def decompose(
-    model: nn.Module, inplace: bool = False, factorize: bool = True, method: str = "hosvd",
-    bases: dict[str, Bases] | None = None, refine_iters: int = 2,
-) -> nn.Module:  # fmt: skip
-    """Replace every conv whose rank buffer makes Tucker-2 cheaper by its Tucker-2 form.
-
-    Convs that would not get cheaper stay as they are (their buffer still records the rank).
-    ``method``: "hosvd" (the default, as in the config), "hosvd+refine" (truncations of ``bases``, the
-    cached ``channel_bases`` by conv name, computed here when absent) or "hooi" (TensorLy's partial_tucker).
-    ``factorize=False`` builds the layer shapes only (e.g. to count the MACs of a rank choice).
-    """
-    if not inplace:
-        model = copy.deepcopy(model)
-    for layers in rank_modules(model).values():
-        for name, layer in layers:
-            if not isinstance(layer, nn.Conv2d):
-                continue  # already decomposed
-            rank = float(layer.rank)
-            if not should_decompose(layer, rank):
-                continue
-            if factorize:
-                conv_bases = (bases or {}).get(name)
-                new = Tucker2Conv.from_conv(layer, rank, method, conv_bases, refine_iters)
-            else:
-                new = Tucker2Conv(layer, rank)
-            model.set_submodule(name, new)
-    return model
-
-
 def model_bases(model: nn.Module) -> dict[str, Bases]:
-    """``channel_bases`` of every undecomposed conv of ``model``, by qualified name."""
-    return {
-        name: channel_bases(layer.weight)
-        for layers in rank_modules(model).values()
-        for name, layer in layers
-        if isinstance(layer, nn.Conv2d)
-    }
-
-
-TUCKER2_KEYS = ("first.weight", "core.weight", "last.weight")
-
-
-def _saved_tucker2_ranks(state_dict: dict[str, torch.Tensor], name: str) -> tuple[int, int] | None:
-    """(R_in, R_out) of conv ``name`` when ``state_dict`` holds it in Tucker-2 form, else None."""
-    tensors = [state_dict.get(f"{name}.{key}") for key in TUCKER2_KEYS]
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in tensors):
-        return None
-    first, core, _ = tensors  # (R_in, Cin, 1, 1), (R_out, R_in, kh, kw), (Cout, R_out, 1, 1)
-    return first.shape[0], core.shape[0]
-
-
-def _check_fits(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """A one-line ValueError unless ``state_dict`` has exactly the keys and shapes of ``model``'s."""
-    expected = model.state_dict()
-    common = expected.keys() & state_dict.keys()
-    problems = {
-        "missing": expected.keys() - state_dict.keys(),
-        "unexpected": state_dict.keys() - expected.keys(),
-        "wrong shape of": {k for k in common if expected[k].shape != state_dict[k].shape},
-    }
-    found = [f"{what} {min(keys)!r}" + (f" (+{len(keys) - 1} more)" if len(keys) > 1 else "")
-             for what, keys in problems.items() if keys]  # fmt: skip
-    if found:
-        raise ValueError(f"state_dict does not fit the {type(model).__name__}: {'; '.join(found)}")
-
-
-def decomposed_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """Load a (possibly decomposed) state_dict into an undecomposed ``model`` of the same architecture.
-
-    The saved tensors decide each conv's form, not today's rules: a conv saved as ``<name>.first/core/last``
-    becomes a Tucker2Conv with the saved R_in and R_out; any other stays a plain conv. A state_dict that does
-    not fit (keys or shapes) raises a one-line ValueError.
-    """
-    for layers in rank_modules(model).values():
-        for name, layer in layers:
-            key = f"{name}.rank"
-            if key not in state_dict:
-                raise ValueError(f"state_dict has no rank buffer {key!r}: not a ranksearch model")
-            ranks = _saved_tucker2_ranks(state_dict, name)
-            if ranks is not None and isinstance(layer, nn.Conv2d):
-                model.set_submodule(name, Tucker2Conv(layer, float(layer.rank), ranks))
-    _check_fits(model, state_dict)
-    model.load_state_dict(state_dict)
-    return model
+    """``channel_bases`` of every undecomposed k x k conv of ``model`` (those Tucker-2 applies to), by name."""
+    return {name: channel_bases(layer.weight) for name, layer in rank_layers(model) if Tucker2Conv.applies_to(layer)}
 
 
 def reconstruction_error(conv: nn.Conv2d, layer: Tucker2Conv) -> float:
@@ -260,6 +207,3 @@ def reconstruction_error(conv: nn.Conv2d, layer: Tucker2Conv) -> float:
         last = layer.last.weight[:, :, 0, 0]  # (Cout, R_out)
         full = torch.einsum("or,rshw,si->oihw", last, layer.core.weight, first)  # (Cout, Cin, kh, kw)
         return float(torch.linalg.norm(full - conv.weight) / torch.linalg.norm(conv.weight))
-
-
-__all__ = ["decompose", "Tucker2Conv", "tucker2_factors", "tucker2_ranks", "should_decompose"]

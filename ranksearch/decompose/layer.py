@@ -1,0 +1,96 @@
+"""What a decomposed layer is, whatever the method: the replacement of one conv or linear layer, carrying its
+normalized rank (``rank`` buffer) and a record of its method (``decomposition`` buffer, the method's code), so that
+a state_dict alone says how to rebuild it.
+
+Each method (``tucker2``, ``cp``, ``svd``) subclasses ``DecomposedLayer`` and fills in its rules: which layers it
+applies to, the integer rank(s) a normalized rank gives, the MACs of its form, and how to factorize a weight.
+"""
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class DecompositionError(ValueError):
+    """A factorization that cannot be used (non-finite or exploding); the trial fails with this reason."""
+
+
+@dataclass
+class FactorOptions:
+    """How to factorize, for the methods that have choices (the config's values)."""
+
+    tucker2_method: str = "hosvd"  # "hosvd", "hosvd+refine" or "hooi" (Tucker-2 only)
+    bases: dict = field(default_factory=dict)  # cached Tucker-2 channel bases by layer name
+    refine_iters: int = 2  # HOOI sweeps after the HOSVD start, for "hosvd+refine"
+    cp_iters: int = 50  # CP-ALS sweeps (CP only)
+
+
+def original_macs_per_pixel(layer: nn.Module) -> int:
+    """MACs of an undecomposed conv per output pixel (Cout * Cin/groups * kh * kw), or of a linear layer per input
+    row (in * out)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features * layer.out_features
+    kh, kw = layer.kernel_size
+    return layer.out_channels * layer.in_channels // layer.groups * kh * kw
+
+
+def stride_area(layer: nn.Module) -> int:
+    """Input pixels per output pixel (a first 1x1 conv runs at the input's resolution)."""
+    stride = getattr(layer, "stride", (1, 1))
+    return stride[0] * stride[1]
+
+
+class DecomposedLayer(nn.Module):
+    """Base of every method's replacement layer."""
+
+    method: ClassVar[str]  # the registry's name of the method
+    code: ClassVar[int]  # its code in the ``decomposition`` buffer
+
+    def __init__(self, rank: float):
+        super().__init__()
+        self.register_buffer("rank", torch.tensor(float(rank)))
+        self.register_buffer("decomposition", torch.tensor(self.code))
+
+    # ----- rules, on the layer to replace ------------------------------------------------------------------------
+
+    @staticmethod
+    def applies_to(layer: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def integer_ranks(cls, layer: nn.Module, rank: float) -> tuple[int, ...]:
+        """The integer rank(s) of the method's form of ``layer`` at normalized ``rank``."""
+        raise NotImplementedError
+
+    @classmethod
+    def macs_per_pixel(cls, layer: nn.Module, ranks: tuple[int, ...]) -> float:
+        """MACs per output pixel (per row, for a linear layer) of the method's form at integer ``ranks``."""
+        raise NotImplementedError
+
+    @classmethod
+    def cheaper(cls, layer: nn.Module, rank: float) -> bool:
+        """True when the method's form of ``layer`` at ``rank`` has fewer MACs than ``layer`` (else it is kept)."""
+        return cls.macs_per_pixel(layer, cls.integer_ranks(layer, rank)) < original_macs_per_pixel(layer)
+
+    @classmethod
+    def saved_ranks(cls, state_dict: dict[str, torch.Tensor], name: str) -> tuple[int, ...]:
+        """The integer ranks of layer ``name`` as saved in ``state_dict`` (read from its tensors' shapes)."""
+        raise NotImplementedError
+
+    # ----- building ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def shaped(cls, layer: nn.Module, rank: float, ranks: tuple[int, ...] | None = None) -> "DecomposedLayer":
+        """The replacement's layers for ``layer`` (random weights); ``ranks`` overrides the rank rule."""
+        raise NotImplementedError
+
+    @classmethod
+    def factorized(cls, layer: nn.Module, rank: float, name: str, options: FactorOptions) -> "DecomposedLayer":
+        """The replacement of ``layer`` (named ``name`` in its model) with its factors as weights."""
+        raise NotImplementedError
+
+    def integer_rank(self) -> int:
+        """The rank that says how big this layer is (the largest of its integer ranks)."""
+        raise NotImplementedError
