@@ -333,8 +333,7 @@ def print_result(label: str, row: dict, baseline, epochs: int) -> None:
 # ----- latency: a latency-objective study against the MACs front --------------------------------------------
 
 
-def latency_stage(work: Path, config_path: Path, data_dir: str, baseline, trials: int, steps: int, macs_study: str):
-    study = "quality-latency"
+def latency_stage(work: Path, config_path: Path, data_dir: str, trials: int, steps: int, macs_study: str, study: str):
     extra = ["--objectives", "accuracy,latency", "--finetune-steps", str(steps)]
     run_study(work, config_path, data_dir, study, trials, extra)
     fronts = {name: load_study(work, name).best_trials for name in (macs_study, study)}
@@ -384,6 +383,7 @@ def main() -> None:
     parser.add_argument("--samplers", default=",".join(SAMPLERS), help="samplers: which arms, comma-separated")
     parser.add_argument("--study", default="quality-tpe", help="result: the MACs studies to take the best trial "
                         "from (comma-separated); latency: the MACs study to compare with")  # fmt: skip
+    parser.add_argument("--latency-study", default="quality-latency", help="latency: the study to add trials to")
     parser.add_argument("--refine-epochs", type=int, default=10, help="result: epochs of the refine (default 10)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -404,7 +404,8 @@ def main() -> None:
         result(args.work, baseline, args.study.split(","), args.refine_epochs)
     elif args.stage == "latency":
         steps = args.finetune_steps or config.finetune_steps
-        latency_stage(args.work, args.config.resolve(), args.data_dir, baseline, args.trials, steps, args.study)
+        latency_stage(args.work, args.config.resolve(), args.data_dir, args.trials, steps, args.study,
+                      args.latency_study)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def _parse_ranks(text: str) -> list[float]:
 
 
 def _parse_names(text: str) -> list[str]:
-    return [token.strip() for token in text.split(",")]
+    """Comma-separated names; "none" is the empty list."""
+    return [] if text.strip() == "none" else [token.strip() for token in text.split(",")]
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +59,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
                         help="try these module ranks first (k/32 each, one per module); repeat for more")  # fmt: skip
     parser.add_argument("--warm-start", type=_parse_names, metavar="vbmf,uniform",
                         help="then try these first: vbmf (the `ranks --vbmf` point), uniform (all modules at "
-                        "2, 4, 8, 16 /32); vectors the study holds are skipped")  # fmt: skip
+                        "2, 4, 8, 16 /32; the default), or none; vectors the study holds are skipped")  # fmt: skip
     parser.add_argument("--workers", type=int, help="processes adding trials to the study on this machine (default 1)")
     parser.add_argument("--heartbeat-seconds", type=int,
                         help="a silent worker's trial is failed and retried after 2x this (default 60)")  # fmt: skip

@@ -65,7 +65,9 @@ class Config:
     storage: str | None = None  # Optuna storage URL; default sqlite:///studies/<study_name>.db
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     enqueue_ranks: list[list[float]] = field(default_factory=list)  # rank vectors to try first
-    warm_start: list[str] = field(default_factory=list)  # then these (WARM_STARTS: "vbmf", "uniform"), see warmstart
+    # then these before the sampler's draws (WARM_STARTS: "vbmf", "uniform"; [] for none), see warmstart: the uniform
+    # sweep first, then TPE, beat TPE alone at every budget in BENCHMARKS.md ("Samplers at equal budget")
+    warm_start: list[str] = field(default_factory=lambda: ["uniform"])
     weights_dir: str | None = None  # Pareto trials' weights; default studies/<study_name>-weights
     # workers
     workers: int = 1  # processes on this machine adding trials to the study (GPU i mod G; CPU cores split)
@@ -253,6 +255,7 @@ def _check_warm_start(config: Config) -> None:
     unknown = [kind for kind in config.warm_start if kind not in WARM_STARTS]
     if unknown:
         valid, got = " or ".join(WARM_STARTS), reprlib.repr(unknown[0])
-        raise UserError(f"warm_start must name {valid} (e.g. --warm-start vbmf,uniform), got {got}")
+        raise UserError(f"warm_start must name {valid} (e.g. --warm-start vbmf,uniform; --warm-start none for none), "
+                        f"got {got}")  # fmt: skip
     if "vbmf" in config.warm_start and config.decomposition != "tucker2":
         raise UserError(f"warm start vbmf estimates Tucker-2 ranks, not {config.decomposition}'s; use uniform")

@@ -221,8 +221,9 @@ def test_run_and_export_a_resnet20(tmp_path, tiny_imagefolder):
 @pytest.mark.slow
 def test_run_and_export_a_torchvision_resnet18_in_layer_space(tmp_path, tiny_imagefolder):
     smoke = ("--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--pretrain-epochs", "1")
+    ranks = ",".join(["4/32"] * 17)
     result = run_cli("run", *smoke, "--model", "torchvision:resnet18", "--width", "1", "--search-space", "layer",
-                     "--study-name", "tv", "--ranks", ",".join(["4/32"] * 17), "--trials", "2", cwd=tmp_path)  # fmt: skip
+                     "--study-name", "tv", "--ranks", ranks, "--trials", "2", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="tv", storage=f"sqlite:///{tmp_path / 'studies' / 'tv.db'}")
     assert len(study.trials[0].params) == 17 and "rank_layer4.1.conv2" in study.trials[0].params  # 17 3x3+ convs

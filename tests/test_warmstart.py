@@ -272,3 +272,11 @@ def test_run_warm_start_queues_vbmf_then_uniform_and_a_second_run_skips_them(wor
     assert f"enqueued 0: none; skipped {len(expected)} already in the study or repeated" in second.stdout
     params, trials = study_params(workdir)
     assert params == expected and [t.state.name for t in trials[:3]] == ["COMPLETE"] * 3
+
+
+def test_the_uniform_sweep_is_the_default_warm_start_and_none_turns_it_off():
+    from ranksearch.cli import _parse_names
+
+    assert load_config(None, {}).warm_start == ["uniform"]
+    assert _parse_names("none") == [] and load_config(None, {"warm_start": _parse_names("none")}).warm_start == []
+    assert load_config(SMOKE_CONFIG, {}).warm_start == []  # the tests' config chooses its own ranks
