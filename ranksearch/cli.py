@@ -44,7 +44,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, help="trials to ADD to the study (a re-run resumes it); default 200")
-    parser.add_argument("--study-name", help="Optuna study name (default from the config)")
+    parser.add_argument("--study-name", help="Optuna study name (default: the config's, else <model>-cifar10)")
     parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study-name>.db)")
     parser.add_argument("--sampler", help="tpe | nsga2 | random")
     parser.add_argument("--objectives", type=parse_objectives, metavar="accuracy,COST[,COST]",

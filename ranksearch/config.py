@@ -61,7 +61,7 @@ class Config:
     sampler: str = "tpe"  # "tpe" (Optuna's default multi-objective TPE), "nsga2" or "random"
     seed: int = 0  # seeds the sampler, the pretraining and each trial's fine-tune
     trials: int = 200  # trials a `run` adds to the study
-    study_name: str = "vgg16-cifar10"  # Optuna study name
+    study_name: str = "vgg16-cifar10"  # Optuna study name; unset, "<model>-cifar10" (":" as "-")
     storage: str | None = None  # Optuna storage URL; default sqlite:///studies/<study_name>.db
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     enqueue_ranks: list[list[float]] = field(default_factory=list)  # rank vectors to try first
@@ -163,6 +163,8 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Confi
     if unknown:
         raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
     config = Config(**{k: _coerce(k, v, fields[k]) for k, v in values.items()})
+    if "study_name" not in values:  # a study per model unless named: resnet20-cifar10, torchvision-resnet18-cifar10
+        config.study_name = f"{config.model.replace(':', '-')}-cifar10"
     validate(config)
     return config
 

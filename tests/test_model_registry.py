@@ -233,3 +233,10 @@ def test_run_and_export_a_torchvision_resnet18_in_layer_space(tmp_path, tiny_ima
     assert isinstance(model.layer4[1].conv2, Tucker2Conv) and model.ranksearch_name == "torchvision:resnet18"
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_each_model_gets_a_study_of_its_own_unless_one_is_named():
+    assert load_config(None, {}).study_name == "vgg16-cifar10"
+    assert load_config(None, {"model": "resnet20"}).study_name == "resnet20-cifar10"
+    assert load_config(None, {"model": "torchvision:resnet18"}).study_name == "torchvision-resnet18-cifar10"
+    assert load_config(None, {"model": "resnet20", "study_name": "mine"}).study_name == "mine"
