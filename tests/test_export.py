@@ -102,7 +102,9 @@ def test_exported_model_is_the_trials_model(smoke_study, tiny_imagefolder):
     assert (payload["macs"], payload["params"]) == (trial.values[1], trial.user_attrs["params"])
     assert val_accuracy(model, tiny_imagefolder) == pytest.approx(trial.values[0], abs=0.001)
     assert payload["study_name"] == "smoke" and payload["config"]["width"] == 0.0625
-    assert payload["file_version"] == 2 and (payload["device"], payload["eval_dtype"]) == ("cpu", "fp32")
+    assert payload["file_version"] == 3 and (payload["device"], payload["eval_dtype"]) == ("cpu", "fp32")
+    records = {int(v) for k, v in payload["state_dict"].items() if k.endswith(".decomposition")}
+    assert records == {Tucker2Conv.code}  # each decomposed layer records its method
     assert payload["measured_with"]["device"] == "cpu"
     assert model.input_spec == payload["input"] == INPUT_SPEC and model.classes == payload["classes"] == CLASSES
 
@@ -186,8 +188,8 @@ def _save(tmp_path, payload: dict) -> Path:
 
 
 def test_a_file_from_a_newer_release_asks_for_an_upgrade(tmp_path):
-    path = _save(tmp_path, _payload(file_version=3, ranksearch_version="0.9.0"))
-    with pytest.raises(UserError, match=r"written by ranksearch 0.9.0 \(file version 3\); upgrade ranksearch"):
+    path = _save(tmp_path, _payload(file_version=4, ranksearch_version="0.9.0"))
+    with pytest.raises(UserError, match=r"written by ranksearch 0.9.0 \(file version 4\); upgrade ranksearch"):
         load_model(path)
 
 
