@@ -10,7 +10,7 @@ R * (s*Cin + sw*kh + kw + Cout).
 
 Factors by CP-ALS from an SVD start: TensorLy ``parafac``'s algorithm and start, written here for 4-way conv
 weights, because TensorLy's Khatri-Rao products dominate its time: 50 sweeps of a random 128 -> 128 3x3 weight at
-R = 141 take 1.6 s here against ~17 s in ``parafac`` (one CPU core), to the same error (0.748 vs 0.755).
+R = 141 take 1.6 s here against ~27 s in ``parafac`` (one CPU core), to the same error (0.748 vs 0.755).
 CP-ALS can fail at some ranks: a non-finite reconstruction, one worse than
 none (relative error > 1), or a degenerate one (terms that cancel: sum of term norms > 100 x the weight's norm)
 raises ``DecompositionError`` with the reason, which fails that trial only.
