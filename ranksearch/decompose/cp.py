@@ -167,10 +167,6 @@ class CPConv(DecomposedLayer):
         return (state_dict[f"{name}.first.weight"].shape[0],)  # (R, Cin, 1, 1)
 
     @classmethod
-    def shaped(cls, layer: nn.Module, rank: float, ranks: tuple[int, ...] | None = None) -> "CPConv":
-        return cls(layer, rank, ranks)
-
-    @classmethod
     def factorized(cls, layer: nn.Module, rank: float, name: str, options: FactorOptions) -> "CPConv":
         new = cls(layer, rank)
         try:

@@ -83,8 +83,9 @@ class DecomposedLayer(nn.Module):
 
     @classmethod
     def shaped(cls, layer: nn.Module, rank: float, ranks: tuple[int, ...] | None = None) -> "DecomposedLayer":
-        """The replacement's layers for ``layer`` (random weights); ``ranks`` overrides the rank rule."""
-        raise NotImplementedError
+        """The replacement's layers for ``layer`` (random weights); ``ranks`` overrides the rank rule. Every method's
+        constructor takes (layer, rank, ranks)."""
+        return cls(layer, rank, ranks)
 
     @classmethod
     def factorized(cls, layer: nn.Module, rank: float, name: str, options: FactorOptions) -> "DecomposedLayer":

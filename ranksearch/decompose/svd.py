@@ -63,10 +63,6 @@ class SVDLayer(DecomposedLayer):
         return (state_dict[f"{name}.first.weight"].shape[0],)  # (R, Cin) or (R, Cin, 1, 1)
 
     @classmethod
-    def shaped(cls, layer: nn.Module, rank: float, ranks: tuple[int, ...] | None = None) -> "SVDLayer":
-        return cls(layer, rank, ranks)
-
-    @classmethod
     def factorized(cls, layer: nn.Module, rank: float, name: str, options: FactorOptions) -> "SVDLayer":
         new = cls(layer, rank)
         first, last = svd_factors(layer.weight.flatten(1), new.integer_rank())  # (R, Cin), (Cout, R)

@@ -166,10 +166,6 @@ class Tucker2Conv(DecomposedLayer):
         return first.shape[0], core.shape[0]  # (R_in, Cin, 1, 1), (R_out, R_in, kh, kw)
 
     @classmethod
-    def shaped(cls, layer: nn.Module, rank: float, ranks: tuple[int, ...] | None = None) -> "Tucker2Conv":
-        return cls(layer, rank, ranks)
-
-    @classmethod
     def factorized(cls, layer: nn.Module, rank: float, name: str, options: FactorOptions) -> "Tucker2Conv":
         return cls.from_conv(layer, rank, options.tucker2_method, options.bases.get(name), options.refine_iters)
 
