@@ -55,6 +55,8 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decomposition", help="what k x k convs become: tucker2 (default) | cp")
     parser.add_argument("--svd-layers", action=argparse.BooleanOptionalAction, default=None,
                         help="also rank 1x1 convs and linear layers, decomposed by truncated SVD")  # fmt: skip
+    parser.add_argument("--decompose-method", help="how factors are chosen: activation (reproduce each layer's "
+                        "outputs on real images) | hosvd | hosvd+refine | hooi (Tucker-2 weight fits)")  # fmt: skip
     parser.add_argument("--ranks", action="append", metavar="R1,R2,...",
                         help="try these module ranks first (k/32 each, one per module); repeat for more")  # fmt: skip
     parser.add_argument("--warm-start", type=_parse_names, metavar="vbmf,uniform",
@@ -204,7 +206,15 @@ def _export_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objective", help="the cost 'best' minimises: macs, params or latency (default: the "
                         "study's first cost)")  # fmt: skip
     parser.add_argument("--max-drop", type=float, default=1.0, help="percentage points of val accuracy (default 1.0)")
-    parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the chosen model E epochs longer")
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="refine the chosen model E epochs: rate "
+                        "rewound to --refine-lr, distilled from the baseline; a killed export resumes")  # fmt: skip
+    parser.add_argument("--refine-lr", type=float, help="peak learning rate of the refine (default 0.05)")
+    parser.add_argument("--refine-warmup-epochs", type=float, help="epochs of linear warm-up from lr/10 to the "
+                        "peak, then cosine to 0 (default 0.3)")  # fmt: skip
+    parser.add_argument("--refine-distill", type=float, help="weight in [0, 1] of distillation from the study's "
+                        "baseline in the refine loss (default 0.9; 0 = off)")  # fmt: skip
+    parser.add_argument("--from-scratch-check", action="store_true", help="also train the same architecture from "
+                        "new weights for as many steps (fine-tune + refine) and print both")  # fmt: skip
     parser.add_argument("--format", default="pt", help="pt, onnx, torchscript, comma-separated (the .pt, which "
                         "load_model reads, is always written)")  # fmt: skip
     parser.add_argument("--out", required=True, type=Path, help="output file, e.g. exports/best.pt or best.onnx: "
@@ -213,16 +223,40 @@ def _export_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto | cpu | cuda (default: the device the trial ran on)")
 
 
+def _refine_recipe(args: argparse.Namespace):
+    """The default refine recipe with the ``--refine-*`` flags given, checked."""
+    import dataclasses
+
+    from .refine import RefineRecipe
+
+    flags = {"lr": args.refine_lr, "warmup_epochs": args.refine_warmup_epochs, "distill_weight": args.refine_distill}
+    given = {field: value for field, value in flags.items() if value is not None}
+    if given and args.finetune_epochs == 0:
+        raise UserError("--refine-lr, --refine-warmup-epochs and --refine-distill need --finetune-epochs E > 0")
+    checks = {
+        "lr": ("--refine-lr", lambda v: v > 0, "a finite number > 0"),
+        "warmup_epochs": ("--refine-warmup-epochs", lambda v: v >= 0, "a finite number >= 0"),
+        "distill_weight": ("--refine-distill", lambda v: 0 <= v <= 1, "a weight in [0, 1] (0 = no distillation)"),
+    }
+    for field, value in given.items():
+        flag, ok, wanted = checks[field]
+        if not (math.isfinite(value) and ok(value)):
+            raise UserError(f"{flag} must be {wanted}, got {value}")
+    return dataclasses.replace(RefineRecipe(), **given)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_out, choose_trial, export_device, export_trial, parse_formats
 
     formats = parse_formats(args.format)
     if args.finetune_epochs < 0 or args.max_drop < 0:
         raise UserError("--finetune-epochs and --max-drop must be 0 or more")
+    recipe = _refine_recipe(args)
     paths = check_out(args.out, formats)
     study = _open_study(args)
     trial = choose_trial(study, args.trial, args.max_drop, args.objective)
-    export_trial(study, trial, args.data_dir, export_device(trial, args.device), paths, args.finetune_epochs)
+    export_trial(study, trial, args.data_dir, export_device(trial, args.device), paths, args.finetune_epochs,
+                 recipe, args.from_scratch_check)  # fmt: skip
     return 0
 
 

@@ -46,7 +46,9 @@ class Config:
     finetune_schedule: str = "cosine"  # "cosine" (to 0) or "constant"
     decomposition: str = "tucker2"  # what k x k convs become: "tucker2" (Kim et al.) or "cp" (Lebedev et al.)
     svd_layers: bool = False  # also search ranks of 1x1 convs and linear layers, decomposed by truncated SVD
-    decompose_method: str = "hosvd"  # "hosvd" (cached bases, truncated), "hosvd+refine" or "hooi" (partial_tucker)
+    decompose_method: str = "hosvd"  # "hosvd" (cached bases, truncated), "hosvd+refine", "hooi" (partial_tucker), or
+    # "activation": factors that reproduce each layer's outputs on real training images (every decomposition)
+    activation_images: int = 512  # training images whose layer statistics the "activation" method uses (cached)
     refine_iters: int = 2  # HOOI sweeps after the HOSVD start, for "hosvd+refine"
     distill_weight: float = 0.0  # knowledge distillation from the baseline in the fine-tune: 0 = off, 1 = KD only
     distill_temperature: float = 4.0  # softmax temperature of the distillation loss
@@ -97,7 +99,7 @@ CHOICES = {
     "finetune_schedule": ("cosine", "constant"),
     "sampler": ("tpe", "nsga2", "random"),
     "device": ("auto", "cpu", "cuda"),
-    "decompose_method": ("hosvd", "hosvd+refine", "hooi"),
+    "decompose_method": ("hosvd", "hosvd+refine", "hooi", "activation"),
     "decomposition": ("tucker2", "cp"),
     "search_space": SEARCH_SPACES,
 }
@@ -215,6 +217,7 @@ RANGES = {
     "finetune_steps": Interval(0, COUNT_MAX),
     "finetune_lr": Interval(0, low_open=True),
     "refine_iters": Interval(0, COUNT_MAX),
+    "activation_images": Interval(1, COUNT_MAX),
     "bn_recalibration_batches": Interval(0, COUNT_MAX),
     "latency_batch": Interval(1, COUNT_MAX),
     "distill_weight": Interval(0, 1),

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .baseline import cached_bases, load_baseline, new_model
+from .baseline import load_baseline, new_model
 from .config import Config
 from .data import CIFAR_MEAN, CIFAR_STD, DeviceData, device_data
 from .decompose import decomposed_from_state_dict
@@ -25,8 +25,9 @@ from .fold import fold_batchnorm
 from .measure import count_macs
 from .models import build_model
 from .objectives import COSTS, DEFAULT_OBJECTIVES, cost, costs_text, study_objectives
-from .train import evaluate, finetune, precision, resolve_device, steps_per_epoch, use_deterministic_kernels
-from .trial import trial_model, trial_seed
+from .refine import RefineRecipe, from_scratch, refine
+from .train import evaluate, precision, resolve_device, steps_per_epoch, use_deterministic_kernels
+from .trial import trial_bases, trial_model, trial_seed
 from .weights import WeightsStore
 
 FILE_KIND = "ranksearch-model"
@@ -47,7 +48,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 BEFORE_FIELD_EXISTED = {
     "decompose_method": "hooi", "refine_iters": 0, "distill_weight": 0.0, "distill_temperature": 4.0,
     "compile": False, "bn_recalibration_batches": 0, "objectives": DEFAULT_OBJECTIVES, "latency_batch": 1,
-    "search_space": "module", "decomposition": "tucker2", "svd_layers": False,
+    "search_space": "module", "decomposition": "tucker2", "svd_layers": False, "activation_images": 512,
 }  # fmt: skip
 
 
@@ -138,7 +139,7 @@ def rebuild_trial(
     baseline = load_baseline(path, config, data.device)
     ranks = {name.removeprefix("rank_"): value for name, value in trial.params.items()}
     seed = trial.user_attrs.get("seed", trial_seed(config, trial.number))
-    bases = cached_bases(baseline.model, path) if config.decompose_method != "hooi" else None
+    bases = trial_bases(config, baseline, data)  # what the search truncated: the same cached files
     use_deterministic_kernels(data.device)  # as the search ran
     model, _ = trial_model(baseline.model, ranks, config, data, seed, bases)
     return model, f"fine-tune re-run from seed {seed}"
@@ -191,10 +192,37 @@ def check_same_data(study: optuna.Study, data: DeviceData, data_dir: str) -> Non
         )
 
 
-def finetune_longer(model: nn.Module, config: Config, data: DeviceData, epochs: int, seed: int) -> None:
-    """The usual last step after a search: ``epochs`` more epochs of the trial's fine-tune recipe."""
-    longer = dataclasses.replace(config, finetune_steps=epochs * steps_per_epoch(data, config.batch_size))
-    finetune(model, data, longer, seed)
+# ----- refining it -----------------------------------------------------------------------------------------------
+
+
+def refine_checkpoint(pt: Path) -> Path:
+    """Where the refine of an export keeps its per-epoch checkpoint: ``<pt>.refine.pt`` beside the .pt."""
+    return pt.with_name(pt.name + ".refine.pt")
+
+
+def study_teacher(study: optuna.Study, config: Config, device: torch.device) -> nn.Module:
+    """The study's baseline, the teacher of a distilled refine; a one-line UserError when its file is gone."""
+    recorded = study.user_attrs.get("baseline_path")
+    if not recorded or not Path(recorded).is_file():
+        raise UserError(
+            f"the study's baseline {recorded or '(not recorded)'}, the teacher of the refine's distillation, is "
+            "gone; pass --refine-distill 0 to refine without distillation"
+        )
+    return load_baseline(Path(recorded), config, device).model
+
+
+def check_from_scratch(
+    model: nn.Module, data: DeviceData, config: Config, epochs: int, seed: int, scores: dict[str, float]
+) -> dict:
+    """Train ``model``'s architecture from new weights for as many steps as the trial's fine-tune and the refine
+    took together; print its accuracies beside ``scores`` (the exported model's) and return them with the steps."""
+    steps = config.finetune_steps + epochs * steps_per_epoch(data, config.batch_size)
+    found = {"steps": steps, **_scores(from_scratch(model, data, config, steps, seed), data, config)}
+    label = "refined" if epochs > 0 else "exported"
+    print(f"from scratch, same architecture and steps ({steps:,}): val {found['val_accuracy']:.2%}, "
+          f"test {found['test_accuracy']:.2%}  ({label}: val {scores['val_accuracy']:.2%}, "
+          f"test {scores['test_accuracy']:.2%})")  # fmt: skip
+    return found
 
 
 # ----- files -----------------------------------------------------------------------------------------------------
@@ -367,11 +395,15 @@ def _scores(model: nn.Module, data: DeviceData, config: Config) -> dict[str, flo
 
 def export_trial(
     study: optuna.Study, trial: optuna.trial.FrozenTrial, data_dir: str | None, device: torch.device,
-    paths: dict[str, Path], finetune_epochs: int = 0,
+    paths: dict[str, Path], finetune_epochs: int = 0, recipe: RefineRecipe | None = None,
+    from_scratch_check: bool = False,
 ) -> dict[str, Path]:  # fmt: skip
-    """Rebuild and verify ``trial``'s model, optionally fine-tune it longer, and write it to ``paths`` (format ->
-    file, from ``check_out``)."""
-    config = study_config(study)
+    """Rebuild and verify ``trial``'s model, optionally refine it ``finetune_epochs`` epochs by ``recipe`` (resuming
+    a killed export's checkpoint) and compare it with its architecture trained from scratch, and write it to
+    ``paths`` (format -> file, from ``check_out``). ``recipe``: default ``RefineRecipe()``."""
+    config, recipe = study_config(study), recipe or RefineRecipe()
+    distilled = finetune_epochs > 0 and recipe.distill_weight > 0
+    teacher = study_teacher(study, config, device) if distilled else None
     data_dir = data_dir or study.user_attrs.get("data_dir")
     if data_dir is None:
         raise UserError("the study does not record its data: pass --data-dir")
@@ -382,13 +414,17 @@ def export_trial(
     scores = _scores(model, data, config)
     print(f"trial {trial.number} rebuilt ({source}): val {scores['val_accuracy']:.2%} "
           f"(recorded {trial.values[0]:.2%}), test {scores['test_accuracy']:.2%}")  # fmt: skip
-    before = dict(scores)
+    before, seed, extra = dict(scores), trial_seed(config, trial.number) + 1, {}
     if finetune_epochs > 0:
-        finetune_longer(model, config, data, finetune_epochs, trial_seed(config, trial.number) + 1)
+        use_deterministic_kernels(data.device)  # so that a resumed refine is as close as the device allows
+        history = refine(model, data, config, finetune_epochs, seed, recipe, teacher, refine_checkpoint(paths["pt"]))
         scores = _scores(model, data, config)
-        print(f"after {finetune_epochs} more epochs: val {before['val_accuracy']:.2%} -> "
-              f"{scores['val_accuracy']:.2%}, test {before['test_accuracy']:.2%} -> "
-              f"{scores['test_accuracy']:.2%}")  # fmt: skip
+        print(f"after {finetune_epochs} epochs of refine (lr {recipe.lr:g}, warm-up {recipe.warmup_epochs:g} epochs, "
+              f"distill {recipe.distill_weight:g}): val {before['val_accuracy']:.2%} -> {scores['val_accuracy']:.2%}, "
+              f"test {before['test_accuracy']:.2%} -> {scores['test_accuracy']:.2%}")  # fmt: skip
+        extra["refine"] = {"recipe": dataclasses.asdict(recipe), "epochs": finetune_epochs, "history": history}
+    if from_scratch_check:
+        extra["from_scratch"] = check_from_scratch(model, data, config, finetune_epochs, seed, scores)
     baseline = study.user_attrs["baseline"]
     macs, params = count_macs(model)
     metadata = {
@@ -401,6 +437,7 @@ def export_trial(
         "device": trial.user_attrs.get("device"), "eval_dtype": trial.user_attrs.get("eval_dtype"),  # the trial's
         # where val_accuracy and test_accuracy above were measured (str: torch.__version__ is no plain str)
         "measured_with": {key: str(value) for key, value in precision(data.device).items()},
+        **extra,  # refine: recipe, epochs, history; from_scratch: steps, val_accuracy, test_accuracy
     }  # fmt: skip
     save_pt(model, paths["pt"], metadata)
     print(f"wrote {paths['pt']}  (MACs {macs:,} = {metadata['macs_ratio']:.3f}x, params {params:,})")
@@ -408,4 +445,6 @@ def export_trial(
         print(f"wrote {paths['onnx']}  (onnxruntime vs PyTorch: max |diff| {save_onnx(model, paths['onnx']):.2e})")
     if "torchscript" in paths:
         print(f"wrote {paths['torchscript']}  (max |diff| {save_torchscript(model, paths['torchscript']):.2e})")
+    if finetune_epochs > 0:
+        refine_checkpoint(paths["pt"]).unlink(missing_ok=True)  # the export is complete: nothing left to resume
     return paths

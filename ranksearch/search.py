@@ -132,7 +132,7 @@ def run_trials(
     use_deterministic_kernels(data.device)
     weights = WeightsStore(config.weights_path())
     study.sampler = make_sampler(config, worker.name, len(study.trials))
-    objective = Objective(config, data, baseline, weights, trial_bases(config, baseline))
+    objective = Objective(config, data, baseline, weights, trial_bases(config, baseline, data))
     if objective.latency is not None and "baseline_latency_ms" not in study.user_attrs:
         study.set_user_attr("baseline_latency_ms", objective.latency.baseline_ms)  # the first worker's measure
     progress = TrialProgress(worker.total, modules, config.objectives[1:], label=label,

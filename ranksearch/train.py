@@ -77,7 +77,8 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def _sgd(model: nn.Module, lr: float, config: Config) -> torch.optim.SGD:
+def sgd(model: nn.Module, lr: float, config: Config) -> torch.optim.SGD:
+    """The optimizer of every training loop here: SGD with Nesterov momentum and weight decay from ``config``."""
     return torch.optim.SGD(
         model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
     )
@@ -140,15 +141,21 @@ def steps_per_epoch(data: DeviceData, batch_size: int) -> int:
     return max(1, data.size("train") // batch_size)
 
 
+def one_cycle(model: nn.Module, data: DeviceData, config: Config, steps: int, seed: int, progress=None) -> float:
+    """The baseline's recipe for ``steps`` steps: one-cycle to ``config.pretrain_lr``, batches drawn from ``seed``;
+    returns the final loss."""
+    if steps == 0:
+        return 0.0
+    optimizer = sgd(model, config.pretrain_lr, config)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.pretrain_lr, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    return train_steps(model, data, optimizer, scheduler, steps, config, generator, progress)
+
+
 def pretrain(model: nn.Module, data: DeviceData, config: Config, progress=None) -> float:
     """Train the baseline for ``pretrain_epochs`` with a one-cycle schedule; returns the final loss."""
     steps = config.pretrain_epochs * steps_per_epoch(data, config.batch_size)
-    if steps == 0:
-        return 0.0
-    optimizer = _sgd(model, config.pretrain_lr, config)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.pretrain_lr, total_steps=steps)
-    generator = torch.Generator().manual_seed(config.seed)
-    return train_steps(model, data, optimizer, scheduler, steps, config, generator, progress)
+    return one_cycle(model, data, config, steps, config.seed, progress)
 
 
 def finetune(model: nn.Module, data: DeviceData, config: Config, seed: int, teacher: nn.Module | None = None) -> float:
@@ -159,7 +166,7 @@ def finetune(model: nn.Module, data: DeviceData, config: Config, seed: int, teac
     steps = config.finetune_steps
     if steps == 0:
         return 0.0
-    optimizer = _sgd(model, config.finetune_lr, config)
+    optimizer = sgd(model, config.finetune_lr, config)
     if config.finetune_schedule == "cosine":
         factor = lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731
     else:

@@ -13,10 +13,11 @@ import optuna
 import torch
 from torch import nn
 
+from .activations import cached_statistics
 from .baseline import Baseline, cached_bases
 from .config import Config
 from .data import DeviceData
-from .decompose import Bases, DecomposedLayer, decompose, integer_rank
+from .decompose import Bases, DecomposedLayer, data_aware_bases, decompose, integer_rank
 from .latency import deployed_form, measure_latency
 from .measure import count_macs
 from .models import RANK_STEPS, rank_layers, rank_modules, set_ranks
@@ -256,8 +257,12 @@ class Objective:
         return [accuracy, *(measured[name] for name in config.objectives[1:])]
 
 
-def trial_bases(config: Config, baseline: Baseline) -> dict[str, Bases] | None:
-    """The baseline's channel bases when the method truncates them (cached on disk beside the baseline)."""
+def trial_bases(config: Config, baseline: Baseline, data: DeviceData) -> dict | None:
+    """What the config's method truncates, by layer name: for "activation", each layer's data-aware basis (from
+    layer statistics cached beside the baseline); for the hosvd methods, the baseline's channel bases (cached too)."""
+    if config.decompose_method == "activation":
+        statistics = cached_statistics(baseline.model, baseline.path, data, config.activation_images)
+        return data_aware_bases(baseline.model, statistics, config.decomposition)
     if config.decompose_method == "hooi" or config.decomposition != "tucker2":
         return None
     return cached_bases(baseline.model, baseline.path)

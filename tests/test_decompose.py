@@ -123,7 +123,8 @@ def test_refinement_lowers_the_hosvd_error_towards_hooi():
     with torch.no_grad():  # a decaying channel spectrum, like a trained layer's
         conv.weight.mul_(torch.logspace(0, -2, 64)[:, None, None, None])
     bases = channel_bases(conv.weight)
-    errors = {m: reconstruction_error(conv, Tucker2Conv.from_conv(conv, 4 / 32, m, bases)) for m in TUCKER2_METHODS}
+    weight_fits = [m for m in TUCKER2_METHODS if m != "activation"]  # activation fits outputs (test_activation)
+    errors = {m: reconstruction_error(conv, Tucker2Conv.from_conv(conv, 4 / 32, m, bases)) for m in weight_fits}
     assert errors["hooi"] <= errors["hosvd+refine"] + 1e-6 <= errors["hosvd"] + 2e-6
     assert errors["hosvd+refine"] < errors["hosvd"]
 

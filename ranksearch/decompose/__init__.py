@@ -10,6 +10,7 @@ from .layer import DecomposedLayer, DecompositionError, FactorOptions, original_
 from .surgery import (
     CONV_DECOMPOSITIONS,
     METHODS,
+    data_aware_bases,
     decompose,
     decomposed_from_state_dict,
     integer_rank,
@@ -38,6 +39,7 @@ from .tucker2 import (
 __all__ = [
     "CONV_DECOMPOSITIONS", "METHODS", "TUCKER2_METHODS", "Bases", "CPConv", "DecomposedLayer", "DecompositionError",
     "FactorOptions", "SVDLayer", "Tucker2Conv", "channel_bases", "conv_macs_per_pixel", "cp_factors", "cp_rank",
+    "data_aware_bases",
     "decompose", "decomposed_from_state_dict", "factorize", "hosvd_factors", "integer_rank", "method_for",
     "model_bases", "original_macs_per_pixel", "reconstruction_error", "saved_method", "should_decompose",
     "svd_factors", "svd_rank", "tucker2_factors", "tucker2_macs_per_pixel", "tucker2_ranks",

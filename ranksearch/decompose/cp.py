@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..models import is_eligible
+from .activation import InputWhitening, input_whitening
 from .layer import DecomposedLayer, DecompositionError, FactorOptions, original_macs_per_pixel, stride_area
 
 MAX_RELATIVE_ERROR = 1.0  # worse than the zero tensor: ALS went astray
@@ -53,11 +54,17 @@ def cp_factors(weight: torch.Tensor, rank: int, n_iter_max: int = 50, seed: int 
         factors = als(w, svd_start(w, rank, seed), n_iter_max)
     except torch.linalg.LinAlgError as error:  # a singular system: factors that collapsed
         raise DecompositionError(f"CP-ALS failed ({str(error).splitlines()[0]})") from None
-    norms = torch.stack([f.norm(dim=0) for f in factors])  # (4, R)
-    scale = norms.prod(0)  # (R,): each term's norm
-    factors = [f / n.clamp_min(1e-300) * scale.clamp_min(0) ** 0.25 for f, n in zip(factors, norms, strict=True)]
+    factors, scale = balanced(factors)
     _check_usable(w, factors, scale)
     return [f.contiguous().to(weight.dtype) for f in factors]
+
+
+def balanced(factors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The same CP terms with each term's norm shared evenly by its factors; and the terms' norms (R,)."""
+    norms = torch.stack([f.norm(dim=0) for f in factors])  # (len(factors), R)
+    scale = norms.prod(0)  # (R,): each term's norm
+    share = 1 / len(factors)
+    return [f / n.clamp_min(1e-300) * scale.clamp_min(0) ** share for f, n in zip(factors, norms, strict=True)], scale
 
 
 def svd_start(w: torch.Tensor, rank: int, seed: int) -> list[torch.Tensor]:
@@ -167,12 +174,23 @@ class CPConv(DecomposedLayer):
         return (state_dict[f"{name}.first.weight"].shape[0],)  # (R, Cin, 1, 1)
 
     @classmethod
+    def data_aware_basis(cls, layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor) -> InputWhitening:
+        return input_whitening(inputs)
+
+    @classmethod
     def factorized(cls, layer: nn.Module, rank: float, name: str, options: FactorOptions) -> "CPConv":
         new = cls(layer, rank)
+        weight, whitening = layer.weight, None
+        if options.method == "activation":  # CP-ALS of the input-whitened weight, its input factor mapped back
+            whitening = options.bases[name]
+            weight = torch.einsum("ojhw,ji->oihw", weight.detach().double().cpu(), whitening.s).to(weight)
         try:
-            out, into, h, w = cp_factors(layer.weight, new.first.out_channels, options.cp_iters)
+            out, into, h, w = cp_factors(weight, new.first.out_channels, options.cp_iters)
         except DecompositionError as error:
             raise DecompositionError(f"{name} at CP rank {new.first.out_channels}: {error}") from None
+        if whitening is not None:  # back from the whitened space, then the terms' norms shared evenly again
+            mapped = [out, whitening.s_inv @ into.double().cpu(), h, w]
+            out, into, h, w = (f.to(layer.weight) for f in balanced([f.double().cpu() for f in mapped])[0])
         with torch.no_grad():
             new.first.weight.copy_(into.T[:, :, None, None])  # (R, Cin, 1, 1)
             new.vertical.weight.copy_(h.T[:, None, :, None])  # (R, 1, kh, 1)

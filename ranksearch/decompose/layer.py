@@ -21,8 +21,10 @@ class DecompositionError(ValueError):
 class FactorOptions:
     """How to factorize, for the methods that have choices (the config's values)."""
 
-    tucker2_method: str = "hosvd"  # "hosvd", "hosvd+refine" or "hooi" (Tucker-2 only)
-    bases: dict = field(default_factory=dict)  # cached Tucker-2 channel bases by layer name
+    method: str = "hosvd"  # "hosvd", "hosvd+refine", "hooi" (Tucker-2 only; CP and SVD use their plain factors) or
+    # "activation" (every method: factors that reproduce the layer's outputs on real inputs, see ``activation``)
+    bases: dict = field(default_factory=dict)  # by layer name: the cached Tucker-2 channel bases, or for
+    # "activation" each layer's ``data_aware_basis``
     refine_iters: int = 2  # HOOI sweeps after the HOSVD start, for "hosvd+refine"
     cp_iters: int = 50  # CP-ALS sweeps (CP only)
 
@@ -86,6 +88,12 @@ class DecomposedLayer(nn.Module):
         """The replacement's layers for ``layer`` (random weights); ``ranks`` overrides the rank rule. Every method's
         constructor takes (layer, rank, ranks)."""
         return cls(layer, rank, ranks)
+
+    @classmethod
+    def data_aware_basis(cls, layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor):
+        """What the ``activation`` method truncates for ``layer``, from the second moments of its input and output
+        channels (``ranksearch.activations``); computed once per layer of the baseline."""
+        raise NotImplementedError
 
     @classmethod
     def factorized(cls, layer: nn.Module, rank: float, name: str, options: FactorOptions) -> "DecomposedLayer":

@@ -56,10 +56,12 @@ def decompose(
     """Replace every layer whose rank buffer makes its decomposed form cheaper by that form.
 
     ``decomposition``: what k x k convs become, "tucker2" or "cp"; 1x1 convs and linear layers that carry ranks
-    become "svd". For Tucker-2, ``method`` is "hosvd" (the default, as in the config), "hosvd+refine" (truncations
-    of ``bases``, the cached ``channel_bases`` by layer name, computed when absent) or "hooi" (TensorLy's
-    partial_tucker). ``factorize=False`` builds the layer shapes only (e.g. to count the MACs of a rank choice).
-    A CP factorization that fails raises ``DecompositionError``.
+    become "svd". ``method``: "activation" (every method: factors that reproduce each layer's outputs, truncations of
+    ``bases``, the ``data_aware_bases`` by layer name, required), or, for Tucker-2 (CP and SVD then use their plain
+    factors), "hosvd" (the default, as in the config), "hosvd+refine" (truncations of ``bases``, the cached
+    ``channel_bases`` by layer name, computed when absent) or "hooi" (TensorLy's partial_tucker).
+    ``factorize=False`` builds the layer shapes only (e.g. to count the MACs of a rank choice). A CP factorization
+    that fails raises ``DecompositionError``.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -74,6 +76,17 @@ def decompose(
         new = chosen.factorized(layer, rank, name, options) if factorize else chosen.shaped(layer, rank)
         model.set_submodule(name, new)
     return model
+
+
+def data_aware_bases(model: nn.Module, statistics: dict, decomposition: str = "tucker2") -> dict:
+    """What the "activation" method truncates, by layer name: each undecomposed rank-carrying layer's method's
+    ``data_aware_basis`` from its ``statistics`` (``ranksearch.activations.layer_statistics``)."""
+    bases = {}
+    for name, layer in rank_layers(model):
+        method = None if isinstance(layer, DecomposedLayer) else method_for(layer, decomposition)
+        if method is not None and name in statistics:
+            bases[name] = method.data_aware_basis(layer, statistics[name].inputs, statistics[name].outputs)
+    return bases
 
 
 # ----- rebuilding from a state_dict ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..models import is_pointwise
+from .activation import SVDBasis, svd_basis, svd_truncated
 from .layer import DecomposedLayer, FactorOptions
 
 
@@ -63,9 +64,17 @@ class SVDLayer(DecomposedLayer):
         return (state_dict[f"{name}.first.weight"].shape[0],)  # (R, Cin) or (R, Cin, 1, 1)
 
     @classmethod
+    def data_aware_basis(cls, layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor) -> SVDBasis:
+        return svd_basis(layer.weight.flatten(1), inputs)
+
+    @classmethod
     def factorized(cls, layer: nn.Module, rank: float, name: str, options: FactorOptions) -> "SVDLayer":
         new = cls(layer, rank)
-        first, last = svd_factors(layer.weight.flatten(1), new.integer_rank())  # (R, Cin), (Cout, R)
+        r = new.integer_rank()
+        if options.method == "activation":  # the truncated SVD of W S, mapped back (see ``activation``)
+            first, last = (t.to(layer.weight) for t in svd_truncated(options.bases[name], r))
+        else:
+            first, last = svd_factors(layer.weight.flatten(1), r)  # (R, Cin), (Cout, R)
         with torch.no_grad():
             new.first.weight.copy_(first.view_as(new.first.weight))
             new.last.weight.copy_(last.view_as(new.last.weight))

@@ -15,6 +15,7 @@ from tensorly.decomposition import partial_tucker
 from torch import nn
 
 from ..models import is_eligible, rank_layers
+from .activation import Tucker2Basis, tucker2_basis, tucker2_truncated
 from .layer import DecomposedLayer, FactorOptions
 
 
@@ -66,7 +67,7 @@ def tucker2_factors(
     return first_t.T.contiguous().to(dtype), core.contiguous().to(dtype), last.contiguous().to(dtype)
 
 
-METHODS = ("hooi", "hosvd", "hosvd+refine")  # see tucker2_factors and hosvd_factors
+METHODS = ("hooi", "hosvd", "hosvd+refine", "activation")  # see tucker2_factors, hosvd_factors, tucker2_truncated
 Bases = tuple[torch.Tensor, torch.Tensor]  # (U_out (Cout, Cout), U_in (Cin, Cin)), most significant first
 
 
@@ -113,12 +114,17 @@ def hosvd_factors(
 
 
 def factorize(
-    weight: torch.Tensor, rank_in: int, rank_out: int, method: str = "hooi", bases: Bases | None = None,
+    weight: torch.Tensor, rank_in: int, rank_out: int, method: str = "hooi", bases: Bases | Tucker2Basis | None = None,
     refine_iters: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Tucker-2 factors by ``method``: "hooi" (TensorLy), "hosvd", or "hosvd+refine"."""
+    """Tucker-2 factors by ``method``: "hooi" (TensorLy), "hosvd", "hosvd+refine", or "activation" (``bases``: the
+    conv's ``Tucker2Basis``, required)."""
     if method == "hooi":
         return tucker2_factors(weight, rank_in, rank_out)
+    if method == "activation":
+        if not isinstance(bases, Tucker2Basis):
+            raise ValueError("the activation method needs the conv's data-aware basis (ranksearch.activations)")
+        return tucker2_truncated(weight, bases, min(rank_in, weight.shape[1]), min(rank_out, weight.shape[0]))
     if method not in METHODS:
         raise ValueError(f"unknown decomposition method {method!r}; choose one of {', '.join(METHODS)}")
     return hosvd_factors(weight, rank_in, rank_out, bases, refine_iters if method == "hosvd+refine" else 0)
@@ -166,11 +172,15 @@ class Tucker2Conv(DecomposedLayer):
         return first.shape[0], core.shape[0]  # (R_in, Cin, 1, 1), (R_out, R_in, kh, kw)
 
     @classmethod
-    def factorized(cls, layer: nn.Module, rank: float, name: str, options: FactorOptions) -> "Tucker2Conv":
-        return cls.from_conv(layer, rank, options.tucker2_method, options.bases.get(name), options.refine_iters)
+    def data_aware_basis(cls, layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor) -> Tucker2Basis:
+        return tucker2_basis(layer.weight, inputs, outputs)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, rank: float, method: str = "hosvd", bases: Bases | None = None,
+    def factorized(cls, layer: nn.Module, rank: float, name: str, options: FactorOptions) -> "Tucker2Conv":
+        return cls.from_conv(layer, rank, options.method, options.bases.get(name), options.refine_iters)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: float, method: str = "hosvd", bases: Bases | Tucker2Basis | None = None,
                   refine_iters: int = 2) -> "Tucker2Conv":  # fmt: skip
         """The Tucker-2 replacement of ``conv`` with its factors (by ``method``) as weights."""
         layer = cls(conv, rank)

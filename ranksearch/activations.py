@@ -1,0 +1,124 @@
+"""What each rank-carrying layer of the baseline sees on real images: the second moments of its input and output
+channels, from which the ``activation`` method chooses factors that reproduce the layer's outputs rather than its
+weights (``decompose.activation``).
+
+Measured once per baseline on ``images`` training images (augmented as in training, BatchNorm in eval mode), and
+cached beside the baseline's checkpoint (``<checkpoint>.activations.pt``), keyed by the baseline's weights, the data
+and the image count, so that a trial only truncates.
+"""
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import DeviceData
+from .errors import first_line
+from .files import atomic_save, read_or_make
+from .models import rank_layers
+
+BATCH = 128  # images per forward pass while measuring
+SEED = 0  # which training images (and augmentations) are measured
+
+
+@dataclass
+class LayerStatistics:
+    """Uncentred second moments over every position a layer sees: E[x x^T] of its input channels (Cin, Cin) and
+    E[y y^T] of its output channels without the bias (Cout, Cout); float64."""
+
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+
+
+class _Moments:
+    """Running sums of x x^T over the positions of a layer's inputs (and of y y^T over its outputs)."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self.inputs = self.outputs = None
+        self.count_in = self.count_out = 0
+
+    @staticmethod
+    def _rows(tensor: torch.Tensor) -> torch.Tensor:
+        """(channels, positions) in float64: (N, C, H, W) -> (C, N*H*W); (N, C) -> (C, N)."""
+        if tensor.dim() == 4:
+            return tensor.detach().transpose(0, 1).flatten(1).double()
+        return tensor.detach().flatten(0, -2).T.double()
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        x, y = self._rows(args[0]), output
+        if module.bias is not None:
+            y = y - module.bias.view(1, -1, *([1] * (y.dim() - 2)))
+        y = self._rows(y)
+        self.inputs = x @ x.T + (0 if self.inputs is None else self.inputs)
+        self.outputs = y @ y.T + (0 if self.outputs is None else self.outputs)
+        self.count_in += x.shape[1]
+        self.count_out += y.shape[1]
+
+    def statistics(self) -> LayerStatistics:
+        return LayerStatistics((self.inputs / self.count_in).cpu(), (self.outputs / self.count_out).cpu())
+
+
+def layer_statistics(model: nn.Module, data: DeviceData, images: int) -> dict[str, LayerStatistics]:
+    """``LayerStatistics`` of every undecomposed rank-carrying layer of ``model``, on ``images`` training images."""
+    moments = {name: _Moments(layer) for name, layer in rank_layers(model) if hasattr(layer, "weight")}
+    hooks = [m.layer.register_forward_hook(m) for m in moments.values()]
+    was_training = model.training
+    model.eval()
+    batches = data.train_batches(min(BATCH, images), torch.Generator().manual_seed(SEED))
+    try:
+        with torch.no_grad():
+            seen = 0
+            while seen < images:
+                batch, _ = next(batches)
+                model(batch[: images - seen].float())
+                seen += len(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return {name: m.statistics() for name, m in moments.items()}
+
+
+def statistics_key(model: nn.Module, data_identity: dict, images: int) -> str:
+    """A digest of the baseline's weights, the data and the number of images the statistics were measured on."""
+    digest = hashlib.sha256(json.dumps([data_identity, images], sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        if name.endswith(".weight"):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_statistics(model: nn.Module, checkpoint: Path, data: DeviceData, images: int) -> dict[str, LayerStatistics]:
+    """``layer_statistics`` of the baseline, computed once and cached beside its ``checkpoint`` (one process computes
+    them when several start at once; the others wait for its file)."""
+    path = checkpoint.with_suffix(".activations.pt")
+    key = statistics_key(model, data.identity, images)
+
+    def read() -> dict[str, LayerStatistics] | None:
+        if not path.is_file():
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["key"] == key:
+                return {name: LayerStatistics(*pair) for name, pair in saved["statistics"].items()}
+        except Exception:
+            pass  # stale or broken: measure again and overwrite
+        return None
+
+    def make() -> dict[str, LayerStatistics]:
+        print(f"activations: measuring layer statistics on {images} training images", file=sys.stderr, flush=True)
+        statistics = layer_statistics(model, data, images)
+        payload = {"key": key, "statistics": {n: (s.inputs, s.outputs) for n, s in statistics.items()}}
+        try:
+            atomic_save(payload, path)
+        except (OSError, RuntimeError) as error:  # a read-only baseline folder: measured again next start
+            print(f"note: cannot cache the layer statistics in {path} ({first_line(error)}); measuring them each "
+                  "start", file=sys.stderr)  # fmt: skip
+        return statistics
+
+    return read_or_make(path, read, make, f"activations: another process is measuring {path}; waiting for it")
