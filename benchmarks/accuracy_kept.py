@@ -224,16 +224,19 @@ BUDGETS = {"5x": "uniform 10", "10x": "uniform 6"}  # the searched best at each 
 EXTRA = {"5x": "sens 5x", "10x": "sens 10x"}  # issue 17's sensitivity allocation at the same MACs
 
 
-def result(config, data, baseline, work: Path, epochs: int, recipe: RefineRecipe, with_scratch: bool) -> None:
-    results = Results(work / "result.json")
+def result(
+    config, data, baseline, work: Path, epochs: int, recipe: RefineRecipe, with_scratch: bool, with_sensitivity: bool
+) -> None:
+    results = Results(work / "accuracy-kept.json")
     modules = list(rank_modules(baseline.model))
     bases = trial_bases(config, baseline, data)
     per_epoch = steps_per_epoch(data, config.batch_size)
     for budget, label in BUDGETS.items():
         target = macs_ratio(config, baseline, as_ranks(modules, VECTORS[label]))
         vbmf = results.get(f"vbmf|{budget}", lambda target=target: vbmf_vector(config, baseline, modules, target))
-        vectors = {f"{label} (searched best)": VECTORS[label], f"VBMF {'/'.join(map(str, vbmf[0]))}": vbmf[0],
-                   EXTRA[budget]: VECTORS[EXTRA[budget]]}  # fmt: skip
+        vectors = {f"{label} (searched best)": VECTORS[label], f"VBMF {'/'.join(map(str, vbmf[0]))}": vbmf[0]}
+        if with_sensitivity:
+            vectors[EXTRA[budget]] = VECTORS[EXTRA[budget]]
         for name, ks in vectors.items():
             ranks = as_ranks(modules, ks)
 
@@ -280,6 +283,7 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES), help="recipes: which RECIPES, comma-separated")
     parser.add_argument("--recipe", default="rewind+kd", help="result: the refine recipe (default rewind+kd)")
     parser.add_argument("--no-scratch", action="store_true", help="result: skip the from-scratch checks")
+    parser.add_argument("--sensitivity", action="store_true", help="result: also issue 17's sensitivity vectors")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     os.chdir(args.work)  # the config's baseline_dir is relative to the working folder
@@ -295,7 +299,8 @@ def main() -> None:
     if args.stage == "recipes":
         recipes(config, data, baseline, args.work, args.vectors.split(","), args.epochs, args.recipes.split(","))
     else:
-        result(config, data, baseline, args.work, args.epochs, RECIPES[args.recipe], not args.no_scratch)
+        recipe = RECIPES[args.recipe]
+        result(config, data, baseline, args.work, args.epochs, recipe, not args.no_scratch, args.sensitivity)
 
 
 if __name__ == "__main__":

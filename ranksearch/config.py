@@ -47,7 +47,8 @@ class Config:
     decomposition: str = "tucker2"  # what k x k convs become: "tucker2" (Kim et al.) or "cp" (Lebedev et al.)
     svd_layers: bool = False  # also search ranks of 1x1 convs and linear layers, decomposed by truncated SVD
     decompose_method: str = "hosvd"  # "hosvd" (cached bases, truncated), "hosvd+refine", "hooi" (partial_tucker), or
-    # "activation": factors that reproduce each layer's outputs on real training images (every decomposition)
+    # "activation": factors that reproduce each layer's outputs on real training images (every decomposition); better
+    # right after decomposition, worse after a 1-epoch refine at 10x (BENCHMARKS.md, "Data-aware factors")
     activation_images: int = 512  # training images whose layer statistics the "activation" method uses (cached)
     refine_iters: int = 2  # HOOI sweeps after the HOSVD start, for "hosvd+refine"
     distill_weight: float = 0.0  # knowledge distillation from the baseline in the fine-tune: 0 = off, 1 = KD only
