@@ -145,7 +145,7 @@ def test_serve_prints_the_study_url_serves_it_and_stops_on_ctrl_c(storage):
         with urllib.request.urlopen(api, timeout=30) as response:
             assert len(json.loads(response.read())["trials"]) == len(TRIALS) + 1
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=30)
+        stdout, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
