@@ -224,9 +224,19 @@ BUDGETS = {"5x": "uniform 10", "10x": "uniform 6"}  # the searched best at each 
 EXTRA = {"5x": "sens 5x", "10x": "sens 10x"}  # issue 17's sensitivity allocation at the same MACs
 
 
+def parse_extra(text: str) -> dict[str, list[list[int]]]:
+    """``--extra 5x:12/12/12/6/3,10x:6/8/8/4/2`` as budget -> rank vectors (k of k/32)."""
+    extra: dict[str, list[list[int]]] = {}
+    for item in filter(None, text.split(",")):
+        budget, _, vector = item.partition(":")
+        extra.setdefault(budget, []).append([int(k) for k in vector.split("/")])
+    return extra
+
+
 def result(
-    config, data, baseline, work: Path, epochs: int, recipe: RefineRecipe, with_scratch: bool, with_sensitivity: bool
-) -> None:
+    config, data, baseline, work: Path, epochs: int, recipe: RefineRecipe, with_scratch: bool, with_sensitivity: bool,
+    extra: dict[str, list[list[int]]] | None = None, only_extra: bool = False,
+) -> None:  # fmt: skip
     results = Results(work / "accuracy-kept.json")
     modules = list(rank_modules(baseline.model))
     bases = trial_bases(config, baseline, data)
@@ -237,6 +247,10 @@ def result(
         vectors = {f"{label} (searched best)": VECTORS[label], f"VBMF {'/'.join(map(str, vbmf[0]))}": vbmf[0]}
         if with_sensitivity:
             vectors[EXTRA[budget]] = VECTORS[EXTRA[budget]]
+        if only_extra:
+            vectors = {label: VECTORS[label]}  # the reference, cached
+        for ks in (extra or {}).get(budget, []):
+            vectors["/".join(map(str, ks))] = ks
         for name, ks in vectors.items():
             ranks = as_ranks(modules, ks)
 
@@ -284,6 +298,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="rewind+kd", help="result: the refine recipe (default rewind+kd)")
     parser.add_argument("--no-scratch", action="store_true", help="result: skip the from-scratch checks")
     parser.add_argument("--sensitivity", action="store_true", help="result: also issue 17's sensitivity vectors")
+    parser.add_argument("--extra", default="", help="result: more vectors, e.g. 5x:12/12/12/6/3,10x:6/8/8/4/2")
+    parser.add_argument("--only-extra", action="store_true", help="result: the --extra vectors and the uniform ones")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     os.chdir(args.work)  # the config's baseline_dir is relative to the working folder
@@ -300,7 +316,8 @@ def main() -> None:
         recipes(config, data, baseline, args.work, args.vectors.split(","), args.epochs, args.recipes.split(","))
     else:
         recipe = RECIPES[args.recipe]
-        result(config, data, baseline, args.work, args.epochs, recipe, not args.no_scratch, args.sensitivity)
+        result(config, data, baseline, args.work, args.epochs, recipe, not args.no_scratch, args.sensitivity,
+               parse_extra(args.extra), args.only_extra)  # fmt: skip
 
 
 if __name__ == "__main__":

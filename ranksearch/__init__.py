@@ -1,6 +1,6 @@
 """ranksearch: multi-objective Optuna search over the Tucker-2 ranks of a CNN's convs."""
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 from .decompose import decompose  # noqa: E402
 from .export import load_model  # noqa: E402

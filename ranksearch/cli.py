@@ -46,7 +46,11 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, help="trials to ADD to the study (a re-run resumes it); default 200")
     parser.add_argument("--study-name", help="Optuna study name (default: the config's, else <model>-cifar10)")
     parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study-name>.db)")
-    parser.add_argument("--sampler", help="tpe | nsga2 | random")
+    parser.add_argument("--sampler", help="tpe (default) | tpe-multivariate | gp | nsga2 | random")
+    parser.add_argument("--budget", metavar="COST=FRACTION", help="budget mode: the best val accuracy with COST "
+                        "(macs, params, latency) at or under FRACTION of the baseline's, e.g. macs=0.1")  # fmt: skip
+    parser.add_argument("--pruner", help="budget mode: halving (stop trials whose val at 1/9 or 1/3 of the "
+                        "fine-tune is below the best third; default) | none")  # fmt: skip
     parser.add_argument("--objectives", type=parse_objectives, metavar="accuracy,COST[,COST]",
                         help="accuracy then one or two of macs, params, latency (default accuracy,macs)")  # fmt: skip
     parser.add_argument("--latency-batch", type=int, help="images per forward pass when timing latency (default 1)")
@@ -59,16 +63,19 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
                         "outputs on real images) | hosvd | hosvd+refine | hooi (Tucker-2 weight fits)")  # fmt: skip
     parser.add_argument("--ranks", action="append", metavar="R1,R2,...",
                         help="try these module ranks first (k/32 each, one per module); repeat for more")  # fmt: skip
-    parser.add_argument("--warm-start", type=_parse_names, metavar="vbmf,uniform",
+    parser.add_argument("--warm-start", type=_parse_names, metavar="vbmf,uniform,sensitivity",
                         help="then try these first: vbmf (the `ranks --vbmf` point), uniform (all modules at "
-                        "2, 4, 8, 16 /32; the default), or none; vectors the study holds are skipped")  # fmt: skip
+                        "2, 4, 8, 16 /32; the default), sensitivity (allocations from `ranksearch sensitivity`'s "
+                        "curves, measured first when missing), or none; vectors the study holds are "
+                        "skipped")  # fmt: skip
     parser.add_argument("--workers", type=int, help="processes adding trials to the study on this machine (default 1)")
     parser.add_argument("--heartbeat-seconds", type=int,
                         help="a silent worker's trial is failed and retried after 2x this (default 60)")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # RUN:INDEX:TOTAL:THREADS, set by `run --workers N`
 
 
-_NOT_CONFIG = ("command", "config", "ranks", "worker", "argv", "vbmf", "weakening")  # flags that are no config key
+# flags that are no config key
+_NOT_CONFIG = ("command", "config", "ranks", "worker", "argv", "vbmf", "weakening", "out")
 
 
 def _resolve(args: argparse.Namespace) -> Config:
@@ -185,6 +192,23 @@ def cmd_ranks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sensitivity_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, help="folder for sensitivity.png, .html and .csv (default "
+                        "studies/<study-name>-sensitivity)")  # fmt: skip
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    """``sensitivity``: each module decomposed alone at a ladder of ranks (``ranksearch.sensitivity``)."""
+    from .sensitivity import run_sensitivity
+    from .workers import Worker
+
+    config = _resolve(args)
+    worker = Worker.parse(args.worker) if args.worker else None
+    out = args.out or Path("studies") / f"{config.study_name}-sensitivity"
+    run_sensitivity(config, out, argv=args.argv, worker=worker)
+    return 0
+
+
 def _inspect_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study-name", required=True, help="the study to read")
     parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study-name>.db)")
@@ -292,6 +316,12 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "run": (cmd_run, "search Tucker-2 ranks: pretrain the baseline if needed, then add --trials trials", True),
+    "sensitivity": (
+        cmd_sensitivity,
+        "measure each module decomposed alone at a ladder of ranks: a table, a plot, "
+        "and the rank allocations it gives for a ladder of MACs budgets",
+        True,
+    ),
     "pretrain": (cmd_pretrain, "train (or show) the cached baseline for the config", False),
     "ranks": (cmd_ranks, "estimate ranks from the baseline's weights (--vbmf), as --ranks text for run", False),
     "export": (cmd_export, "write a trial's model (.pt, ONNX, TorchScript), verified against the study", None),
@@ -300,7 +330,10 @@ _COMMANDS = {
 }
 
 
-_EXTRA_FLAGS = {"export": _export_flags, "report": _report_flags, "dashboard": _dashboard_flags, "ranks": _ranks_flags}
+_EXTRA_FLAGS = {
+    "export": _export_flags, "report": _report_flags, "dashboard": _dashboard_flags, "ranks": _ranks_flags,
+    "sensitivity": _sensitivity_flags,
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

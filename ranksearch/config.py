@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from .budget import parse_budget
 from .errors import UserError
 from .models import RANK_STEPS, SEARCH_SPACES, check_model_name, check_rank, check_width
 from .objectives import DEFAULT_OBJECTIVES, check_objectives
@@ -61,14 +62,20 @@ class Config:
     # search
     objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))  # accuracy, then 1-2 costs
     latency_batch: int = 1  # images per forward pass when latency (median ms on the trial's device) is measured
-    sampler: str = "tpe"  # "tpe" (Optuna's default multi-objective TPE), "nsga2" or "random"
+    sampler: str = "tpe"  # "tpe" (independent TPE), "tpe-multivariate", "gp" (Gaussian process), "nsga2" (its
+    # population fits --trials: a fifth of them, 8..50) or "random"
+    budget: str | None = None  # "COST=FRACTION" (e.g. macs=0.1): maximise val accuracy with that cost at or under
+    # FRACTION of the baseline's, a single-objective study whose every vector meets the budget (ranksearch.budget)
+    pruner: str = "halving"  # budget mode only: "halving" stops trials whose val at 1/9 or 1/3 of the fine-tune is
+    # below the best third there (successive halving), "none" runs every fine-tune to its end
     seed: int = 0  # seeds the sampler, the pretraining and each trial's fine-tune
     trials: int = 200  # trials a `run` adds to the study
     study_name: str = "vgg16-cifar10"  # Optuna study name; unset, "<model>-cifar10" (":" as "-")
     storage: str | None = None  # Optuna storage URL; default sqlite:///studies/<study_name>.db
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     enqueue_ranks: list[list[float]] = field(default_factory=list)  # rank vectors to try first
-    # then these before the sampler's draws (WARM_STARTS: "vbmf", "uniform"; [] for none), see warmstart: the uniform
+    # then these before the sampler's draws (WARM_STARTS: "vbmf", "uniform", "sensitivity"; [] for none), see
+    # warmstart and sensitivity (allocations from single-module curves, measured first when missing): the uniform
     # sweep first, then TPE, beat TPE alone at every budget in BENCHMARKS.md ("Samplers at equal budget")
     warm_start: list[str] = field(default_factory=lambda: ["uniform"])
     weights_dir: str | None = None  # Pareto trials' weights; default studies/<study_name>-weights
@@ -85,6 +92,14 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def budget_cost(self) -> str:
+        """The cost the budget limits (macs, params, latency); budget mode only."""
+        return parse_budget(self.budget)[0]
+
+    def budget_ratio(self) -> float:
+        """The budget as a fraction of the baseline's cost; budget mode only."""
+        return parse_budget(self.budget)[1]
+
 
 # Fields that change what a trial measures; a resumed study must agree on all of them.
 RUN_CONTROL = {
@@ -95,10 +110,12 @@ BASELINE_FIELDS = (
     "model", "width", "num_classes", "val_size", "split_seed", "batch_size",
     "pretrain_epochs", "pretrain_lr", "momentum", "weight_decay", "label_smoothing", "seed",
 )  # fmt: skip
-WARM_STARTS = ("vbmf", "uniform")  # rank vectors a run may queue first (ranksearch.warmstart)
+WARM_STARTS = ("vbmf", "uniform", "sensitivity")  # rank vectors a run may queue first (ranksearch.warmstart)
+SAMPLERS = ("tpe", "tpe-multivariate", "gp", "nsga2", "random")
 CHOICES = {
     "finetune_schedule": ("cosine", "constant"),
-    "sampler": ("tpe", "nsga2", "random"),
+    "sampler": SAMPLERS,
+    "pruner": ("halving", "none"),
     "device": ("auto", "cpu", "cuda"),
     "decompose_method": ("hosvd", "hosvd+refine", "hooi", "activation"),
     "decomposition": ("tucker2", "cp"),
@@ -255,6 +272,19 @@ def validate(config: Config) -> None:
         raise UserError(f"rank_min {config.rank_min} is above rank_max {config.rank_max}")
     config.enqueue_ranks = [[_on_grid("enqueued rank", r) for r in ranks] for ranks in config.enqueue_ranks]
     _check_warm_start(config)
+    _check_budget(config)
+
+
+def _check_budget(config: Config) -> None:
+    """A budget names a cost and a fraction (checked); its cost is measured, so it joins the objectives."""
+    if config.budget is None:
+        return
+    cost = config.budget_cost()
+    if cost not in config.objectives:
+        if len(config.objectives) == 3:
+            objectives = ",".join(config.objectives)
+            raise UserError(f"budget {config.budget}: {cost} must be one of the objectives {objectives}")
+        config.objectives = [*config.objectives, cost]
 
 
 def _check_warm_start(config: Config) -> None:

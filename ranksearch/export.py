@@ -49,6 +49,7 @@ BEFORE_FIELD_EXISTED = {
     "decompose_method": "hooi", "refine_iters": 0, "distill_weight": 0.0, "distill_temperature": 4.0,
     "compile": False, "bn_recalibration_batches": 0, "objectives": DEFAULT_OBJECTIVES, "latency_batch": 1,
     "search_space": "module", "decomposition": "tucker2", "svd_layers": False, "activation_images": 512,
+    "budget": None, "pruner": "none",
 }  # fmt: skip
 
 
@@ -82,6 +83,8 @@ def pick_best(study: optuna.Study, max_drop_pp: float, objective: str | None = N
     ``objective`` (a cost: macs, params, latency; default the study's first cost)."""
     costs = study_objectives(study)[1:]
     objective = objective or costs[0]
+    if len(study.directions) == 1:  # a budget study: every trial meets its budget
+        return best_in_budget(study, costs)
     floor = study.user_attrs["baseline"]["val_accuracy"] - max_drop_pp / 100
     front = study.best_trials
     check_measured(front, objective, costs)
@@ -100,6 +103,16 @@ def pick_best(study: optuna.Study, max_drop_pp: float, objective: str | None = N
         f"Pareto trials with val accuracy >= {floor:.2%} (baseline - {max_drop_pp} pp)"
     )
     return Pick(best, reason, qualified[1:4])
+
+
+def best_in_budget(study: optuna.Study, costs: list[str]) -> Pick:
+    """A budget study's pick: its best val accuracy (every trial meets the budget)."""
+    ranked = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+                    key=lambda t: (-t.values[0], t.number))  # fmt: skip
+    if not ranked:
+        raise UserError(f"study {study.study_name!r} has no complete trial yet; run it first")
+    budget = study.user_attrs.get("config", {}).get("budget")
+    return Pick(ranked[0], f"the best val accuracy of {len(ranked)} trials within budget {budget}", ranked[1:4])
 
 
 def check_measured(trials: list[optuna.trial.FrozenTrial], objective: str, costs: list[str]) -> None:

@@ -53,7 +53,7 @@ class TrialProgress:
     def __init__(
         self, total: int, modules: list[str], costs: list[str], out: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic, label: str = "",
-        count: Callable[[list[optuna.trial.FrozenTrial]], int] | None = None,
+        count: Callable[[list[optuna.trial.FrozenTrial]], int] | None = None, budget: str | None = None,
     ):  # fmt: skip
         """``label`` names the worker in each line; ``count(trials)`` says how many of the ``total`` trials are done
         among the study's ``trials`` (all workers of a run together; default: the trials this callback has seen).
@@ -63,7 +63,7 @@ class TrialProgress:
         self.clock = clock
         self.start = clock()
         self.finished = 0
-        self.label, self.count = label, count
+        self.label, self.count, self.budget = label, count, budget
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)  # one read of the storage per line
@@ -78,7 +78,8 @@ class TrialProgress:
         if trial.state == COMPLETE:
             result = f"val {trial.values[0]:.2%}  {costs_text(trial, self.costs)}"
         else:
-            reason = str(trial.user_attrs.get("fail_reason", "")).strip().partition("\n")[0]
+            why = trial.user_attrs.get("fail_reason", trial.user_attrs.get("pruned_at", ""))
+            reason = str(why).strip().partition("\n")[0]
             result = f"{trial.state.name}: {reason}" if reason else trial.state.name
         seconds = trial_seconds(trial)
         return f"{head}  {result}" + ("" if seconds is None else f"  {seconds:.1f} s")
@@ -90,6 +91,9 @@ class TrialProgress:
 
     def best_text(self, trials: list[optuna.trial.FrozenTrial]) -> str:
         complete = [t for t in trials if t.state == COMPLETE]
+        if self.budget is not None:  # every trial meets the budget
+            best = max(complete, key=lambda t: (t.values[0], -t.number), default=None)
+            return f"best val within {self.budget}: " + (f"{best.values[0]:.1%} (t{best.number})" if best else "-")
         parts = []
         for index, budget in enumerate(COST_BUDGETS):
             best = best_within(complete, self.costs[0], budget)

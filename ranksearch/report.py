@@ -377,15 +377,30 @@ def _baseline_line(study: optuna.Study) -> str:
 def _counts_line(study: optuna.Study, table: pd.DataFrame) -> str:
     states = table["state"].value_counts()
     complete, failed = int(states.get(COMPLETE.name, 0)), int(states.get(FAIL.name, 0))
-    other = len(table) - complete - failed
-    extra = f", {other} other" if other else ""
+    pruned = int(states.get("PRUNED", 0))
+    other = len(table) - complete - failed - pruned
+    extra = (f", {pruned} pruned" if pruned else "") + (f", {other} other" if other else "")
     return f"study {study.study_name!r}: {len(table)} trials ({complete} complete, {failed} failed{extra})"
+
+
+def _best_line(study: optuna.Study, table: pd.DataFrame, params: list[str], costs: list[str]) -> str:
+    """A budget study's best trial (every trial meets its budget)."""
+    budget = study.user_attrs.get("config", {}).get("budget")
+    rows = complete_rows(table)
+    if rows.empty:
+        return f"budget {budget}: no complete trial"
+    best = rows.sort_values(["val_accuracy", "number"], ascending=[False, True]).iloc[0]
+    ratios = ", ".join(f"{COSTS[name].short} {best[ratio_column(name)]:.3f}x" for name in costs)
+    return (f"best val accuracy within budget {budget}: {best['val_accuracy']:.2%} (trial {best['number']}, "
+            f"ranks {ranks_text(best, params)}, {ratios})")  # fmt: skip
 
 
 def summary(study: optuna.Study) -> str:
     """A few lines for the console: trial counts, Pareto front size, best accuracy within budgets of the study's
     first cost, baseline."""
     table, params, costs = trials_table(study), rank_params(study), study_costs(study)
+    if len(study.directions) == 1:  # a budget study
+        return "\n".join([_counts_line(study, table), _best_line(study, table, params, costs), _baseline_line(study)])
     front = f"Pareto front: {int(table['pareto'].sum())} of {len(complete_rows(table))} complete trials"
     lines = [_counts_line(study, table), front]
     lines += [_budget_line(table, budget, params, costs) for budget in COST_BUDGETS]

@@ -1,26 +1,32 @@
 """The main job: prepare data and baseline, open the study, and run trials in it (see ``trial`` for one trial)."""
 
+import copy
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import torch
 
 from .baseline import Baseline, ensure_baseline, new_model
+from .budget import BudgetSampler, fit_to_budget, make_pruner
 from .config import Config
+from .costs import TABLE_COSTS, CostTable
 from .data import DeviceData, device_data
+from .decompose import decompose
 from .errors import UserError
 from .files import check_writable
 from .latency import latency_device
-from .models import rank_modules
+from .models import RANK_STEPS, rank_modules, set_ranks
 from .objectives import COSTS, costs_text, study_objectives
 from .progress import TrialProgress, ranks_text
+from .sensitivity import model_table, sensitivity_allocations
 from .study import check_data, check_latency_device, create_or_load, find_study, record_setup
 from .train import resolve_device, use_deterministic_kernels
 from .trial import Objective, param_name, trial_bases
-from .warmstart import queue_warm_starts
+from .warmstart import queue_warm_starts, ranks_argument
 from .weights import WeightsStore
 from .workers import (
     Worker,
@@ -34,17 +40,32 @@ from .workers import (
 )
 
 
-def make_sampler(config: Config, worker: str, trials_so_far: int) -> optuna.samplers.BaseSampler:
+def nsga2_population(trials: int) -> int:
+    """NSGA-II's population for a run of ``trials``: a fifth of them (8..50), so that it breeds a few generations
+    (at Optuna's 50, a 40-trial run never leaves its random first one)."""
+    return min(50, max(8, trials // 5))
+
+
+def make_sampler(
+    config: Config, worker: str, trials_so_far: int, fit: Callable[[list[float]], list[float]] | None = None,
+    space: dict | None = None,
+) -> optuna.samplers.BaseSampler:  # fmt: skip
     """The sampler of one worker (``worker``: its identity, e.g. ``run_id/index``) joining a study that holds
     ``trials_so_far`` trials: workers of one study draw different ranks, a resumed study fresh ones, and the same
     worker at the same point the same ones. TPE's constant liar counts the other workers' running trials as bad,
-    so that workers spread out rather than crowd one region."""
+    so that workers spread out rather than crowd one region. In budget mode (``fit``: a vector scaled to the
+    budget; ``space``: the rank params), every draw is fitted to the budget (``budget.BudgetSampler``)."""
     seed = sampler_seed(config.seed, worker, trials_so_far)
     if config.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if config.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        base = optuna.samplers.NSGAIISampler(seed=seed, population_size=nsga2_population(config.trials))
+    elif config.sampler == "random":
+        base = optuna.samplers.RandomSampler(seed=seed)
+    elif config.sampler == "gp":
+        base = optuna.samplers.GPSampler(seed=seed)
+    else:
+        multivariate = config.sampler == "tpe-multivariate"
+        base = optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=multivariate)
+    return base if fit is None else BudgetSampler(base, space or {}, fit)
 
 
 def sampler_seed(seed: int, worker: str, trials_so_far: int) -> int:
@@ -59,6 +80,20 @@ def check_enqueued(modules: list[str], rank_vectors: list[list[float]]) -> None:
             raise UserError(f"--ranks needs {len(modules)} values (one per module: {', '.join(modules)})")
 
 
+def budget_summary(study: optuna.Study, config: Config, modules: list[str]) -> str:
+    """The closing lines of a budget run: the best trial within the budget, and how many trials were pruned."""
+    trials = study.get_trials(deepcopy=False)
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    head = f"budget {config.budget}: {len(complete)} complete and {pruned} pruned of {len(trials)} trials"
+    if not complete:
+        return head
+    best = study.best_trial
+    costs = study_objectives(study)[1:]
+    return (f"{head}\n  best: trial {best.number}  ranks {ranks_text(best.params, modules)}  val {best.value:7.2%}  "
+            f"{costs_text(best, costs, absolute=True)}")  # fmt: skip
+
+
 def pareto_summary(study: optuna.Study, modules: list[str]) -> str:
     costs = study_objectives(study)[1:]
     front = sorted(study.best_trials, key=lambda t: t.values[1:])
@@ -70,6 +105,59 @@ def pareto_summary(study: optuna.Study, modules: list[str]) -> str:
             f"{costs_text(t, costs, absolute=True)}"
         )
     return "\n".join(lines)
+
+
+def budget_ratio_of(config: Config, baseline: Baseline, table: CostTable, objective: Objective | None,
+                    study: optuna.Study | None) -> Callable[[list[float]], float]:  # fmt: skip
+    """A rank vector's cost as a ratio to the baseline's, for the budget's cost: from the cost table (MACs,
+    params), or measured by the trials' latency meter on the vector's architecture (random weights: latency does
+    not depend on them)."""
+    cost = config.budget_cost()
+    if cost in TABLE_COSTS:
+        return lambda ranks: table.ratio(cost, ranks)
+
+    def latency_ratio(ranks: list[float]) -> float:
+        model = set_ranks(copy.deepcopy(baseline.model), ranks, space=config.search_space)
+        shaped = decompose(model, inplace=True, factorize=False, decomposition=config.decomposition)
+        milliseconds, _ = objective.latency.latency(shaped, study)
+        return milliseconds / objective.latency.baseline_ms
+
+    return latency_ratio
+
+
+def budget_fit(config: Config, ratio_of: Callable[[list[float]], float]) -> Callable[[list[float]], list[float]]:
+    """Rank shares -> the vector on the budget's boundary (``fit_to_budget``); a UserError when none meets it."""
+
+    def fit(shares: list[float]) -> list[float]:
+        ranks = fit_to_budget(shares, ratio_of, config.budget_ratio(), config.rank_min, config.rank_max)
+        if ranks is None:
+            cheapest = ratio_of([config.rank_min] * len(shares))
+            raise UserError(f"budget {config.budget} is below the cheapest model's {config.budget_cost()} "
+                            f"({cheapest:.3f}x, every module at rank_min); raise it")  # fmt: skip
+        return ranks
+
+    return fit
+
+
+def rank_space(config: Config, modules: list[str]) -> dict[str, optuna.distributions.FloatDistribution]:
+    """The rank params and their distributions, as ``trial.suggest_ranks`` draws them."""
+    grid = optuna.distributions.FloatDistribution(config.rank_min, config.rank_max, step=1 / RANK_STEPS)
+    return {param_name(module): grid for module in modules}
+
+
+def check_budget(config: Config, baseline: Baseline, modules: list[str]) -> None:
+    """Before the study is written: the budget can be met, and every ``--ranks`` vector meets it (MACs and params;
+    latency is measured by the trials)."""
+    if config.budget is None or config.budget_cost() not in TABLE_COSTS:
+        return
+    table = model_table(baseline.model, config)
+    fit = budget_fit(config, budget_ratio_of(config, baseline, table, None, None))
+    fit([config.rank_max] * len(modules))
+    for ranks in config.enqueue_ranks:
+        ratio = table.ratio(config.budget_cost(), ranks)
+        if ratio > config.budget_ratio() + 1e-12:
+            raise UserError(f"--ranks {ranks_argument(ranks)} costs {ratio:.3f}x {config.budget_cost()}, over the "
+                            f"budget {config.budget}")  # fmt: skip
 
 
 def latency_where(config: Config, device: torch.device, worker: Worker | None) -> dict | None:
@@ -94,7 +182,9 @@ def prepare_run(config: Config, worker: Worker | None = None) -> tuple[optuna.St
     check_writable(config.weights_path(), "weights_dir")
     data = device_data(config, device)
     check_data(existing, data.identity)
-    return existing, data, ensure_baseline(config, data)
+    baseline = ensure_baseline(config, data)
+    check_budget(config, baseline, modules)
+    return existing, data, baseline
 
 
 def join_study(config: Config, existing: optuna.Study | None, data: DeviceData, baseline: Baseline) -> optuna.Study:
@@ -119,6 +209,27 @@ def enqueue_first(study: optuna.Study, config: Config, modules: list[str]) -> No
         study.enqueue_trial({param_name(m): r for m, r in zip(modules, ranks, strict=True)}, skip_if_exists=True)
 
 
+def warm_starts(study: optuna.Study, config: Config, data: DeviceData, baseline: Baseline, modules: list[str],
+                argv: list[str] | None) -> None:  # fmt: skip
+    """Queue the config's warm starts: the sensitivity allocations (their points measured first when missing, by
+    ``config.workers`` processes) among them; in budget mode each vector fitted to the budget."""
+    if not config.warm_start:
+        return
+    if config.budget is not None and config.budget_cost() not in TABLE_COSTS:
+        print(f"warm start ({','.join(config.warm_start)}) skipped: a latency budget is met by measuring, which the "
+              "trials do; the sampler draws every vector", flush=True)  # fmt: skip
+        return
+    table = model_table(baseline.model, config)
+    allocations = None
+    if "sensitivity" in config.warm_start:
+        bases = trial_bases(config, baseline, data)
+        allocations = sensitivity_allocations(config, data, baseline, bases, table, argv)
+    fit = None
+    if config.budget is not None:
+        fit = budget_fit(config, budget_ratio_of(config, baseline, table, None, None))
+    queue_warm_starts(study, config, baseline.model, modules, allocations, fit)
+
+
 def run_trials(
     config: Config,
     study: optuna.Study,
@@ -131,12 +242,19 @@ def run_trials(
     """This process's share of the run: ``config.trials`` trials, one line each (``label``: the worker's name)."""
     use_deterministic_kernels(data.device)
     weights = WeightsStore(config.weights_path())
-    study.sampler = make_sampler(config, worker.name, len(study.trials))
     objective = Objective(config, data, baseline, weights, trial_bases(config, baseline, data))
+    if config.budget is None:
+        study.sampler = make_sampler(config, worker.name, len(study.trials))
+    else:
+        fit = budget_fit(config, budget_ratio_of(config, baseline, model_table(baseline.model, config), objective,
+                                                 study))  # fmt: skip
+        study.sampler = make_sampler(config, worker.name, len(study.trials), fit, rank_space(config, modules))
+        study.pruner = make_pruner(config.pruner, config.finetune_steps)
     if objective.latency is not None and "baseline_latency_ms" not in study.user_attrs:
         study.set_user_attr("baseline_latency_ms", objective.latency.baseline_ms)  # the first worker's measure
     progress = TrialProgress(worker.total, modules, config.objectives[1:], label=label,
-                             count=lambda trials: len(done_in_run(trials, worker.run_id)))  # fmt: skip
+                             count=lambda trials: len(done_in_run(trials, worker.run_id)),
+                             budget=config.budget)  # fmt: skip
     prune = lambda study, _: weights.prune(study)  # noqa: E731
     optimize_share(study, objective, worker, config.trials, callbacks=[progress, prune])
 
@@ -163,7 +281,7 @@ def run_search(
         study.set_user_attr("latency_device", where)
     if worker is None:
         enqueue_first(study, config, modules)
-        queue_warm_starts(study, config, baseline.model, modules)
+        warm_starts(study, config, data, baseline, modules, argv)
     if config.workers > 1 and worker is None:
         del data  # the workers load their own
         forward_sigterm()
@@ -172,6 +290,7 @@ def run_search(
     else:
         run_trials(config, study, data, baseline, run, modules, label=f"w{run.index}" if worker else "")
     if worker is None:
-        print(pareto_summary(study, modules), flush=True)
+        summary = budget_summary(study, config, modules) if config.budget else pareto_summary(study, modules)
+        print(summary, flush=True)
     ran = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("run_id") == run.run_id]
     return study, ran

@@ -22,6 +22,15 @@ from .objectives import directions, metric_names
 SQLITE_PREFIX = "sqlite:///"
 
 
+def study_directions(config: Config) -> list[str]:
+    """A budget study maximises val accuracy alone (its costs are trial attrs); otherwise the objectives'."""
+    return ["maximize"] if config.budget is not None else directions(config.objectives)
+
+
+def study_metric_names(config: Config) -> list[str]:
+    return ["val_accuracy"] if config.budget is not None else metric_names(config.objectives)
+
+
 def sqlite_path(storage_url: str) -> Path | None:
     """The database file of a SQLite URL, None for other storages."""
     return Path(storage_url.removeprefix(SQLITE_PREFIX)) if storage_url.startswith(SQLITE_PREFIX) else None
@@ -151,11 +160,12 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
 
     A study without trials may be re-configured: nothing in it was measured yet.
     """
-    made, wanted = [d.name.lower() for d in study.directions], directions(config.objectives)
+    made, wanted = [d.name.lower() for d in study.directions], study_directions(config)
     if made != wanted:
+        what = f"budget {config.budget}" if config.budget else f"objectives {','.join(config.objectives)}"
         raise UserError(
             f"study {study.study_name!r} exists with directions ({', '.join(made)}), not the ({', '.join(wanted)}) of "
-            f"objectives {','.join(config.objectives)}; use another --study-name"
+            f"{what}; use another --study-name"
         )
     if not study.trials:
         return
@@ -209,14 +219,14 @@ def create_or_load(config: Config) -> optuna.Study:
     the duplicate into a load), with the heartbeat of ``config.heartbeat_seconds``."""
     storage = open_storage(config.storage_url(), config.heartbeat_seconds)
     return optuna.create_study(
-        storage=storage, study_name=config.study_name, directions=directions(config.objectives), load_if_exists=True
+        storage=storage, study_name=config.study_name, directions=study_directions(config), load_if_exists=True
     )
 
 
 def record_setup(study: optuna.Study, config: Config, **attrs) -> None:
     """What the study's trials are measured with: config, ranksearch version, metric names, and ``attrs``
     (data identity, baseline metrics, paths)."""
-    study.set_metric_names(metric_names(config.objectives))
+    study.set_metric_names(study_metric_names(config))
     study.set_user_attr("config", search_fields(config))
     study.set_user_attr("ranksearch_version", __version__)
     for key, value in attrs.items():

@@ -158,10 +158,13 @@ def pretrain(model: nn.Module, data: DeviceData, config: Config, progress=None) 
     return one_cycle(model, data, config, steps, config.seed, progress)
 
 
-def finetune(model: nn.Module, data: DeviceData, config: Config, seed: int, teacher: nn.Module | None = None) -> float:
+def finetune(
+    model: nn.Module, data: DeviceData, config: Config, seed: int, teacher: nn.Module | None = None, progress=None
+) -> float:
     """The brief fine-tune of a decomposed model: ``finetune_steps`` of SGD, cosine or constant rate.
 
-    ``teacher`` (the baseline, in eval mode) is used when ``config.distill_weight`` > 0.
+    ``teacher`` (the baseline, in eval mode) is used when ``config.distill_weight`` > 0; ``progress.update(1)`` is
+    called after each step (a pruned trial's checkpoints).
     """
     steps = config.finetune_steps
     if steps == 0:
@@ -173,7 +176,7 @@ def finetune(model: nn.Module, data: DeviceData, config: Config, seed: int, teac
         factor = lambda step: 1.0  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generator = torch.Generator().manual_seed(seed)
-    return train_steps(model, data, optimizer, scheduler, steps, config, generator, teacher=teacher)
+    return train_steps(model, data, optimizer, scheduler, steps, config, generator, progress, teacher)
 
 
 def recalibrate_batchnorm(model: nn.Module, data: DeviceData, batches: int, batch_size: int, seed: int) -> None:

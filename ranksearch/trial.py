@@ -15,6 +15,7 @@ from torch import nn
 
 from .activations import cached_statistics
 from .baseline import Baseline, cached_bases
+from .budget import checkpoints
 from .config import Config
 from .data import DeviceData
 from .decompose import Bases, DecomposedLayer, data_aware_bases, decompose, integer_rank
@@ -89,42 +90,49 @@ def _timed(fn, device: torch.device):
 
 def decomposed_model(
     baseline: nn.Module, ranks: dict[str, float], config: Config, device: torch.device,
-    bases: dict[str, Bases] | None = None,
+    bases: dict[str, Bases] | None = None, only: set[str] | None = None,
 ) -> nn.Module:  # fmt: skip
-    """A copy of the baseline decomposed at ``ranks`` by the config's method, on ``device`` (not fine-tuned)."""
+    """A copy of the baseline decomposed at ``ranks`` by the config's method, on ``device`` (not fine-tuned);
+    ``only``: the names of the layers that may be decomposed (None: all)."""
     model = set_ranks(copy.deepcopy(baseline), ranks, space=config.search_space)
     model = decompose(model, inplace=True, method=config.decompose_method, bases=bases,
-                      refine_iters=config.refine_iters, decomposition=config.decomposition)  # fmt: skip
+                      refine_iters=config.refine_iters, decomposition=config.decomposition, only=only)  # fmt: skip
     return prepare(model, device)
 
 
-def tune(model: nn.Module, baseline: nn.Module, config: Config, data: DeviceData, seed: int) -> dict[str, float]:
+def tune(
+    model: nn.Module, baseline: nn.Module, config: Config, data: DeviceData, seed: int, checkpoints=None
+) -> dict[str, float]:
     """What follows decomposition, in place: BatchNorm re-estimation (when configured), then the brief fine-tune
-    (distilled from ``baseline`` when configured); the seconds of each."""
+    (distilled from ``baseline`` when configured); the seconds of each. ``checkpoints(model)``: the fine-tune's
+    step counter of a trial that may be pruned (``PruningCheckpoints``)."""
     batches = config.bn_recalibration_batches
     _, recalibrate_s = _timed(
         lambda: recalibrate_batchnorm(model, data, batches, config.batch_size, seed), data.device
     )
     teacher = baseline if config.distill_weight > 0 else None
-    _, finetune_s = _timed(lambda: finetune(model, data, config, seed, teacher), data.device)
+    progress = checkpoints(model) if checkpoints is not None else None
+    _, finetune_s = _timed(lambda: finetune(model, data, config, seed, teacher, progress), data.device)
     return {"recalibrate_s": recalibrate_s, "finetune_s": finetune_s}
 
 
 def trial_model(
     baseline: nn.Module, ranks: dict[str, float], config: Config, data: DeviceData, seed: int,
-    bases: dict[str, Bases] | None = None, after_decompose=None,
+    bases: dict[str, Bases] | None = None, after_decompose=None, only: set[str] | None = None, checkpoints=None,
 ) -> tuple[nn.Module, dict[str, float]]:  # fmt: skip
     """A trial's model: the baseline decomposed at ``ranks`` and tuned (``tune``); also the seconds of each part.
 
     ``bases``: the baseline's cached channel bases (for the hosvd methods; computed when absent).
     ``after_decompose(model)``: called on the decomposed model before it is tuned (to measure its latency).
+    ``only``: the layers that may be decomposed (``decompose``'s); ``checkpoints``: ``tune``'s.
     """
     torch.manual_seed(seed)
     baseline.eval()  # the teacher, when distilling; the copy below is set to train mode by the fine-tune
-    model, decompose_s = _timed(lambda: decomposed_model(baseline, ranks, config, data.device, bases), data.device)
+    decomposed = lambda: decomposed_model(baseline, ranks, config, data.device, bases, only)  # noqa: E731
+    model, decompose_s = _timed(decomposed, data.device)
     if after_decompose is not None:
         after_decompose(model)
-    return model, {"decompose_s": decompose_s, **tune(model, baseline, config, data, seed)}
+    return model, {"decompose_s": decompose_s, **tune(model, baseline, config, data, seed, checkpoints)}
 
 
 def architecture(model: nn.Module, decomposition: str = "tucker2") -> str:
@@ -141,6 +149,27 @@ def recorded_latency(study: optuna.Study, key: str) -> float | None:
             if json.dumps([t.user_attrs["conv_ranks"], t.user_attrs["kept_convs"]], sort_keys=True) == key:
                 return t.user_attrs["latency_ms"]
     return None
+
+
+class PruningCheckpoints:
+    """The fine-tune's step counter in a study that prunes (budget mode): at each of ``marks`` (steps), the model's
+    val accuracy is reported to the trial, which stops (``optuna.TrialPruned``) when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, model: nn.Module, data: DeviceData, config: Config, marks: list[int]):
+        self.trial, self.model, self.data, self.config, self.marks = trial, model, data, config, set(marks)
+        self.step = 0
+
+    def update(self, steps: int) -> None:
+        self.step += steps
+        if self.step not in self.marks:
+            return
+        accuracy = evaluate(self.model, self.data, "val", self.config.eval_batch_size)
+        self.model.train()  # the fine-tune goes on
+        self.trial.report(accuracy, self.step)
+        if self.trial.should_prune():
+            where = f"val {accuracy:.2%} after {self.step} of {self.config.finetune_steps} fine-tune steps"
+            self.trial.set_user_attr("pruned_at", where)
+            raise optuna.TrialPruned(where)
 
 
 PAIRED_ROUNDS = 2  # a new architecture and the baseline are timed in turn this many times each, fastest kept
@@ -198,10 +227,14 @@ class Objective:
         self.config, self.data, self.baseline, self.weights, self.bases = config, data, baseline, weights, bases
         self.modules = list(rank_modules(baseline.model, config.search_space))
         self.latency = LatencyMeter(config, data.device, baseline.model) if "latency" in config.objectives else None
+        prunes = config.budget is not None and config.pruner != "none"
+        self.prune_marks = checkpoints(config.finetune_steps) if prunes else []
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         try:
             return self._measure(trial)
+        except optuna.TrialPruned:
+            raise
         except Exception as error:
             trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}")
             raise
@@ -221,9 +254,11 @@ class Objective:
             def measure(decomposed: nn.Module) -> None:
                 costs["latency"], costs["latency_s"] = self.latency.latency(decomposed, trial.study)
 
-        model, seconds = trial_model(
-            base.model, ranks, config, self.data, seed, self.bases, measure if self.latency else None
-        )
+        pruning = None
+        if self.prune_marks:
+            pruning = lambda model: PruningCheckpoints(trial, model, self.data, config, self.prune_marks)  # noqa: E731
+        model, seconds = trial_model(base.model, ranks, config, self.data, seed, self.bases,
+                                     measure if self.latency else None, checkpoints=pruning)  # fmt: skip
         integer_ranks, kept = conv_ranks(model, config.decomposition)
         accuracy, eval_s = _timed(lambda: evaluate(model, self.data, "val", config.eval_batch_size), device)
         (macs, params), count_s = _timed(lambda: count_macs(model), device)
@@ -253,6 +288,8 @@ class Objective:
             trial.set_user_attr(key, value)
         if self.weights is not None:
             self.weights.save(trial, model)
+        if config.budget is not None:  # a single objective; the costs are the attrs above
+            return [accuracy]
         measured = {"macs": float(macs), "params": float(params), "latency": costs.get("latency")}
         return [accuracy, *(measured[name] for name in config.objectives[1:])]
 

@@ -17,6 +17,11 @@ An estimate of 0 (VBMF found only noise) never reaches a layer: it counts as 1, 
 
 **Uniform sweep.** Every module at k/32 for k in 2, 4, 8, 16.
 
+**Sensitivity allocations.** The least-loss rank vector under the additive model for each of a ladder of budgets
+(``ranksearch.sensitivity``), measured first when the study's points are missing.
+
+In budget mode every vector is scaled to the budget's boundary (``budget.fit_to_budget``).
+
 Both are clipped into the config's [rank_min, rank_max] (the VBMF point) or skipped outside it (the sweep), and
 ``enqueue_warm_starts`` queues the vectors the study does not hold yet.
 """
@@ -133,11 +138,17 @@ def uniform_ranks(count: int, low: float, high: float) -> list[list[float]]:
     return [[value] * count for value in values if low <= value <= high]
 
 
-def warm_start_vectors(config: Config, model: nn.Module) -> list[list[float]]:
+def warm_start_vectors(
+    config: Config, model: nn.Module, allocations: Sequence[Sequence[float]] | None = None
+) -> list[list[float]]:
     """The rank vectors (one value per module of ``config.search_space``) of ``config.warm_start``, in its order:
-    ``vbmf`` is the VBMF point at weakening 1 clipped into [rank_min, rank_max], ``uniform`` the uniform sweep."""
+    ``vbmf`` is the VBMF point at weakening 1 clipped into [rank_min, rank_max], ``uniform`` the uniform sweep,
+    ``sensitivity`` the ``allocations`` (``sensitivity.sensitivity_allocations``)."""
     vectors: list[list[float]] = []
     for kind in config.warm_start:
+        if kind == "sensitivity":
+            vectors.extend(list(ranks) for ranks in allocations or [])
+            continue
         if kind == "vbmf":
             ranks = vbmf_ranks(model, config.search_space, VBMF_WEAKENING).modules.values()
             vectors.append(clip_ranks(ranks, config.rank_min, config.rank_max))
@@ -218,10 +229,19 @@ def warm_start_line(kinds: Sequence[str], enqueued: Sequence, skipped: Sequence,
     return line
 
 
-def queue_warm_starts(study: optuna.Study, config: Config, model: nn.Module, modules: Sequence[str]) -> None:
-    """``run``'s warm start: queue ``config.warm_start``'s vectors the study lacks (after ``--ranks``), one line."""
+def queue_warm_starts(
+    study: optuna.Study, config: Config, model: nn.Module, modules: Sequence[str],
+    allocations: Sequence[Sequence[float]] | None = None, fit: Callable[[list[float]], list[float]] | None = None,
+) -> None:  # fmt: skip
+    """``run``'s warm start: queue ``config.warm_start``'s vectors the study lacks (after ``--ranks``), one line.
+    ``allocations``: the sensitivity warm start's vectors; ``fit``: budget mode's (each vector scaled to the
+    budget's boundary)."""
     if not config.warm_start:
         return
-    enqueued, skipped = enqueue_warm_starts(study, modules, warm_start_vectors(config, model))
+    vectors = warm_start_vectors(config, model, allocations)
+    if fit is not None:  # vectors that fit to the same one are queued once
+        fitted = [fit(list(ranks)) for ranks in vectors]
+        vectors = [ranks for i, ranks in enumerate(fitted) if ranks not in fitted[:i]]
+    enqueued, skipped = enqueue_warm_starts(study, modules, vectors)
     waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     print(warm_start_line(config.warm_start, enqueued, skipped, waiting, config.trials), flush=True)

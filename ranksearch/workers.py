@@ -25,6 +25,7 @@ INTERRUPTED = "interrupted"  # fail_reason of a trial cut short by Ctrl-C or SIG
 RETRY_OF = "retry_of"  # user attr of a trial enqueued to re-run an interrupted one
 FAIL = optuna.trial.TrialState.FAIL
 COMPLETE = optuna.trial.TrialState.COMPLETE
+PRUNED = optuna.trial.TrialState.PRUNED
 
 
 @dataclass(frozen=True)
@@ -93,14 +94,38 @@ def _stop_if_signalled(study: optuna.Study, _trial: optuna.trial.FrozenTrial) ->
         study.stop()
 
 
+class _Finished:
+    """Optuna callback: counts the trials this process finished (told)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.count += 1
+
+
+def _lost_race(error: ValueError) -> bool:
+    """Optuna's ``Cannot tell a COMPLETE trial``: two workers popped one queued trial (SQLite has no row locks, so
+    its queue can hand a trial out twice); the other worker's result stands."""
+    return str(error).startswith("Cannot tell a ")
+
+
 def optimize_share(study: optuna.Study, objective: Callable, worker: Worker, trials: int, callbacks: list) -> None:
     """Run ``trials`` trials of ``objective`` tagged for ``worker``; Ctrl-C and SIGTERM end it cleanly (the
-    running trial is recorded as interrupted) with KeyboardInterrupt."""
+    running trial is recorded as interrupted) with KeyboardInterrupt. A queued trial another worker took at the
+    same instant is not counted: this worker goes on with the next."""
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    study.optimize(
-        tagged(objective, worker), n_trials=trials, catch=(Exception,), callbacks=[*callbacks, _stop_if_signalled]
-    )
+    finished = _Finished()
+    while finished.count < trials and not _Signals.pending:
+        try:
+            study.optimize(tagged(objective, worker), n_trials=trials - finished.count, catch=(Exception,),
+                           callbacks=[*callbacks, finished, _stop_if_signalled])  # fmt: skip
+            break
+        except ValueError as error:
+            if not _lost_race(error):
+                raise
+            print(f"ranksearch: w{worker.index}: another worker ran the same queued trial; going on", flush=True)
     if _Signals.pending:
         raise KeyboardInterrupt
 
@@ -115,14 +140,16 @@ def forward_sigterm() -> None:
 
 
 def done_in_run(trials: list[optuna.trial.FrozenTrial], run_id: str) -> list[optuna.trial.FrozenTrial]:
-    """The run's trials that ran to an end of their own: COMPLETE, or FAIL with a reason other than an interrupt.
+    """The run's trials that ran to an end of their own: COMPLETE, PRUNED, or FAIL with a reason other than an
+    interrupt.
 
     A trial failed by the heartbeat (its worker died) or interrupted is not done: it is run again.
     """
     return [
         t
         for t in trials
-        if t.state in (COMPLETE, FAIL) and t.user_attrs.get("run_id") == run_id
+        if t.state in (COMPLETE, FAIL, PRUNED)
+        and t.user_attrs.get("run_id") == run_id
         and (t.state == COMPLETE or t.user_attrs.get("fail_reason", INTERRUPTED) != INTERRUPTED)
     ]
 

@@ -131,3 +131,25 @@ def test_sigterm_records_the_trial_as_interrupted_and_the_next_run_reruns_it(wor
     assert f"re-running interrupted trial(s) {victim.number}" in out
     rerun = [t for t in load(workdir).trials if t.user_attrs.get(RETRY_OF) == victim.number]
     assert [(t.state, t.params) for t in rerun] == [(COMPLETE, stopped.params)]
+
+
+def test_a_queued_trial_another_worker_took_at_the_same_instant_is_not_counted(capsys):
+    """SQLite's queue can hand one WAITING trial to two workers; the one that tells second goes on with the next."""
+    from ranksearch.workers import Worker, optimize_share
+
+    study = optuna.create_study()
+    for x in (1.0, 2.0, 3.0):
+        study.enqueue_trial({"x": x})
+    told = []
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0, 10)
+        if x == 2.0:  # another worker finishes this trial first
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.COMPLETE, [0.0])
+        told.append(x)
+        return x
+
+    optimize_share(study, objective, Worker("r", 0, 3), 3, callbacks=[])
+    assert told[:3] == [1.0, 2.0, 3.0] and len(told) == 4  # the lost one is made up by a fourth trial
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 4
+    assert "another worker ran the same queued trial" in capsys.readouterr().out

@@ -52,6 +52,7 @@ def integer_rank(layer: nn.Module, decomposition: str = "tucker2") -> int:
 def decompose(
     model: nn.Module, inplace: bool = False, factorize: bool = True, method: str = "hosvd",
     bases: dict | None = None, refine_iters: int = 2, decomposition: str = "tucker2", cp_iters: int = 50,
+    only: set[str] | None = None,
 ) -> nn.Module:  # fmt: skip
     """Replace every layer whose rank buffer makes its decomposed form cheaper by that form.
 
@@ -60,15 +61,16 @@ def decompose(
     ``bases``, the ``data_aware_bases`` by layer name, required), or, for Tucker-2 (CP and SVD then use their plain
     factors), "hosvd" (the default, as in the config), "hosvd+refine" (truncations of ``bases``, the cached
     ``channel_bases`` by layer name, computed when absent) or "hooi" (TensorLy's partial_tucker).
-    ``factorize=False`` builds the layer shapes only (e.g. to count the MACs of a rank choice). A CP factorization
-    that fails raises ``DecompositionError``.
+    ``factorize=False`` builds the layer shapes only (e.g. to count the MACs of a rank choice). ``only``: the names
+    of the layers that may be decomposed (None: every one; a sensitivity point decomposes one module alone). A CP
+    factorization that fails raises ``DecompositionError``.
     """
     if not inplace:
         model = copy.deepcopy(model)
     options = FactorOptions(method, bases or {}, refine_iters, cp_iters)
     for name, layer in rank_layers(model):
-        if isinstance(layer, DecomposedLayer):
-            continue  # already decomposed
+        if isinstance(layer, DecomposedLayer) or (only is not None and name not in only):
+            continue  # already decomposed, or left as it is
         rank = float(layer.rank)
         chosen = method_for(layer, decomposition)
         if chosen is None or not chosen.cheaper(layer, rank):
