@@ -35,6 +35,7 @@ ARMS = {  # name -> run flags
     "mtpe+sens": ["--sampler", "tpe-multivariate", "--warm-start", "sensitivity"],
     "gp": ["--sampler", "gp", "--warm-start", "none"],
     "gp+sens": ["--sampler", "gp", "--warm-start", "sensitivity"],
+    "gp+uniform": ["--sampler", "gp", "--warm-start", "uniform"],
     "nsga2-8": ["--sampler", "nsga2", "--warm-start", "none"],
     "nsga2-8+sens": ["--sampler", "nsga2", "--warm-start", "sensitivity"],
 }

@@ -296,10 +296,13 @@ class DeviceData:
                 images = augment(train.images[idx], generator)
                 yield self.normalize(images), train.labels[idx]
 
-    def eval_batches(self, split: str, batch_size: int):
+    def eval_batches(self, split: str, batch_size: int, every: int = 1):
+        """Batches of ``split`` in order; ``every`` > 1: every that-many-th image only (a slice spread over the
+        split, whose images are in class order)."""
         data = self.splits[split]
-        for start in range(0, len(data.labels), batch_size):
-            yield self.normalize(data.images[start : start + batch_size]), data.labels[start : start + batch_size]
+        images, labels = (data.images, data.labels) if every == 1 else (data.images[::every], data.labels[::every])
+        for start in range(0, len(labels), batch_size):
+            yield self.normalize(images[start : start + batch_size]), labels[start : start + batch_size]
 
 
 def device_data(config, device: torch.device) -> DeviceData:

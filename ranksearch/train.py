@@ -199,7 +199,7 @@ def recalibrate_batchnorm(model: nn.Module, data: DeviceData, batches: int, batc
         norm.momentum = momentum
 
 
-def evaluate(model: nn.Module, data: DeviceData, split: str, batch_size: int) -> float:
-    """Top-1 accuracy (fraction) on ``split`` ("val" or "test")."""
+def evaluate(model: nn.Module, data: DeviceData, split: str, batch_size: int, every: int = 1) -> float:
+    """Top-1 accuracy (fraction) on ``split`` ("val" or "test"); ``every`` > 1: on every that-many-th image."""
     with autocast(data.device):
-        return predict_correct(model, data.eval_batches(split, batch_size))
+        return predict_correct(model, data.eval_batches(split, batch_size, every))

@@ -15,7 +15,7 @@ from torch import nn
 
 from .activations import cached_statistics
 from .baseline import Baseline, cached_bases
-from .budget import checkpoints
+from .budget import CHECKPOINT_IMAGES, checkpoints
 from .config import Config
 from .data import DeviceData
 from .decompose import Bases, DecomposedLayer, data_aware_bases, decompose, integer_rank
@@ -153,7 +153,8 @@ def recorded_latency(study: optuna.Study, key: str) -> float | None:
 
 class PruningCheckpoints:
     """The fine-tune's step counter in a study that prunes (budget mode): at each of ``marks`` (steps), the model's
-    val accuracy is reported to the trial, which stops (``optuna.TrialPruned``) when the pruner says so."""
+    val accuracy on a slice of ``CHECKPOINT_IMAGES`` images is reported to the trial, which stops
+    (``optuna.TrialPruned``) when the pruner says so."""
 
     def __init__(self, trial: optuna.Trial, model: nn.Module, data: DeviceData, config: Config, marks: list[int]):
         self.trial, self.model, self.data, self.config, self.marks = trial, model, data, config, set(marks)
@@ -163,7 +164,8 @@ class PruningCheckpoints:
         self.step += steps
         if self.step not in self.marks:
             return
-        accuracy = evaluate(self.model, self.data, "val", self.config.eval_batch_size)
+        every = max(1, self.data.size("val") // CHECKPOINT_IMAGES)
+        accuracy = evaluate(self.model, self.data, "val", self.config.eval_batch_size, every)
         self.model.train()  # the fine-tune goes on
         self.trial.report(accuracy, self.step)
         if self.trial.should_prune():

@@ -150,7 +150,7 @@ def done_in_run(trials: list[optuna.trial.FrozenTrial], run_id: str) -> list[opt
         for t in trials
         if t.state in (COMPLETE, FAIL, PRUNED)
         and t.user_attrs.get("run_id") == run_id
-        and (t.state == COMPLETE or t.user_attrs.get("fail_reason", INTERRUPTED) != INTERRUPTED)
+        and (t.state != FAIL or t.user_attrs.get("fail_reason", INTERRUPTED) != INTERRUPTED)
     ]
 
 

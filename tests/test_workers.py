@@ -153,3 +153,14 @@ def test_a_queued_trial_another_worker_took_at_the_same_instant_is_not_counted(c
     assert told[:3] == [1.0, 2.0, 3.0] and len(told) == 4  # the lost one is made up by a fourth trial
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 4
     assert "another worker ran the same queued trial" in capsys.readouterr().out
+
+
+def test_a_pruned_trial_is_done():
+    """Budget mode prunes: a pruned trial ended by itself and counts toward the run's trials."""
+    study = optuna.create_study(direction="maximize")
+    for rank, run_id in ((0.25, "r1"), (0.5, "r2")):
+        pruned, attrs = optuna.trial.TrialState.PRUNED, {"run_id": run_id}
+        trial = optuna.trial.create_trial(state=pruned, params={"rank_block1": rank},
+                                          distributions={"rank_block1": DIST}, user_attrs=attrs)  # fmt: skip
+        study.add_trial(trial)
+    assert [t.number for t in done_in_run(study.trials, "r1")] == [0]
