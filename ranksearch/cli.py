@@ -46,7 +46,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, help="trials to ADD to the study (a re-run resumes it); default 200")
     parser.add_argument("--study-name", help="Optuna study name (default: the config's, else <model>-cifar10)")
     parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study-name>.db)")
-    parser.add_argument("--sampler", help="tpe (default) | tpe-multivariate | gp | nsga2 | random")
+    parser.add_argument("--sampler", help="gp (default) | tpe | tpe-multivariate | nsga2 | random")
     parser.add_argument("--budget", metavar="COST=FRACTION", help="budget mode: the best val accuracy with COST "
                         "(macs, params, latency) at or under FRACTION of the baseline's, e.g. macs=0.1")  # fmt: skip
     parser.add_argument("--pruner", help="budget mode: halving (stop trials whose val at 1/9 or 1/3 of the "

@@ -62,8 +62,8 @@ class Config:
     # search
     objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))  # accuracy, then 1-2 costs
     latency_batch: int = 1  # images per forward pass when latency (median ms on the trial's device) is measured
-    sampler: str = "tpe"  # "tpe" (independent TPE), "tpe-multivariate", "gp" (Gaussian process), "nsga2" (its
-    # population fits --trials: a fifth of them, 8..50) or "random"
+    sampler: str = "gp"  # "gp" (Optuna's Gaussian process: ahead of TPE at 40 trials, BENCHMARKS.md), "tpe"
+    # (independent TPE), "tpe-multivariate", "nsga2" (its population a fifth of --trials, 8..50) or "random"
     budget: str | None = None  # "COST=FRACTION" (e.g. macs=0.1): maximise val accuracy with that cost at or under
     # FRACTION of the baseline's, a single-objective study whose every vector meets the budget (ranksearch.budget)
     pruner: str = "halving"  # budget mode only: "halving" stops trials whose val at 1/9 or 1/3 of the fine-tune is

@@ -95,7 +95,7 @@ def first_draws(sampler: optuna.samplers.BaseSampler) -> list[dict]:
     return [study.ask({f"rank_{m}": DIST for m in MODULES}).params for _ in range(3)]
 
 
-@pytest.mark.parametrize("name", ["tpe", "nsga2"])
+@pytest.mark.parametrize("name", ["gp", "tpe", "tpe-multivariate", "nsga2"])
 def test_each_worker_draws_its_own_ranks_and_the_same_again(name):
     config = dataclasses.replace(load_config(SMOKE_CONFIG), sampler=name)
     draws = first_draws(make_sampler(config, "run/0", 0))
