@@ -53,8 +53,9 @@ def make_sampler(
     """The sampler of one worker (``worker``: its identity, e.g. ``run_id/index``) joining a study that holds
     ``trials_so_far`` trials: workers of one study draw different ranks, a resumed study fresh ones, and the same
     worker at the same point the same ones. TPE's constant liar counts the other workers' running trials as bad,
-    so that workers spread out rather than crowd one region (GP has none: its workers differ by seed). In budget mode (``fit``: a vector scaled to the
-    budget; ``space``: the rank params), every draw is fitted to the budget (``budget.BudgetSampler``)."""
+    so that workers spread out rather than crowd one region (GP has none: its workers differ by seed). In budget
+    mode (``fit``: a vector scaled to the budget; ``space``: the rank params), every draw is fitted to the budget
+    (``budget.BudgetSampler``)."""
     seed = sampler_seed(config.seed, worker, trials_so_far)
     if config.sampler == "nsga2":
         base = optuna.samplers.NSGAIISampler(seed=seed, population_size=nsga2_population(config.trials))
