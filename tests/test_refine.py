@@ -2,6 +2,7 @@
 export flags that drive them."""
 
 import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -167,9 +168,11 @@ def test_distillation_needs_a_teacher(tiny_data):
 
 
 def train_loss(model: torch.nn.Module, data: DeviceData) -> float:
-    train = data.splits["train"]
+    """Loss on all training images in one batch, BatchNorm on that batch's statistics (in eval mode, running
+    statistics of a 60-step run made the loss swing with the thread count and test order)."""
+    train, model = data.splits["train"], copy.deepcopy(model).train()
     with torch.no_grad():
-        return float(F.cross_entropy(model.eval()(data.normalize(train.images)), train.labels))
+        return float(F.cross_entropy(model(data.normalize(train.images)), train.labels))
 
 
 def test_from_scratch_reinitialises_the_architecture_and_trains_it(tiny_data, capsys):
@@ -178,8 +181,11 @@ def test_from_scratch_reinitialises_the_architecture_and_trains_it(tiny_data, ca
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
     kept = copy.deepcopy(model.state_dict())
-    trained = from_scratch(model, tiny_data, CONFIG, steps=60, seed=4)
-    assert "for 60 steps" in capsys.readouterr().err
+    # at the smoke config's peak rate (0.05) this tiny net's loss after 60 steps swung from -0.8 to +0.2 with the
+    # thread count and test order; at 0.01 for 120 steps it fell by 0.64 to 1.29 (6 seeds x 1 and 2 threads)
+    gentle = dataclasses.replace(CONFIG, pretrain_lr=0.01)
+    trained = from_scratch(model, tiny_data, gentle, steps=120, seed=4)
+    assert "for 120 steps" in capsys.readouterr().err
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in kept.items())  # the input is untouched
     fresh, state = reinitialised(model, seed=4), trained.state_dict()
     for name, parameter in model.named_parameters():
@@ -188,8 +194,7 @@ def test_from_scratch_reinitialises_the_architecture_and_trains_it(tiny_data, ca
     records = [k for k in kept if k.endswith((".rank", ".decomposition"))]
     assert records and all(torch.equal(state[k], kept[k]) for k in records)  # the same architecture
     assert type(trained.features.block1[0]) is type(model.features.block1[0])
-    # trained: its loss well below the fresh weights' (a fixed ratio was too tight on some CPUs: 1.91 vs 2.31 here)
-    assert train_loss(trained, tiny_data) < train_loss(fresh, tiny_data) - 0.1
+    assert train_loss(trained, tiny_data) < train_loss(fresh, tiny_data) - 0.1  # trained
 
 
 def test_reinitialising_resets_batchnorm_statistics():
