@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from search_quality import hypervolume_curve  # the same hypervolume as issue 10's figures
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "cpu-quality.yaml"
 STORAGE = "sqlite:///studies/issue17.db"  # relative to --work: every arm's study and the sensitivity points
@@ -99,26 +101,6 @@ def run_lanes(commands: list[list[str]], lanes: int, work: Path, tag: str) -> No
 
 
 # ----- samplers ----------------------------------------------------------------------------------------------
-
-
-def hypervolume(points: list[tuple[float, float]]) -> float:
-    """Area dominated by (val accuracy, MACs ratio) points (maximise, minimise) within the reference (0, 1)."""
-    area, best = 0.0, 0.0
-    for ratio, accuracy in sorted((r, a) for a, r in points if r < 1 and a > 0):  # cheapest first
-        if accuracy > best:
-            area += (accuracy - best) * (1 - ratio)
-            best = accuracy
-    return area
-
-
-def hypervolume_curve(study) -> list[float]:
-    trials = sorted((t for t in study.trials if t.state.name in ENDED), key=lambda t: t.number)
-    points, curve = [], []
-    for t in trials:
-        if t.state.name == "COMPLETE":
-            points.append((t.values[0], t.user_attrs["macs_ratio"]))
-        curve.append(hypervolume(points))
-    return curve
 
 
 def best_within(study, budget: float):

@@ -117,11 +117,15 @@ def budget_ratio_of(config: Config, baseline: Baseline, table: CostTable, object
     if cost in TABLE_COSTS:
         return lambda ranks: table.ratio(cost, ranks)
 
+    known: dict[tuple[float, ...], float] = {}  # a fit revisits vectors: build each architecture once
+
     def latency_ratio(ranks: list[float]) -> float:
-        model = set_ranks(copy.deepcopy(baseline.model), ranks, space=config.search_space)
-        shaped = decompose(model, inplace=True, factorize=False, decomposition=config.decomposition)
-        milliseconds, _ = objective.latency.latency(shaped, study)
-        return milliseconds / objective.latency.baseline_ms
+        if tuple(ranks) not in known:
+            model = set_ranks(copy.deepcopy(baseline.model), ranks, space=config.search_space)
+            shaped = decompose(model, inplace=True, factorize=False, decomposition=config.decomposition)
+            milliseconds, _ = objective.latency.latency(shaped, study)
+            known[tuple(ranks)] = milliseconds / objective.latency.baseline_ms
+        return known[tuple(ranks)]
 
     return latency_ratio
 
@@ -146,12 +150,11 @@ def rank_space(config: Config, modules: list[str]) -> dict[str, optuna.distribut
     return {param_name(module): grid for module in modules}
 
 
-def check_budget(config: Config, baseline: Baseline, modules: list[str]) -> None:
+def check_budget(config: Config, baseline: Baseline, table: CostTable, modules: list[str]) -> None:
     """Before the study is written: the budget can be met, and every ``--ranks`` vector meets it (MACs and params;
     latency is measured by the trials)."""
     if config.budget is None or config.budget_cost() not in TABLE_COSTS:
         return
-    table = model_table(baseline.model, config)
     fit = budget_fit(config, budget_ratio_of(config, baseline, table, None, None))
     fit([config.rank_max] * len(modules))
     for ranks in config.enqueue_ranks:
@@ -183,9 +186,7 @@ def prepare_run(config: Config, worker: Worker | None = None) -> tuple[optuna.St
     check_writable(config.weights_path(), "weights_dir")
     data = device_data(config, device)
     check_data(existing, data.identity)
-    baseline = ensure_baseline(config, data)
-    check_budget(config, baseline, modules)
-    return existing, data, baseline
+    return existing, data, ensure_baseline(config, data)
 
 
 def join_study(config: Config, existing: optuna.Study | None, data: DeviceData, baseline: Baseline) -> optuna.Study:
@@ -210,8 +211,8 @@ def enqueue_first(study: optuna.Study, config: Config, modules: list[str]) -> No
         study.enqueue_trial({param_name(m): r for m, r in zip(modules, ranks, strict=True)}, skip_if_exists=True)
 
 
-def warm_starts(study: optuna.Study, config: Config, data: DeviceData, baseline: Baseline, modules: list[str],
-                argv: list[str] | None) -> None:  # fmt: skip
+def warm_starts(study: optuna.Study, config: Config, data: DeviceData, baseline: Baseline, table: CostTable,
+                modules: list[str], argv: list[str] | None) -> None:  # fmt: skip
     """Queue the config's warm starts: the sensitivity allocations (their points measured first when missing, by
     ``config.workers`` processes) among them; in budget mode each vector fitted to the budget."""
     if not config.warm_start:
@@ -220,7 +221,6 @@ def warm_starts(study: optuna.Study, config: Config, data: DeviceData, baseline:
         print(f"warm start ({','.join(config.warm_start)}) skipped: a latency budget is met by measuring, which the "
               "trials do; the sampler draws every vector", flush=True)  # fmt: skip
         return
-    table = model_table(baseline.model, config)
     allocations = None
     if "sensitivity" in config.warm_start:
         bases = trial_bases(config, baseline, data)
@@ -238,6 +238,7 @@ def run_trials(
     baseline: Baseline,
     worker: Worker,
     modules: list[str],
+    table: CostTable,
     label: str = "",
 ) -> None:
     """This process's share of the run: ``config.trials`` trials, one line each (``label``: the worker's name)."""
@@ -247,8 +248,7 @@ def run_trials(
     if config.budget is None:
         study.sampler = make_sampler(config, worker.name, len(study.trials))
     else:
-        fit = budget_fit(config, budget_ratio_of(config, baseline, model_table(baseline.model, config), objective,
-                                                 study))  # fmt: skip
+        fit = budget_fit(config, budget_ratio_of(config, baseline, table, objective, study))
         study.sampler = make_sampler(config, worker.name, len(study.trials), fit, rank_space(config, modules))
         study.pruner = make_pruner(config.pruner, config.finetune_steps)
     if objective.latency is not None and "baseline_latency_ms" not in study.user_attrs:
@@ -273,23 +273,25 @@ def run_search(
     if worker is not None and worker.threads:
         torch.set_num_threads(worker.threads)
     existing, data, baseline = prepare_run(config, worker)
+    modules = list(rank_modules(baseline.model, config.search_space))
+    table = model_table(baseline.model, config)  # every rank vector's MACs and params, once per process
+    check_budget(config, baseline, table, modules)  # before the study is written
     study = join_study(config, existing, data, baseline)
     run = worker or new_run(config.trials)
-    modules = list(rank_modules(baseline.model, config.search_space))
     gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
     where = latency_where(config, data.device, worker)
     if where is not None and not study.trials:
         study.set_user_attr("latency_device", where)
     if worker is None:
         enqueue_first(study, config, modules)
-        warm_starts(study, config, data, baseline, modules, argv)
+        warm_starts(study, config, data, baseline, table, modules, argv)
     if config.workers > 1 and worker is None:
         del data  # the workers load their own
         forward_sigterm()
         owed = lambda: run.total - len(done_in_run(study.get_trials(deepcopy=False), run.run_id))  # noqa: E731
         run_workers(argv or [], run, config.workers, gpus, owed, grace_seconds=2 * config.heartbeat_seconds + 1)
     else:
-        run_trials(config, study, data, baseline, run, modules, label=f"w{run.index}" if worker else "")
+        run_trials(config, study, data, baseline, run, modules, table, label=f"w{run.index}" if worker else "")
     if worker is None:
         summary = budget_summary(study, config, modules) if config.budget else pareto_summary(study, modules)
         print(summary, flush=True)

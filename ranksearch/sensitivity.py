@@ -16,7 +16,6 @@ modules (``allocate``). Costs come from the exact cost table (``costs``).
 
 import hashlib
 import json
-import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from torch import nn
 from . import __version__
 from .baseline import Baseline
 from .config import Config, search_fields
-from .costs import TABLE_COSTS, CostTable
+from .costs import TABLE_COSTS, CostTable, cost_table
 from .data import DeviceData
 from .files import check_writable
 from .models import RANK_STEPS, rank_modules
@@ -215,24 +214,10 @@ class Allocation:
     predicted: float  # val accuracy under the additive model
 
 
-def loss(base_accuracy: float, accuracy: float, combine: str) -> float:
-    """What a module's drop adds up as: points of accuracy (``additive``), or -log of the accuracy kept
-    (``multiplicative``: the modules' kept fractions multiply)."""
-    if combine == "multiplicative":
-        return -math.log(max(accuracy, 1e-6) / base_accuracy)
-    return base_accuracy - accuracy
-
-
-def predicted_accuracy(base_accuracy: float, total_loss: float, combine: str) -> float:
-    if combine == "multiplicative":
-        return base_accuracy * math.exp(-total_loss)
-    return max(0.0, base_accuracy - total_loss)
-
-
 def module_options(config: Config, table: CostTable, module: str, points: list[Point], base_accuracy: float,
-                   cost: str, combine: str = "additive") -> list[tuple[float, float, float]]:  # fmt: skip
-    """(rank, loss, cost) for each rank ``module`` may take: its measured points in [rank_min, rank_max], and
-    rank_max at no loss when it leaves the module as it is. A rank's loss is the largest at it or above (a curve
+                   cost: str) -> list[tuple[float, float, float]]:  # fmt: skip
+    """(rank, drop, cost) for each rank ``module`` may take: its measured points in [rank_min, rank_max], and
+    rank_max at no drop when it leaves the module as it is. A rank's drop is the largest at it or above (a curve
     made monotone from the top: a lower rank that measured better by noise is not trusted to be better)."""
     index = table.modules.index(module)
     row = table.steps[cost][index]
@@ -242,7 +227,7 @@ def module_options(config: Config, table: CostTable, module: str, points: list[P
     worst = options[0][1] if options else -float("inf")
     for point in sorted(points, key=lambda p: -p.rank):
         if config.rank_min <= point.rank <= config.rank_max:
-            worst = max(worst, loss(base_accuracy, point.accuracy, combine))
+            worst = max(worst, base_accuracy - point.accuracy)
             options.append((point.rank, worst, row[round(point.rank * RANK_STEPS) - 1]))
     return options
 
@@ -263,14 +248,13 @@ def allocation_front(options: Sequence[list[tuple[float, float, float]]]) -> lis
 
 def allocate(
     config: Config, table: CostTable, measured: dict[str, list[Point]], base_accuracy: float, cost: str = "macs",
-    budgets: Sequence[float] = BUDGETS, combine: str = "additive",
+    budgets: Sequence[float] = BUDGETS,
 ) -> list[Allocation]:  # fmt: skip
-    """The best allocation within each of ``budgets`` (fractions of the baseline's ``cost``) that any allocation
-    meets, in the order of ``budgets``, under the model ``combine`` of how single-module losses add up."""
+    """The best allocation under the additive model within each of ``budgets`` (fractions of the baseline's
+    ``cost``) that any allocation meets, in the order of ``budgets``."""
     if cost not in TABLE_COSTS:
         raise ValueError(f"allocations need an additive cost ({', '.join(TABLE_COSTS)}), not {cost!r}")
-    options = [module_options(config, table, m, measured.get(m, []), base_accuracy, cost, combine)
-               for m in table.modules]  # fmt: skip
+    options = [module_options(config, table, m, measured.get(m, []), base_accuracy, cost) for m in table.modules]
     if not all(options):
         return []
     front = allocation_front(options)
@@ -281,7 +265,7 @@ def allocate(
         if fits:
             drop, c, ranks = min(fits)
             found.append(Allocation(budget, list(ranks), (c + table.fixed[cost]) / table.base[cost],
-                                    predicted_accuracy(base_accuracy, drop, combine)))  # fmt: skip
+                                    max(0.0, base_accuracy - drop)))  # fmt: skip
     return found
 
 
@@ -361,8 +345,7 @@ def allocation_cost(config: Config) -> str:
 
 
 def model_table(model: nn.Module, config: Config) -> CostTable:
-    from .costs import cost_table
-
+    """The cost table of the config's search space and decomposition."""
     return cost_table(model, config.search_space, config.decomposition)
 
 
