@@ -104,10 +104,11 @@ class _Finished:
         self.count += 1
 
 
-def _lost_race(error: ValueError) -> bool:
-    """Optuna's ``Cannot tell a COMPLETE trial``: two workers popped one queued trial (SQLite has no row locks, so
-    its queue can hand a trial out twice); the other worker's result stands."""
-    return str(error).startswith("Cannot tell a ")
+def _lost_race(error: Exception) -> bool:
+    """Two workers popped one queued trial (SQLite has no row locks, so its queue can hand a trial out twice) and
+    the other told it first: Optuna says ``Cannot tell a COMPLETE trial`` when that was before this worker's tell
+    began, ``UpdateFinishedTrialError`` when it was during it. The other worker's result stands."""
+    return isinstance(error, optuna.exceptions.UpdateFinishedTrialError) or str(error).startswith("Cannot tell a ")
 
 
 def optimize_share(study: optuna.Study, objective: Callable, worker: Worker, trials: int, callbacks: list) -> None:
@@ -122,7 +123,7 @@ def optimize_share(study: optuna.Study, objective: Callable, worker: Worker, tri
             study.optimize(tagged(objective, worker), n_trials=trials - finished.count, catch=(Exception,),
                            callbacks=[*callbacks, finished, _stop_if_signalled])  # fmt: skip
             break
-        except ValueError as error:
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
             if not _lost_race(error):
                 raise
             print(f"ranksearch: w{worker.index}: another worker ran the same queued trial; going on", flush=True)
@@ -192,14 +193,16 @@ def _start(argv: list[str], worker: Worker, quota: int, gpus: int) -> subprocess
 
 
 def _died(process: subprocess.Popen) -> bool:
-    """True when the worker did not end by itself (killed, or crashed), as opposed to 0, 1 (trials failed) or 2."""
+    """True when the worker was killed (or crashed hard), as opposed to ending with 0, 1 (trials failed, or an
+    error it printed) or 2 (a user's mistake)."""
     return process.returncode not in (0, 1, 2)
 
 
 def run_workers(argv: list[str], parent: Worker, workers: int, gpus: int, owed: Callable[[], int],
                 grace_seconds: float) -> None:  # fmt: skip
-    """Start ``workers`` processes sharing the run's trials and wait for them. A worker that dies is replaced,
-    once the heartbeat has failed its trial (``grace_seconds``), by one that runs the trials still ``owed()``."""
+    """Start ``workers`` processes sharing the run's trials and wait for them. While trials are still ``owed()``
+    when they have ended (a worker died or crashed, or two told one queued trial), one more worker runs them: after
+    ``grace_seconds`` when a worker died, so that the heartbeat has failed its trial and enqueued it again."""
     threads = max(1, (os.cpu_count() or 1) // workers) if not gpus else 0  # 0: OMP_NUM_THREADS=1 (_env)
     team = [Worker(parent.run_id, i, parent.total, threads) for i in range(workers)]
     processes = [_start(argv, w, quota, gpus) for w, quota in zip(team, shares(parent.total, workers), strict=False)]
@@ -207,10 +210,14 @@ def run_workers(argv: list[str], parent: Worker, workers: int, gpus: int, owed: 
         for _ in range(workers + 1):  # at most one round of replacements per worker, and the first round
             for process in processes:
                 process.wait()
-            if not any(_died(p) for p in processes) or owed() <= 0:
+            if owed() <= 0 or any(p.returncode == 2 for p in processes):  # 2: a user's mistake, the same for all
                 return
-            print(f"ranksearch: a worker died; replacing it in {grace_seconds:.0f} s", file=sys.stderr, flush=True)
-            time.sleep(grace_seconds)  # the heartbeat fails its trial, which is enqueued again
+            if any(_died(p) for p in processes):
+                print(f"ranksearch: a worker died; replacing it in {grace_seconds:.0f} s", file=sys.stderr, flush=True)
+                time.sleep(grace_seconds)  # the heartbeat fails its trial, which is enqueued again
+            else:
+                print(f"ranksearch: {owed()} trial(s) still owed; starting a worker for them", file=sys.stderr,
+                      flush=True)  # fmt: skip
             team.append(Worker(parent.run_id, len(team), parent.total, threads))
             processes = [_start(argv, team[-1], owed(), gpus)]
     except KeyboardInterrupt:

@@ -126,7 +126,8 @@ def test_sensitivity_workers_share_the_points(engine, request, workdir, tiny_ima
     assert result.returncode == 0, result.stderr
     study = _sensitivity_study(workdir, storage)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(complete) == len({(t.params["module"], t.params["rank"]) for t in complete}) == 45
+    points = {(t.params["module"], t.params["rank"]) for t in complete}
+    assert len(complete) == len(points) == 45, (result.stdout, result.stderr)  # a worker's error is in stderr
     assert {t.user_attrs["worker"] for t in complete} == {0, 1}
     assert "allocations" in result.stdout and (workdir / "sens" / "sensitivity.png").is_file()
 
