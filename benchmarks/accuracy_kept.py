@@ -28,10 +28,11 @@ from ranksearch.baseline import ensure_baseline
 from ranksearch.config import load_config
 from ranksearch.data import device_data
 from ranksearch.decompose.activation import Tucker2Basis
+from ranksearch.device import resolve_device
 from ranksearch.measure import count_macs
 from ranksearch.models import RANK_STEPS, rank_modules
 from ranksearch.refine import RECIPES, RefineRecipe, from_scratch, refine
-from ranksearch.train import evaluate, resolve_device, steps_per_epoch
+from ranksearch.train import evaluate, steps_per_epoch
 from ranksearch.trial import decomposed_model, trial_bases, trial_model
 from ranksearch.warmstart import vbmf_ranks
 

@@ -11,7 +11,7 @@ import torch
 
 from ranksearch import count_macs, load_model
 from ranksearch.data import DeviceData, load_dataset
-from ranksearch.export import read_export
+from ranksearch.load import read_export
 from ranksearch.train import evaluate
 
 
@@ -23,7 +23,7 @@ def main() -> None:
     payload = read_export(args.export)
     config = payload["config"]
     model = load_model(args.export)
-    macs, params = count_macs(model)
+    macs, params = count_macs(model, (1, *model.input_spec["size"]))  # at the input it records
     data = DeviceData(load_dataset(args.data_dir, download=False), config["val_size"], config["split_seed"],
                       torch.device("cpu"))  # fmt: skip
     print(f"{args.export}: study {payload['study_name']!r}, trial {payload['trial_number']}, "

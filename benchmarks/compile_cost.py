@@ -18,8 +18,9 @@ from ranksearch.baseline import baseline_path, load_baseline
 from ranksearch.config import load_config
 from ranksearch.data import device_data
 from ranksearch.decompose import model_bases
+from ranksearch.device import resolve_device, synchronize
 from ranksearch.models import rank_modules
-from ranksearch.train import finetune, resolve_device, synchronize
+from ranksearch.train import finetune
 from ranksearch.trial import decomposed_model
 
 

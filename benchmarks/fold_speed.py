@@ -19,9 +19,9 @@ from torch import nn
 
 from ranksearch import count_macs, decompose, load_model, set_ranks
 from ranksearch.decompose import Tucker2Conv
-from ranksearch.export import read_export
 from ranksearch.fold import fold_batchnorm
 from ranksearch.latency import LatencyResult, latency_device, measure_latency
+from ranksearch.load import read_export
 from ranksearch.models import build_model, module_names
 
 BATCHES = (1, 64)

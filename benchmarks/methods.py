@@ -19,8 +19,9 @@ from ranksearch.baseline import cached_bases, ensure_baseline
 from ranksearch.config import load_config
 from ranksearch.data import device_data
 from ranksearch.decompose import Tucker2Conv, reconstruction_error
+from ranksearch.device import resolve_device
 from ranksearch.models import rank_modules
-from ranksearch.train import evaluate, resolve_device
+from ranksearch.train import evaluate
 from ranksearch.trial import trial_model
 
 METHODS = ("hooi", "hosvd", "hosvd+refine")

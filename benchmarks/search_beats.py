@@ -28,6 +28,8 @@ from pathlib import Path
 
 from search_quality import hypervolume_curve  # the same hypervolume as issue 10's figures
 
+from ranksearch import objectives
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "cpu-quality.yaml"
 STORAGE = "sqlite:///studies/issue17.db"  # relative to --work: every arm's study and the sensitivity points
@@ -104,8 +106,8 @@ def run_lanes(commands: list[list[str]], lanes: int, work: Path, tag: str) -> No
 
 
 def best_within(study, budget: float):
-    fits = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs["macs_ratio"] <= budget]
-    return max(fits, key=lambda t: (t.values[0], -t.user_attrs["macs_ratio"]), default=None)
+    """The best val accuracy at <= ``budget`` of the baseline's MACs (the package's rule)."""
+    return objectives.best_within(study.trials, "macs", budget)
 
 
 def all_studies(work: Path) -> dict:

@@ -36,11 +36,14 @@ import torch
 from ranksearch.baseline import ensure_baseline
 from ranksearch.config import load_config
 from ranksearch.data import device_data
-from ranksearch.export import load_model, read_export
+from ranksearch.device import resolve_device
 from ranksearch.latency import deployed_form, measure_latency
+from ranksearch.load import load_model, read_export
 from ranksearch.measure import count_macs
 from ranksearch.models import RANK_STEPS, rank_modules
-from ranksearch.train import evaluate, resolve_device, steps_per_epoch
+from ranksearch.models import ranks_text as models_ranks_text
+from ranksearch.objectives import dominated_flags
+from ranksearch.train import evaluate, steps_per_epoch
 from ranksearch.trial import decomposed_model, trial_bases, trial_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +131,8 @@ def proxy(config, data, baseline, work: Path, vector_count: int, long_epochs: in
 
 
 def ranks_text(ranks: dict[str, float]) -> str:
-    return "/".join(str(round(v * RANK_STEPS)) for v in ranks.values())
+    """A vector by module as ``8/8/4/2/2 /32`` (the package's text)."""
+    return models_ranks_text(ranks.values())
 
 
 def print_proxy(done: dict, vectors: list, variants: dict) -> None:
@@ -357,14 +361,9 @@ def latency_stage(work: Path, config_path: Path, data_dir: str, trials: int, ste
 
 def is_macs_pareto(trial, trials) -> bool:
     """No COMPLETE trial has at least ``trial``'s val accuracy at fewer MACs, or more accuracy at as few."""
-    accuracy, macs = trial.values[0], trial.user_attrs["macs"]
-    for t in trials:
-        if t.state.name != "COMPLETE" or t.number == trial.number:
-            continue
-        a, m = t.values[0], t.user_attrs["macs"]
-        if a >= accuracy and m <= macs and (a > accuracy or m < macs):
-            return False
-    return True
+    complete = [t for t in trials if t.state.name == "COMPLETE" and t.number != trial.number] + [trial]
+    points = [(t.values[0], t.user_attrs["macs"]) for t in complete]
+    return not dominated_flags(points, [False, True])[-1]
 
 
 # ----- main ----------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ class Baseline:
     model: nn.Module
     val_accuracy: float  # fraction of the validation split
     test_accuracy: float  # fraction of the test split
-    macs: int  # at one 3x32x32 input
+    macs: int  # at one input of the data's size (``DeviceData.spec``)
     params: int  # conv and linear weights and biases
     pretrain_seconds: float  # 0 when read from the cache
     path: Path = Path()  # its checkpoint (the cache file)
@@ -103,9 +103,25 @@ class EpochLines:
                   f"{left / 60:.1f} min left", file=sys.stderr, flush=True)  # fmt: skip
 
 
+def check_input(model: nn.Module, config: Config, data: DeviceData) -> None:
+    """``model`` takes one image of the data's size (a forward pass on zeros); a one-line UserError if not."""
+    shape = "x".join(map(str, data.spec.shape()))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(data.spec.input_size(), device=next(model.parameters()).device))
+    except RuntimeError as error:
+        raise UserError(
+            f"model {config.model} cannot take the data's {shape} images ({first_line(error)}); use larger "
+            "images or another model (vgg needs at least 32x32)"
+        ) from None
+    finally:
+        model.train()
+
+
 def train_baseline(config: Config, data: DeviceData) -> Baseline:
     torch.manual_seed(config.seed)
     model = prepare(new_model(config), data.device)
+    check_input(model, config, data)  # before any training
     total = config.pretrain_epochs * steps_per_epoch(data, config.batch_size)
     print(f"baseline: pretraining {config.pretrain_epochs} epochs ({total:,} steps) on {data.device.type}; "
           "cached for later runs", file=sys.stderr, flush=True)  # fmt: skip
@@ -116,7 +132,7 @@ def train_baseline(config: Config, data: DeviceData) -> Baseline:
     else:  # a log file (nohup, CI): a line per epoch instead of a bar
         pretrain(model, data, config, progress=EpochLines(config.pretrain_epochs, total, start))
     seconds = time.perf_counter() - start
-    macs, params = count_macs(model)
+    macs, params = count_macs(model, data.spec.input_size())
     return Baseline(
         model,
         evaluate(model, data, "val", config.eval_batch_size),

@@ -65,16 +65,16 @@ def fit_to_budget(shares: Sequence[float], ratio_of: Callable[[list[float]], flo
 
 def parse_budget(text: str) -> tuple[str, float]:
     """``macs=0.1`` as ("macs", 0.1): a cost and a fraction of the baseline's, in (0, 1]."""
-    from .objectives import COSTS
+    from .objectives import BUILT_IN
 
     name, sep, value = text.partition("=")
     try:
         ratio = float(value)
     except ValueError:
         ratio = math.nan
-    if not sep or name.strip() not in COSTS or not (0 < ratio <= 1):
+    if not sep or name.strip() not in BUILT_IN or not (0 < ratio <= 1):
         raise UserError(
-            f"budget must be COST=FRACTION with COST one of {', '.join(COSTS)} and FRACTION in (0, 1] of the "
+            f"budget must be COST=FRACTION with COST one of {', '.join(BUILT_IN)} and FRACTION in (0, 1] of the "
             f"baseline's cost (e.g. --budget macs=0.1), got {text!r}"
         )
     return name.strip(), ratio

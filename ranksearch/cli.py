@@ -7,9 +7,12 @@ from fractions import Fraction
 from pathlib import Path
 
 from . import __version__
+from .attrs import FAIL_REASON
 from .config import Config, default_storage_url, load_config
+from .decompose import conv_decompositions, factor_methods
 from .errors import UserError
-from .objectives import parse_objectives
+from .models import model_names
+from .objectives import COSTS, parse_objectives
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,15 +32,29 @@ def _parse_names(text: str) -> list[str]:
     return [] if text.strip() == "none" else [token.strip() for token in text.split(",")]
 
 
+def _choices(names, default: str) -> str:
+    """Registered choices for a help text: ``tucker2 (default) | cp``."""
+    return " | ".join(f"{name} (default)" if name == default else name for name in names)
+
+
+_DECOMPOSITION_HELP = f"what k x k convs become: {_choices(conv_decompositions(), Config.decomposition)}"
+
+
 def _config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", dest="plugins", metavar="FILE.py",
+                        help="a Python file (or module) to import first: it may register a model, a decomposition "
+                        "or a cost (see README, 'Extending'); repeat for more; recorded in the study")  # fmt: skip
     parser.add_argument("--config", help="YAML config (default: the built-in full-size config, configs/default.yaml)")
-    parser.add_argument("--data-dir", help="CIFAR-10: ImageFolder tree with train/ and test/, or torchvision's folder")
+    parser.add_argument("--data-dir", help="an ImageFolder tree with train/ and test/ (any image size, any classes), "
+                        "or torchvision's CIFAR-10 folder")  # fmt: skip
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
                         help="download torchvision's CIFAR-10 into --data-dir when it holds none")  # fmt: skip
-    parser.add_argument("--model", help="vgg11 | vgg16 | resnet20 | resnet56 | resnet18 | torchvision:<name>")
+    parser.add_argument("--model", help=" | ".join(model_names()))
     parser.add_argument("--device", help="auto | cpu | cuda")
     parser.add_argument("--seed", type=int, help="seed of sampler, pretraining and fine-tunes")
     parser.add_argument("--width", type=float, help="channel multiplier of the model")
+    parser.add_argument("--num-classes", type=int, help="classes of the data (checked against its class folders); "
+                        "a config without num_classes takes the data's")  # fmt: skip
     parser.add_argument("--val-size", type=int, help="validation images held out of the training set")
     parser.add_argument("--pretrain-epochs", type=int, help="epochs of baseline pretraining")
 
@@ -52,15 +69,15 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pruner", help="budget mode: halving (stop trials whose val at 1/9 or 1/3 of the "
                         "fine-tune is below the best third; default) | none")  # fmt: skip
     parser.add_argument("--objectives", type=parse_objectives, metavar="accuracy,COST[,COST]",
-                        help="accuracy then one or two of macs, params, latency (default accuracy,macs)")  # fmt: skip
+                        help=f"accuracy then one or two of {', '.join(COSTS)} (default accuracy,macs)")  # fmt: skip
     parser.add_argument("--latency-batch", type=int, help="images per forward pass when timing latency (default 1)")
     parser.add_argument("--finetune-steps", type=int, help="fine-tune steps per trial")
     parser.add_argument("--search-space", help="module (one rank per module, default) | layer (one per conv)")
-    parser.add_argument("--decomposition", help="what k x k convs become: tucker2 (default) | cp")
+    parser.add_argument("--decomposition", help=_DECOMPOSITION_HELP)
     parser.add_argument("--svd-layers", action=argparse.BooleanOptionalAction, default=None,
                         help="also rank 1x1 convs and linear layers, decomposed by truncated SVD")  # fmt: skip
-    parser.add_argument("--decompose-method", help="how factors are chosen: activation (reproduce each layer's "
-                        "outputs on real images) | hosvd | hosvd+refine | hooi (Tucker-2 weight fits)")  # fmt: skip
+    parser.add_argument("--decompose-method", help="how factors are chosen: "
+                        f"{_choices(factor_methods(), Config.decompose_method)} (see README)")  # fmt: skip
     parser.add_argument("--ranks", action="append", metavar="R1,R2,...",
                         help="try these module ranks first (k/32 each, one per module); repeat for more")  # fmt: skip
     parser.add_argument("--warm-start", type=_parse_names, metavar="vbmf,uniform,sensitivity",
@@ -94,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _, ran = run_search(config, argv=args.argv, worker=worker)
     failed = [t for t in ran if t.state.name == "FAIL"]
     if failed and len(failed) == len(ran):
-        reason = failed[0].user_attrs.get("fail_reason", "unknown")
+        reason = failed[0].user_attrs.get(FAIL_REASON, "unknown")
         print(f"ranksearch: all {len(failed)} trials failed (first: {reason})", file=sys.stderr)
         return 1
     if worker is None:
@@ -107,7 +124,7 @@ def _baseline(config: Config):
     """The config's pretrained baseline: cached, or pretrained now (and cached)."""
     from .baseline import ensure_baseline
     from .data import device_data
-    from .train import resolve_device
+    from .device import resolve_device
 
     return ensure_baseline(config, device_data(config, resolve_device(config.device)))
 
@@ -123,13 +140,13 @@ def _ranks_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weakening", type=float, default=1.0, help="scales EVBMF's noise variance: 1 plain "
                         "(default), below 1 keeps more components, above 1 fewer")  # fmt: skip
     parser.add_argument("--search-space", help="module (one rank per module, default) | layer (one per conv)")
-    parser.add_argument("--decomposition", help="what k x k convs become: tucker2 (default) | cp")
+    parser.add_argument("--decomposition", help=_DECOMPOSITION_HELP)
     parser.add_argument("--svd-layers", action=argparse.BooleanOptionalAction, default=None,
                         help="also rank 1x1 convs and linear layers, decomposed by truncated SVD")  # fmt: skip
 
 
 def _layer_row(layer) -> str:
-    from .warmstart import rank_text
+    from .models import rank_text
 
     shape = " x ".join(map(str, layer.shape))
     found, rank = layer.found, rank_text(layer.rank)
@@ -144,7 +161,8 @@ def _noise_note(layer) -> str:
 
 def _ranks_line(ranks: list[float], config: Config) -> str:
     """The ``--ranks`` text for ``run``, clipped into [rank_min, rank_max] (and saying so when that changed any)."""
-    from .warmstart import clip_ranks, rank_text, ranks_argument
+    from .models import rank_text
+    from .warmstart import clip_ranks, ranks_argument
 
     clipped = clip_ranks(ranks, config.rank_min, config.rank_max)
     note = f"  (clipped into rank_min..rank_max: {rank_text(config.rank_min)}..{rank_text(config.rank_max)})"
@@ -154,7 +172,7 @@ def _ranks_line(ranks: list[float], config: Config) -> str:
 def _ranks_report(estimates, config: Config) -> str:
     """``ranks --vbmf``'s output: a row per rank-carrying layer, a note per layer where VBMF found only noise, a
     line per module (of the config's search space), then the ``--ranks`` text for ``run``."""
-    from .warmstart import rank_text
+    from .models import rank_text
 
     lines = [
         f"VBMF ranks at weakening {estimates.weakening:g}; rank: the smallest k/32 whose R_in, R_out (of the "
@@ -227,8 +245,8 @@ def _open_study(args: argparse.Namespace):
 def _export_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trial", default="best", help="a trial number, or 'best' (default): the Pareto trial "
                         "with the lowest --objective within --max-drop of the baseline's val accuracy")  # fmt: skip
-    parser.add_argument("--objective", help="the cost 'best' minimises: macs, params or latency (default: the "
-                        "study's first cost)")  # fmt: skip
+    parser.add_argument("--objective", help=f"the cost 'best' minimises: {', '.join(COSTS)} or a plugin's "
+                        "(default: the study's first cost)")  # fmt: skip
     parser.add_argument("--max-drop", type=float, default=1.0, help="percentage points of val accuracy (default 1.0)")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="refine the chosen model E epochs: rate "
                         "rewound to --refine-lr, distilled from the baseline; a killed export resumes")  # fmt: skip

@@ -11,9 +11,12 @@ from pathlib import Path
 import yaml
 
 from .budget import parse_budget
+from .decompose import conv_decompositions, factor_methods
 from .errors import UserError
+from .inputs import CIFAR10_CLASSES
 from .models import RANK_STEPS, SEARCH_SPACES, check_model_name, check_rank, check_width
 from .objectives import DEFAULT_OBJECTIVES, check_objectives
+from .plugins import load_plugins, resolved
 
 
 def default_storage_url(study_name: str) -> str:
@@ -26,9 +29,9 @@ class Config:
     # model
     model: str = "vgg16"  # the model registry's name: vgg11, vgg16, resnet20, resnet56, resnet18, torchvision:<name>
     width: float = 1.0  # channel multiplier (1.0 = the standard 64..512 channels)
-    num_classes: int = 10  # classes in the dataset
+    num_classes: int = 10  # classes in the dataset; unset in the file and flags: the data's own count
     # data
-    data_dir: str = "data"  # CIFAR-10: ImageFolder tree (train/, test/) or torchvision's folder
+    data_dir: str = "data"  # an ImageFolder tree (train/, test/; any size, any classes) or torchvision's CIFAR-10
     download: bool = True  # fetch torchvision's CIFAR-10 into data_dir when it holds none
     val_size: int = 5000  # images held out of the training set; the search measures these
     split_seed: int = 0  # seed of the train / val split
@@ -82,6 +85,10 @@ class Config:
     # workers
     workers: int = 1  # processes on this machine adding trials to the study (GPU i mod G; CPU cores split)
     heartbeat_seconds: int = 60  # a trial whose worker is silent for 2x this is failed and retried (RDB storage)
+    # extensions
+    plugins: list[str] = field(default_factory=list)  # Python files (or modules) imported first, each registering
+    # a model, a decomposition or a cost (ranksearch.plugins); files are recorded by absolute path, and a study
+    # records its plugins (export and load_model import them again)
 
     def storage_url(self) -> str:
         return self.storage or default_storage_url(self.study_name)
@@ -117,8 +124,8 @@ CHOICES = {
     "sampler": SAMPLERS,
     "pruner": ("halving", "none"),
     "device": ("auto", "cpu", "cuda"),
-    "decompose_method": ("hosvd", "hosvd+refine", "hooi", "activation"),
-    "decomposition": ("tucker2", "cp"),
+    "decompose_method": factor_methods,  # a callable: read from the registry when checked (plugins add to it)
+    "decomposition": conv_decompositions,
     "search_space": SEARCH_SPACES,
 }
 
@@ -183,10 +190,22 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Confi
     if unknown:
         raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
     config = Config(**{k: _coerce(k, v, fields[k]) for k, v in values.items()})
+    config.plugins = [resolved(p) for p in config.plugins]
+    load_plugins(config.plugins)  # before the checks: a plugin's model, decomposition or cost is a valid choice
     if "study_name" not in values:  # a study per model unless named: resnet20-cifar10, torchvision-resnet18-cifar10
         config.study_name = f"{config.model.replace(':', '-')}-cifar10"
+    if "num_classes" not in values:  # the data's (an explicit num_classes is checked against the data instead)
+        config.num_classes = data_class_count(config.data_dir)
     validate(config)
     return config
+
+
+def data_class_count(data_dir: str) -> int:
+    """The number of classes of the data in ``data_dir`` (its class folders), read without decoding it; CIFAR-10's
+    10 when it holds no data yet (what --download fetches)."""
+    from .data import data_classes  # torch and numpy, loaded by the models anyway
+
+    return len(data_classes(data_dir) or CIFAR10_CLASSES)
 
 
 def _on_grid(name: str, value: float) -> float:
@@ -249,6 +268,7 @@ RANGES = {
 
 def validate(config: Config) -> None:
     for name, choices in CHOICES.items():
+        choices = choices() if callable(choices) else choices
         if getattr(config, name) not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {reprlib.repr(getattr(config, name))}")
     try:

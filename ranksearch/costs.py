@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from .decompose import method_for, original_macs_per_pixel
+from .inputs import CIFAR10_INPUT_SIZE
 from .measure import count_macs, count_params
 from .models import RANK_STEPS, rank_modules
 
 TABLE_COSTS = ("macs", "params")  # the costs a table holds; latency is measured (``LatencyMeter``)
 
 
-def output_pixels(model: nn.Module, layers: Sequence[nn.Module], input_size=(1, 3, 32, 32)) -> dict[int, int]:
+def output_pixels(model: nn.Module, layers: Sequence[nn.Module], input_size=CIFAR10_INPUT_SIZE) -> dict[int, int]:
     """Output pixels (H x W; 1 row for a linear layer) of each of ``layers`` at one input, by ``id``."""
     pixels: dict[int, int] = {}
 
@@ -76,12 +77,15 @@ class CostTable:
         return 1 - saved / self.base[name]
 
 
-def cost_table(model: nn.Module, space: str = "module", decomposition: str = "tucker2") -> CostTable:
-    """The cost table of an undecomposed ``model`` (its rank buffers say which layers carry ranks)."""
+def cost_table(
+    model: nn.Module, space: str = "module", decomposition: str = "tucker2", input_size=CIFAR10_INPUT_SIZE
+) -> CostTable:
+    """The cost table of an undecomposed ``model`` (its rank buffers say which layers carry ranks) at one input of
+    ``input_size`` (B, C, H, W; the data's: ``InputSpec.input_size``)."""
     modules = rank_modules(model, space)
     layers = [layer for pairs in modules.values() for _, layer in pairs]
-    pixels = output_pixels(model, layers)
-    macs, params = count_macs(model)
+    pixels = output_pixels(model, layers, input_size)
+    macs, params = count_macs(model, input_size)
     base = {"macs": float(macs), "params": float(params)}
     steps: dict[str, list[list[float]]] = {name: [] for name in TABLE_COSTS}
     original: dict[str, list[float]] = {name: [] for name in TABLE_COSTS}

@@ -1,7 +1,8 @@
-"""CIFAR-10 as uint8 tensors: find it, decode it once, cache it, split it, and cut batches on the device.
+"""Image data as uint8 tensors: find it, decode it once, cache it, split it, and cut batches on the device.
 
-Accepted in ``--data-dir``: an ImageFolder tree with ``train/`` and ``test/`` (one folder per class),
-or torchvision's CIFAR-10 folder (``cifar-10-batches-py``), which torchvision can also download.
+Accepted in ``--data-dir``: an ImageFolder tree with ``train/`` and ``test/`` (one folder per class; any number of
+classes, any image size shared by all its images), or torchvision's CIFAR-10 folder (``cifar-10-batches-py``), which
+torchvision can also download. The data gives the models' input spec (``input_spec``: size, mean/std, classes).
 """
 
 import hashlib
@@ -16,13 +17,12 @@ from tqdm import tqdm
 
 from .errors import UserError, first_line
 from .files import atomic_save, read_or_make
+from .inputs import CIFAR10_CLASSES, CIFAR_MEAN, CIFAR_SIZE, CIFAR_STD, InputSpec, spec_of  # noqa: F401 (MEAN, STD)
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-IMAGE_SIZE = 32
 CROP_PADDING = 4
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-CACHE_NAME = ".ranksearch-cache-v2.pt"  # v2: validated by the files and the pixels' fingerprint
+# v2: validated by the files and the pixels' fingerprint; v3: images kept at their own size (v2 resized to 32x32)
+CACHE_NAME = ".ranksearch-cache-v3.pt"
 ACCEPTED = (
     "an ImageFolder tree with train/ and test/ (one subfolder per class), "
     "or torchvision's CIFAR-10 folder (cifar-10-batches-py)"
@@ -31,7 +31,7 @@ ACCEPTED = (
 
 @dataclass
 class ImageTensors:
-    images: torch.Tensor  # (N, 3, 32, 32) uint8
+    images: torch.Tensor  # (N, 3, H, W) uint8
     labels: torch.Tensor  # (N,) int64
 
 
@@ -141,26 +141,51 @@ def _decode_one(path: Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-        return np.asarray(image)
+        return np.asarray(image.convert("RGB"))  # (H, W, 3)
 
 
-def _decode(files: list[tuple[Path, int]], desc: str) -> ImageTensors:
-    """Decode every file; refuse the data, naming the files, when any image cannot be decoded."""
-    images = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+def image_size(files: list[tuple[Path, int]]) -> tuple[int, int]:
+    """(width, height) of the first of ``files`` that opens (read from its header): the size every image must have.
+    CIFAR's when none opens: decoding then names the broken files."""
+    from PIL import Image
+
+    for path, _ in files:
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except Exception:  # not an image: ``_decode`` reports it
+            continue
+    return CIFAR_SIZE, CIFAR_SIZE
+
+
+def _decode(files: list[tuple[Path, int]], desc: str, size: tuple[int, int], first: Path) -> ImageTensors:
+    """Decode every file; refuse the data, naming the files, when any image cannot be decoded or is not ``size``
+    (width, height: that of ``first``, train/'s first image)."""
+    width, height = size
+    images = np.empty((len(files), height, width, 3), dtype=np.uint8)
     bad: list[tuple[Path, Exception]] = []
+    sized: list[tuple[Path, tuple[int, int]]] = []  # decoded, but of another size
     for index, (path, _) in enumerate(tqdm(files, desc=desc, unit="img", file=sys.stderr, leave=False, disable=None)):
         try:
-            images[index] = _decode_one(path)
+            pixels = _decode_one(path)
         except Exception as error:  # zero-byte, truncated, not an image, ...
             bad.append((path, error))
+            continue
+        if pixels.shape[:2] != (height, width):
+            sized.append((path, (pixels.shape[1], pixels.shape[0])))
+            continue
+        images[index] = pixels
     if bad:
         path, error = bad[0]
         raise UserError(
             f"{len(bad)} image(s) cannot be decoded, first {path} ({type(error).__name__}: "
             f"{first_line(error)}); remove or replace them"
+        )
+    if sized:
+        path, (w, h) = sized[0]
+        raise UserError(
+            f"{len(sized)} image(s) are not {width}x{height} like {first} (train/'s first), first {path} ({w}x{h}); "
+            f"resize every image of train/ and test/ to one size"
         )
     labels = torch.tensor([label for _, label in files], dtype=torch.long)
     return ImageTensors(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
@@ -193,8 +218,10 @@ def _load_imagefolder_cached(data_dir: Path) -> Dataset:
     cache = data_dir / CACHE_NAME
 
     def decode() -> Dataset:
-        train = _decode(train_files, "decoding train images")
-        dataset = Dataset(train, _decode(test_files, "decoding test images"), classes, "imagefolder")
+        size, first = image_size(train_files), train_files[0][0]
+        train = _decode(train_files, "decoding train images", size, first)
+        test = _decode(test_files, "decoding test images", size, first)
+        dataset = Dataset(train, test, classes, "imagefolder")
         _save_cache(cache, dataset, key)
         return dataset
 
@@ -275,8 +302,9 @@ class DeviceData:
             name: ImageTensors(t.images.to(device), t.labels.to(device))
             for name, t in (("train", train), ("val", val), ("test", dataset.test))
         }
-        self.mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1) * 255
+        self.spec = input_spec(dataset)  # what the models take: size, mean/std, classes
+        self.mean = torch.tensor(self.spec.mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(self.spec.std, device=device).view(1, -1, 1, 1) * 255
 
     def size(self, split: str) -> int:
         return len(self.splits[split].labels)
@@ -303,6 +331,27 @@ class DeviceData:
         images, labels = (data.images, data.labels) if every == 1 else (data.images[::every], data.labels[::every])
         for start in range(0, len(labels), batch_size):
             yield self.normalize(images[start : start + batch_size]), labels[start : start + batch_size]
+
+
+def input_spec(dataset: Dataset) -> InputSpec:
+    """The input of models trained on ``dataset``: its images' size, their normalization (``spec_of``: CIFAR-10's
+    constants at 32x32, else the training images' own statistics) and its class names."""
+    return spec_of(dataset.train.images, dataset.classes)
+
+
+def data_classes(data_dir: str | Path) -> list[str] | None:
+    """The class names of the data in ``data_dir`` without decoding it: train/'s class folders, or CIFAR-10's for
+    torchvision's folder; None when it holds neither (yet)."""
+    data_dir = Path(data_dir).expanduser()
+    source = detect_source(data_dir)
+    if source == "torchvision":
+        return list(CIFAR10_CLASSES)
+    if source == "imagefolder":
+        try:
+            return sorted(d.name for d in (data_dir / "train").iterdir() if d.is_dir())
+        except OSError:  # unreadable: loading the data says so
+            return None
+    return None
 
 
 def device_data(config, device: torch.device) -> DeviceData:

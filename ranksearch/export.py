@@ -1,7 +1,8 @@
 """Take a trial's model out of a study: pick it, rebuild it exactly, verify it, and write deployable files.
 
 The ``.pt`` file describes itself (weights, config, MACs, params, accuracies, provenance, the input it expects
-and its class names); ``load_model`` rebuilds the decomposed architecture from the saved tensors alone.
+and its class names); ``load_model`` (in ``ranksearch.load``) rebuilds the decomposed architecture from the saved
+tensors alone.
 """
 
 import copy
@@ -15,33 +16,30 @@ import torch
 from torch import nn
 
 from . import __version__
+from .attrs import module_of
 from .baseline import load_baseline, new_model
 from .config import Config
-from .data import CIFAR_MEAN, CIFAR_STD, DeviceData, device_data
+from .data import DeviceData, device_data
 from .decompose import decomposed_from_state_dict
-from .errors import UserError, first_line
-from .files import atomic_save, check_writable
+from .device import precision, resolve_device, use_deterministic_kernels
+from .errors import UserError
+from .files import atomic_save, atomic_write, check_writable
 from .fold import fold_batchnorm
+from .inputs import CIFAR10_SHAPE
+from .load import FILE_KIND, FILE_VERSION
 from .measure import count_macs
-from .models import build_model
 from .objectives import COSTS, DEFAULT_OBJECTIVES, cost, costs_text, study_objectives
+from .plugins import load_plugins
 from .refine import RefineRecipe, from_scratch, refine
-from .train import evaluate, precision, resolve_device, steps_per_epoch, use_deterministic_kernels
+from .study import check_data
+from .train import evaluate, steps_per_epoch
 from .trial import trial_bases, trial_model, trial_seed
 from .weights import WeightsStore
 
-FILE_KIND = "ranksearch-model"
-# 1: ranksearch 0.1.0; 2: adds input, classes, device, eval_dtype, measured_with; 3 (0.5.0): each decomposed layer
-# records its method (a ``decomposition`` buffer: Tucker-2, CP or SVD), where 1 and 2 had Tucker-2 only
-FILE_VERSION = 3
 FORMATS = ("pt", "onnx", "torchscript")
 SUFFIXES = {"pt": ".pt", "onnx": ".onnx", "torchscript": ".ts"}
 ACCURACY_TOLERANCE = 0.001  # 0.1 percentage point, as a fraction
-INPUT_SPEC = {  # what the model takes: (uint8 pixel / 255 - mean) / std per RGB channel, NCHW
-    "size": [3, 32, 32], "channel_order": "RGB", "scale": "uint8 pixel / 255",
-    "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD), "layout": "NCHW",
-}  # fmt: skip
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+OUTPUT_TOLERANCE = 1e-3  # an ONNX / TorchScript file's largest logit difference to PyTorch, times max(1, max |logit|)
 # Search fields that ranksearch's first release did not have, with what it did instead, so that a study made
 # then re-runs exactly as made: TensorLy HOOI every trial, no refinement, no distillation, no torch.compile, no
 # BatchNorm re-estimation, objectives val accuracy and MACs.
@@ -49,7 +47,7 @@ BEFORE_FIELD_EXISTED = {
     "decompose_method": "hooi", "refine_iters": 0, "distill_weight": 0.0, "distill_temperature": 4.0,
     "compile": False, "bn_recalibration_batches": 0, "objectives": DEFAULT_OBJECTIVES, "latency_batch": 1,
     "search_space": "module", "decomposition": "tucker2", "svd_layers": False, "activation_images": 512,
-    "budget": None, "pruner": "none",
+    "budget": None, "pruner": "none", "plugins": [],
 }  # fmt: skip
 
 
@@ -65,6 +63,7 @@ def study_config(study: optuna.Study) -> Config:
             f"study {study.study_name!r} was made by ranksearch {made_by} with config fields this version "
             f"({__version__}) does not know ({', '.join(unknown)}); upgrade ranksearch"
         )
+    load_plugins(fields.get("plugins", []))  # what registered its model, decomposition or costs
     return Config(**copy.deepcopy({**BEFORE_FIELD_EXISTED, **fields}))
 
 
@@ -150,7 +149,7 @@ def rebuild_trial(
             "needed to re-run its fine-tune is gone; pick a Pareto trial"
         )
     baseline = load_baseline(path, config, data.device)
-    ranks = {name.removeprefix("rank_"): value for name, value in trial.params.items()}
+    ranks = {module_of(name): value for name, value in trial.params.items()}
     seed = trial.user_attrs.get("seed", trial_seed(config, trial.number))
     bases = trial_bases(config, baseline, data)  # what the search truncated: the same cached files
     use_deterministic_kernels(data.device)  # as the search ran
@@ -173,7 +172,7 @@ def verify(model: nn.Module, trial: optuna.trial.FrozenTrial, config: Config, da
             f"rebuilt trial {trial.number} scores {accuracy:.2%} on val, not its recorded {recorded:.2%}; "
             f"nothing written ({hint})"
         )
-    macs, params = count_macs(model)
+    macs, params = count_macs(model, data.spec.input_size())  # at the data's size, as the trial counted
     if (macs, params) != (round(cost(trial, "macs")), trial.user_attrs["params"]):
         raise UserError(f"rebuilt trial {trial.number} has {macs:,} MACs / {params:,} params, not the recorded ones")
     return accuracy
@@ -190,19 +189,6 @@ def export_device(trial: optuna.trial.FrozenTrial, requested: str | None) -> tor
             "CPU (its accuracies may then differ slightly from the recorded ones, measured in bf16)"
         )
     return resolve_device(requested or ran_on or "auto")
-
-
-def check_same_data(study: optuna.Study, data: DeviceData, data_dir: str) -> None:
-    """Refuse data other than the study's (studies made before 0.2.0 recorded none: not checked)."""
-    recorded = study.user_attrs.get("data")
-    if recorded is None:
-        return
-    differs = [key for key in data.identity if recorded.get(key) != data.identity[key]]
-    if differs:
-        raise UserError(
-            f"--data-dir {data_dir} holds other data than study {study.study_name!r} was run on "
-            f"({', '.join(differs)} differs); pass the study's data (recorded: {study.user_attrs.get('data_dir')})"
-        )
 
 
 # ----- refining it -----------------------------------------------------------------------------------------------
@@ -252,106 +238,60 @@ def save_pt(model: nn.Module, path: Path, metadata: dict) -> None:
     atomic_save(payload, path)
 
 
-def read_export(path: str | Path) -> dict:
-    """The payload of a ``.pt`` export (file version 1 to 3), checked; a one-line UserError for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no file {path}; pass the .pt written by `ranksearch export`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"{path} is unreadable or truncated ({type(error).__name__}); export it again") from None
-    if not isinstance(payload, dict) or payload.get("kind") != FILE_KIND:
-        raise UserError(f"{path} is not a ranksearch export (no '{FILE_KIND}' marker)")
-    version = payload.get("file_version")
-    if not isinstance(version, int) or version < 1:
-        raise UserError(f"{path} is a damaged ranksearch export (file_version {version!r}); export it again")
-    if version > FILE_VERSION:
-        raise UserError(
-            f"{path} was written by ranksearch {payload.get('ranksearch_version', '?')} (file version {version}); "
-            f"upgrade ranksearch (this is {__version__}, which reads file versions up to {FILE_VERSION})"
-        )
-    _check_contents(payload, path)
-    return payload
-
-
-def _check_contents(payload: dict, path: Path) -> None:
-    required = {"config": dict, "state_dict": dict}
-    if payload["file_version"] > 1:
-        required |= {"input": dict, "classes": list}
-    wrong = [key for key, kind in required.items() if not isinstance(payload.get(key), kind)]
-    if not wrong and not {"model", "num_classes", "width"} <= payload["config"].keys():
-        wrong = ["config (model, num_classes, width)"]
-    if not wrong and not all(isinstance(v, torch.Tensor) for v in payload["state_dict"].values()):
-        wrong = ["state_dict (tensors)"]
-    if wrong:
-        raise UserError(f"{path} is a damaged ranksearch export ({', '.join(wrong)}: missing or wrong); export again")
-
-
-def _rebuild(payload: dict, path: Path) -> nn.Module:
-    config = payload["config"]
-    try:
-        model = build_model(config["model"], num_classes=config["num_classes"], width=config["width"])
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise UserError(f"{path}: its config describes no model ({first_line(error)}); export it again") from None
-    try:
-        return decomposed_from_state_dict(model, payload["state_dict"])
-    except ValueError as error:
-        raise UserError(f"{path}: {first_line(error)}; export it again") from None
-
-
-def load_model(path: str | Path) -> nn.Module:
-    """Rebuild an exported model (its decomposed form read from the saved tensors) with its weights, in eval mode.
-
-    The model carries ``input_spec`` (how images become its input: ``INPUT_SPEC``) and ``classes`` (the name of
-    each output; CIFAR-10's for files written by 0.1.0, which recorded neither).
-    """
-    payload = read_export(path)
-    model = _rebuild(payload, Path(path))
-    described = payload if payload["file_version"] > 1 else _version1_defaults(payload["config"])
-    model.input_spec, model.classes = described["input"], described["classes"]
-    return model.eval()
-
-
-def _version1_defaults(config: dict) -> dict:
-    """What a file from 0.1.0 (made for CIFAR-10 only) did not record."""
-    classes = list(CIFAR10_CLASSES) if config["num_classes"] == len(CIFAR10_CLASSES) else None
-    return {"input": copy.deepcopy(INPUT_SPEC), "classes": classes}
-
-
-def save_onnx(model: nn.Module, path: Path) -> float:
-    """Write ONNX of ``model`` with its BatchNorms folded into its convs and check it with onnxruntime; returns the
-    largest output difference to the unfolded PyTorch model (so the check covers the folding too)."""
+def save_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...] = CIFAR10_SHAPE) -> float:
+    """Write ONNX of ``model`` with its BatchNorms folded into its convs and check it with onnxruntime on random
+    images of ``input_shape`` (C, H, W: the data's); returns the largest output difference to the unfolded PyTorch
+    model (so the check covers the folding too)."""
     try:
         import onnxruntime
     except ImportError:
         raise UserError("ONNX export needs onnx and onnxruntime: pip install 'ranksearch[deploy]'") from None
 
     model = model.cpu().eval()
-    images = torch.randn(4, 3, 32, 32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated but needs no onnxscript
-        torch.onnx.export(
-            fold_batchnorm(model), (images,), str(path), dynamo=False, input_names=["images"], output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        )  # fmt: skip
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {"images": images.numpy()})
-    with torch.no_grad():
-        return float((torch.from_numpy(logits) - model(images)).abs().max())
+    images = torch.randn(4, *input_shape)
+
+    def write(partial: Path) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated but needs no onnxscript
+            torch.onnx.export(
+                fold_batchnorm(model), (images,), str(partial), dynamo=False, input_names=["images"],
+                output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            )  # fmt: skip
+        session = onnxruntime.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
+        (logits,) = session.run(None, {"images": images.numpy()})
+        with torch.no_grad():
+            return check_outputs(torch.from_numpy(logits), model(images), f"ONNX file {path}")
+
+    return atomic_write(path, write)
 
 
-def save_torchscript(model: nn.Module, path: Path) -> float:
-    """Write TorchScript (traced) of ``model`` with its BatchNorms folded into its convs; returns the largest output
-    difference of the saved file to the unfolded PyTorch model (so the check covers the folding too)."""
+def save_torchscript(model: nn.Module, path: Path, input_shape: tuple[int, ...] = CIFAR10_SHAPE) -> float:
+    """Write TorchScript (traced on random images of ``input_shape``, C, H, W: the data's) of ``model`` with its
+    BatchNorms folded into its convs; returns the largest output difference of the saved file to the unfolded
+    PyTorch model (so the check covers the folding too)."""
 
     model = model.cpu().eval()
-    images = torch.randn(4, 3, 32, 32)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
-        traced = torch.jit.trace(fold_batchnorm(model), images)
-        traced.save(str(path))
-        return float((torch.jit.load(str(path))(images) - model(images)).abs().max())
+    images = torch.randn(4, *input_shape)
+
+    def write(partial: Path) -> float:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+            torch.jit.trace(fold_batchnorm(model), images).save(str(partial))
+            return check_outputs(torch.jit.load(str(partial))(images), model(images), f"TorchScript file {path}")
+
+    return atomic_write(path, write)
+
+
+def check_outputs(theirs: torch.Tensor, ours: torch.Tensor, what: str) -> float:
+    """The largest |difference| of a written file's logits (``theirs``) to the PyTorch model's (``ours``); a
+    UserError (and no file under its name) when it exceeds ``OUTPUT_TOLERANCE`` of the logits' scale."""
+    difference = float((theirs - ours).abs().max())
+    scale = max(1.0, float(ours.abs().max()))
+    if not difference <= OUTPUT_TOLERANCE * scale:  # NaN too
+        raise UserError(f"{what} differs from the PyTorch model by {difference:.2e} (more than "
+                        f"{OUTPUT_TOLERANCE:g} x {scale:.3g}, the logits' scale); not written: export --format pt, "
+                        "and report this")  # fmt: skip
+    return difference
 
 
 def output_paths(out: Path, formats: list[str]) -> dict[str, Path]:
@@ -421,7 +361,7 @@ def export_trial(
     if data_dir is None:
         raise UserError("the study does not record its data: pass --data-dir")
     data = device_data(dataclasses.replace(config, data_dir=data_dir, download=False), device)
-    check_same_data(study, data, data_dir)
+    check_data(study, data.identity)
     model, source = rebuild_trial(study, trial, config, data)
     verify(model, trial, config, data)
     scores = _scores(model, data, config)
@@ -439,14 +379,14 @@ def export_trial(
     if from_scratch_check:
         extra["from_scratch"] = check_from_scratch(model, data, config, finetune_epochs, seed, scores)
     baseline = study.user_attrs["baseline"]
-    macs, params = count_macs(model)
+    macs, params = count_macs(model, data.spec.input_size())
     metadata = {
         "config": config.to_dict(), "study_name": study.study_name, "trial_number": trial.number,
-        "ranks": {k.removeprefix("rank_"): v for k, v in trial.params.items()},
+        "ranks": {module_of(k): v for k, v in trial.params.items()},
         "macs": macs, "params": params,
         "macs_ratio": macs / baseline["macs"], "params_ratio": params / baseline["params"], **scores,
         "finetune_epochs": finetune_epochs, "before_finetune": before, "baseline": baseline, "source": source,
-        "input": INPUT_SPEC, "classes": list(data.classes),
+        "input": data.spec.record(), "classes": list(data.spec.classes),  # what the model takes and gives
         "device": trial.user_attrs.get("device"), "eval_dtype": trial.user_attrs.get("eval_dtype"),  # the trial's
         # where val_accuracy and test_accuracy above were measured (str: torch.__version__ is no plain str)
         "measured_with": {key: str(value) for key, value in precision(data.device).items()},
@@ -454,10 +394,15 @@ def export_trial(
     }  # fmt: skip
     save_pt(model, paths["pt"], metadata)
     print(f"wrote {paths['pt']}  (MACs {macs:,} = {metadata['macs_ratio']:.3f}x, params {params:,})")
+    shape = data.spec.shape()  # the dummy images of the ONNX and TorchScript checks
     if "onnx" in paths:
-        print(f"wrote {paths['onnx']}  (onnxruntime vs PyTorch: max |diff| {save_onnx(model, paths['onnx']):.2e})")
+        difference = save_onnx(model, paths["onnx"], shape)
+        print(f"wrote {paths['onnx']}  (onnxruntime vs PyTorch: max |diff| {difference:.2e}, within "
+              f"{OUTPUT_TOLERANCE:g} x max(1, max |logit|))")  # fmt: skip
     if "torchscript" in paths:
-        print(f"wrote {paths['torchscript']}  (max |diff| {save_torchscript(model, paths['torchscript']):.2e})")
+        difference = save_torchscript(model, paths["torchscript"], shape)
+        print(f"wrote {paths['torchscript']}  (max |diff| {difference:.2e}, within {OUTPUT_TOLERANCE:g} x max(1, "
+              "max |logit|))")  # fmt: skip
     if finetune_epochs > 0:
         refine_checkpoint(paths["pt"]).unlink(missing_ok=True)  # the export is complete: nothing left to resume
     return paths

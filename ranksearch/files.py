@@ -5,6 +5,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -41,23 +42,33 @@ def check_writable(folder: str | Path, what: str) -> None:
         ) from None
 
 
-def atomic_save(payload, path: Path) -> None:
-    """``torch.save`` to a unique temporary name beside ``path``, then rename it into place.
+T = TypeVar("T")
 
-    Readers never see a half-written file; OSError (RuntimeError from torch) goes to the caller.
-    """
+
+def atomic_write(path: Path, write: Callable[[Path], T]) -> T:
+    """``write(partial)`` to a unique hidden temporary name beside ``path`` (``.<name>.<pid>-<hex>.partial``: no
+    glob of the real files matches it; a writer that reads the format from the suffix must be told it), then rename
+    it into place; returns what ``write`` returned. Every file ranksearch writes
+    goes through here: a reader, or a second writer of the same name, never sees a half-written file, and a kill or
+    an error (also one ``write`` raises after checking what it wrote) leaves nothing under ``path``. OSError
+    (RuntimeError from torch) goes to the caller."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     try:
-        torch.save(payload, partial)
+        result = write(partial)
         os.replace(partial, path)
+        return result
     except BaseException:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
         raise
 
 
-T = TypeVar("T")
+def atomic_save(payload, path: Path) -> None:
+    """``torch.save`` of ``payload`` to ``path``, atomically (``atomic_write``)."""
+    atomic_write(path, lambda partial: torch.save(payload, partial))
+
 
 
 def lock_path(path: Path) -> Path:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .device import cpu_name
 from .fold import fold_batchnorm
-from .train import cpu_name
+from .inputs import CIFAR10_SHAPE
 
 CPU = torch.device("cpu")
 
@@ -30,7 +31,7 @@ class LatencyResult:
 
 
 def measure_latency(
-    model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), batch: int = 1,
+    model: nn.Module, input_shape: tuple[int, ...] = CIFAR10_SHAPE, batch: int = 1,
     device: torch.device = CPU, threads: int | None = None, rel_tol: float = 0.02,
     min_rounds: int = 3, round_size: int = 10, max_seconds: float = 10.0, warmup: int = 5,
 ) -> LatencyResult:  # fmt: skip
@@ -95,9 +96,10 @@ def _timed_rounds(
         previous_median = median
 
 
-def deployed_form(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), device: torch.device = CPU):
-    """The form a user ships, as ``export --format torchscript`` writes it: BatchNorm folded, traced. Eager
-    PyTorch would time Python's per-layer overhead, which hides most of a small decomposed model's gain."""
+def deployed_form(model: nn.Module, input_shape: tuple[int, ...] = CIFAR10_SHAPE, device: torch.device = CPU):
+    """The form a user ships, as ``export --format torchscript`` writes it: BatchNorm folded, traced (at one image of
+    ``input_shape``, (C, H, W)). Eager PyTorch would time Python's per-layer overhead, which hides most of a small
+    decomposed model's gain."""
     example = torch.zeros(1, *input_shape, device=device)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export

@@ -16,6 +16,8 @@ from thop.vision.basic_hooks import zero_ops
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .inputs import CIFAR10_INPUT_SIZE
+
 # The layers that count, for MACs and params: every conv (Conv1d/2d/3d and their transposes: thop's rules for
 # them equal FlopCounterMode's) and every linear layer, subclasses included.
 COUNTED = (nn.modules.conv._ConvNd, nn.Linear)
@@ -41,8 +43,9 @@ def _zero_rules(model: nn.Module) -> dict[type, object]:
     return {type(m): zero_ops for m in model.modules() if not isinstance(m, COUNTED)}
 
 
-def count_macs(model: nn.Module, input_size=(1, 3, 32, 32)) -> tuple[int, int]:
-    """(MACs, params) of ``model`` at one input of ``input_size``, counted with thop.
+def count_macs(model: nn.Module, input_size=CIFAR10_INPUT_SIZE) -> tuple[int, int]:
+    """(MACs, params) of ``model`` at one input of ``input_size`` (B, C, H, W; the data's: ``InputSpec.input_size``),
+    counted with thop.
 
     Only convs and linear layers count (bias excluded, as in FlopCounterMode): BatchNorm folds into its conv at
     inference and counts 0, as do activations, pooling and every other layer.
@@ -57,7 +60,7 @@ def count_macs(model: nn.Module, input_size=(1, 3, 32, 32)) -> tuple[int, int]:
     return int(macs), count_params(model)
 
 
-def flop_counter_macs(model: nn.Module, input_size=(1, 3, 32, 32)) -> int:
+def flop_counter_macs(model: nn.Module, input_size=CIFAR10_INPUT_SIZE) -> int:
     """MACs of ``model`` at one input of ``input_size`` by PyTorch's ``FlopCounterMode``: its FLOPs / 2.
 
     An independent count to check ``count_macs`` against (FlopCounterMode counts 2 FLOPs per multiply-accumulate

@@ -3,10 +3,17 @@
 Every trial records every cost it measured as user attrs (``macs``, ``params`` and, when latency is an objective,
 ``latency_ms``), each also as a ratio to the baseline's (``macs_ratio``, ...), so reports and exports read a cost
 by name whatever the study optimised.
+
+A cost is a spec (``Metric``): its names, unit and direction, and how it is measured. MACs and params are counted
+together and latency is timed beside the baseline, by the trial (``ranksearch.trial``); any other cost carries its
+own ``measure(model, example) -> float`` and is registered with ``register_cost`` (in a plugin file: one file).
 """
 
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import optuna
 
 from .errors import UserError
@@ -20,20 +27,54 @@ class Metric:
     label: str  # a human axis label
     short: str  # its name in one-line summaries
     direction: str  # "maximize" or "minimize"
+    unit: str = ""  # printed after a value ("ms"); "" for counts, printed as integers
+    measure: Callable | None = None  # (model, example input batch of one) -> value, for a registered cost; the
+    # built-in costs are measured by the trial
+    after_finetune: bool = False  # True: it depends on the fine-tuned weights (measured after the fine-tune);
+    # False: on the architecture alone (measured before it, like latency)
 
     @property
     def ratio_attr(self) -> str:
         """The user attr of the value as a ratio to the baseline's."""
         return f"{self.name}_ratio"
 
+    @property
+    def baseline_attr(self) -> str:
+        """The study's user attr of the baseline's value, for a registered cost."""
+        return f"baseline_{self.attr}"
+
+    def text(self, value: float | None) -> str:
+        """A value with its unit: ``1.92 ms``, ``1,234,567``."""
+        if value is None or value != value:  # None or NaN
+            return "-"
+        return f"{value:.2f} {self.unit}" if self.unit else f"{int(value):,}"
+
 
 ACCURACY = Metric("accuracy", "val_accuracy", "val_accuracy", "val accuracy", "val", "maximize")
 COSTS = {
     "macs": Metric("macs", "macs", "macs", "MACs", "MACs", "minimize"),
     "params": Metric("params", "params", "params", "params", "params", "minimize"),
-    "latency": Metric("latency", "latency_ms", "latency_ms", "latency (ms)", "latency", "minimize"),
+    "latency": Metric("latency", "latency_ms", "latency_ms", "latency (ms)", "latency", "minimize", unit="ms"),
 }
+BUILT_IN = ("macs", "params", "latency")
+COST_BUDGETS = (0.25, 0.10)  # summaries: the best val accuracy within these fractions of the baseline's first cost
 DEFAULT_OBJECTIVES = ["accuracy", "macs"]
+
+
+def register_cost(metric: Metric) -> Metric:
+    """Make ``metric`` a cost the config's ``objectives`` may name; it must carry its ``measure``. A second cost of
+    the same name is refused (the same one imported again, as a plugin file can be, replaces itself)."""
+    if metric.measure is None or metric.direction != "minimize":
+        raise ValueError(f"cost {metric.name!r}: a registered cost is minimised and carries its measure function")
+    known = COSTS.get(metric.name)
+    if known is not None and not (known.measure and _same_function(known.measure, metric.measure)):
+        raise ValueError(f"cost {metric.name!r} is already registered")
+    COSTS[metric.name] = metric
+    return metric
+
+
+def _same_function(a: Callable, b: Callable) -> bool:
+    return a.__qualname__ == b.__qualname__ and inspect.getsourcefile(a) == inspect.getsourcefile(b)
 
 
 def check_objectives(names: list[str]) -> list[str]:
@@ -95,6 +136,36 @@ def costs_text(trial: optuna.trial.FrozenTrial, names: list[str], absolute: bool
         ratio, value = cost_ratio(trial, name), cost(trial, name)
         text = f"{COSTS[name].short} {ratio:.3f}x" if ratio is not None else f"{COSTS[name].short} -"
         if absolute and value is not None:
-            text += f" ({value:.2f} ms)" if name == "latency" else f" ({int(value):,})"
+            text += f" ({COSTS[name].text(value)})"
         parts.append(text)
     return "  ".join(parts)
+
+
+def best_within(trials: list[optuna.trial.FrozenTrial], cost: str, budget: float) -> optuna.trial.FrozenTrial | None:
+    """The COMPLETE trial with the best val accuracy at <= ``budget`` of the baseline's ``cost`` (ties: the lower
+    cost, then the earlier trial); None when none fits."""
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    ratios = {t.number: cost_ratio(t, cost) for t in complete}
+    fits = [t for t in complete if ratios[t.number] is not None and ratios[t.number] <= budget + 1e-12]
+    return min(fits, key=lambda t: (-t.values[0], ratios[t.number], t.number), default=None)
+
+
+def dominated_flags(values: Sequence[Sequence[float]], minimize: Sequence[bool]) -> list[bool]:
+    """For each point, whether another point dominates it (as good in every value, better in one); points with
+    equal values stay on the front together (as ``study.best_trials`` keeps them). The one Pareto filter."""
+    if len(values) == 0:
+        return []
+    signs = np.array([1.0 if low else -1.0 for low in minimize])
+    costs = np.asarray(values, dtype=float) * signs  # (points, objectives): lower is better
+    no_worse = (costs[:, None, :] <= costs[None, :, :]).all(axis=2)  # [i, j]: i is as good as j in every value
+    better = (costs[:, None, :] < costs[None, :, :]).any(axis=2)  # [i, j]: i is better than j in some value
+    return [bool(b) for b in (no_worse & better).any(axis=0)]  # j: some i dominates it
+
+
+def dominated(
+    trials: list[optuna.trial.FrozenTrial], directions: list[optuna.study.StudyDirection]
+) -> list[optuna.trial.FrozenTrial]:
+    """The trials that another of ``trials`` dominates: all but the study's Pareto front."""
+    minimize = [d == optuna.study.StudyDirection.MINIMIZE for d in directions]
+    flags = dominated_flags([t.values for t in trials], minimize)
+    return [t for t, out in zip(trials, flags, strict=True) if out]

@@ -13,17 +13,16 @@ from typing import TextIO
 
 import optuna
 
-from .models import RANK_STEPS
-from .objectives import COSTS, cost_ratio, costs_text
+from .attrs import FAIL_REASON, param_name
+from .models import ranks_text
+from .objectives import COST_BUDGETS, COSTS, best_within, costs_text
 
-COST_BUDGETS = (0.25, 0.10)  # best val accuracy within these fractions of the baseline's first cost
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
 
-def ranks_text(params: dict, modules: list[str]) -> str:
+def trial_ranks_text(params: dict, modules: list[str]) -> str:
     """A trial's ranks as k of k/32, one per module: "8/8/4/2/2 /32" ("?" for a rank it never drew)."""
-    steps = (params.get(f"rank_{m}") for m in modules)
-    return "/".join("?" if r is None else str(round(r * RANK_STEPS)) for r in steps) + f" /{RANK_STEPS}"
+    return ranks_text(params.get(param_name(m)) for m in modules)
 
 
 def clock_text(seconds: float) -> str:
@@ -37,14 +36,6 @@ def trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
     if trial.datetime_start is None or trial.datetime_complete is None:
         return None
     return (trial.datetime_complete - trial.datetime_start).total_seconds()
-
-
-def best_within(trials: list[optuna.trial.FrozenTrial], cost: str, budget: float) -> optuna.trial.FrozenTrial | None:
-    """The complete trial with the best val accuracy at <= ``budget`` of the baseline's ``cost`` (ties: the lower
-    cost, then the earlier trial); None when none fits."""
-    ratios = {t.number: cost_ratio(t, cost) for t in trials}
-    fits = [t for t in trials if ratios[t.number] is not None and ratios[t.number] <= budget]
-    return min(fits, key=lambda t: (-t.values[0], ratios[t.number], t.number), default=None)
 
 
 class TrialProgress:
@@ -73,12 +64,12 @@ class TrialProgress:
 
     def trial_text(self, trial: optuna.trial.FrozenTrial) -> str:
         worker = f" {self.label}" if self.label else ""
-        ranks = ranks_text(trial.params, self.modules)
+        ranks = trial_ranks_text(trial.params, self.modules)
         head = f"[{self.finished}/{self.total}]{worker} trial {trial.number}  ranks {ranks}"
         if trial.state == COMPLETE:
             result = f"val {trial.values[0]:.2%}  {costs_text(trial, self.costs)}"
         else:
-            why = trial.user_attrs.get("fail_reason", trial.user_attrs.get("pruned_at", ""))
+            why = trial.user_attrs.get(FAIL_REASON, trial.user_attrs.get("pruned_at", ""))
             reason = str(why).strip().partition("\n")[0]
             result = f"{trial.state.name}: {reason}" if reason else trial.state.name
         seconds = trial_seconds(trial)

@@ -12,16 +12,17 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .models import RANK_STEPS
-from .objectives import COSTS, cost, study_objectives
+from .attrs import FAIL_REASON, RANK_PREFIX, module_of
+from .files import atomic_write
+from .models import rank_step, steps_text
+from .objectives import COST_BUDGETS, COSTS, best_within, cost, cost_ratio, study_objectives
+from .progress import trial_ranks_text
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 FAIL = optuna.trial.TrialState.FAIL
-RANK_PREFIX = "rank_"
 RANK_SUFFIX = "_k32"  # column rank_block1_k32 = k, where the block's normalized rank is k/32
 ALWAYS_RECORDED = ("macs", "params")  # costs every trial records; other costs get columns once a trial has them
 SECONDS_COLUMNS = ["decompose_s", "recalibrate_s", "finetune_s", "eval_s", "count_s", "latency_s"]
-COST_BUDGETS = (0.10, 0.25)  # summary: best val accuracy within these fractions of the baseline's first cost
 REPORT_FILES = ("trials.csv", "pareto.html", "pareto.png")
 
 
@@ -39,11 +40,6 @@ def rank_column(param: str) -> str:
     return f"{param}{RANK_SUFFIX}"
 
 
-def rank_steps(value: float | None) -> int | None:
-    """A normalized rank as k of k/32 (None stays None)."""
-    return None if value is None else round(value * RANK_STEPS)
-
-
 def wall_seconds(trial: optuna.trial.FrozenTrial) -> float:
     if trial.datetime_start is None or trial.datetime_complete is None:
         return math.nan
@@ -59,7 +55,8 @@ def baseline_costs(study: optuna.Study) -> dict[str, float | None]:
     """The baseline's value of each cost (None where the study did not record it)."""
     baseline = baseline_of(study) or {}
     latency = study.user_attrs.get("baseline_latency_ms")
-    return {"macs": baseline.get("macs"), "params": baseline.get("params"), "latency": latency}
+    registered = {name: study.user_attrs.get(m.baseline_attr) for name, m in COSTS.items() if m.measure}
+    return {"macs": baseline.get("macs"), "params": baseline.get("params"), "latency": latency, **registered}
 
 
 def ratio_column(name: str) -> str:
@@ -102,11 +99,11 @@ def _measured(trial: optuna.trial.FrozenTrial, objectives: list[str], costs: lis
 
 def _trial_row(trial: optuna.trial.FrozenTrial, params: list[str], pareto: set[int]) -> dict:
     row = {"number": trial.number, "state": trial.state.name}
-    row.update({rank_column(p): rank_steps(trial.params.get(p)) for p in params})
+    row.update({rank_column(p): rank_step(trial.params.get(p)) for p in params})
     row.update({key: trial.user_attrs.get(key, math.nan) for key in SECONDS_COLUMNS})
     row["seconds"] = wall_seconds(trial)
     row["pareto"] = trial.number in pareto
-    row["fail_reason"] = trial.user_attrs.get("fail_reason")
+    row[FAIL_REASON] = trial.user_attrs.get(FAIL_REASON)
     return row
 
 
@@ -142,13 +139,13 @@ def complete_rows(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["state"] == COMPLETE.name]
 
 
-def ranks_text(row: pd.Series, params: list[str]) -> str:
+def row_ranks_text(row: pd.Series, params: list[str]) -> str:
     """``8/8/4/2/2 /32``: each module's rank as k of k/32."""
-    return "/".join(str(row[rank_column(p)]) for p in params) + f" /{RANK_STEPS}"
+    return steps_text(row[rank_column(p)] for p in params)
 
 
 def module_names(params: list[str]) -> str:
-    return "/".join(p.removeprefix(RANK_PREFIX) for p in params)
+    return "/".join(module_of(p) for p in params)
 
 
 # ----- the plot ----------------------------------------------------------------------------------------------------
@@ -189,24 +186,18 @@ def panel_rows(rows: pd.DataFrame, name: str) -> tuple[pd.DataFrame, pd.DataFram
     return rows[~rows["pareto"] & ~on_front], front, rows[rows["pareto"] & ~on_front]
 
 
-def _value_text(name: str, value: float | None) -> str:
-    if value is None or pd.isna(value):
-        return "-"
-    return f"{value:.2f} ms" if name == "latency" else f"{value:,.0f}"
-
-
 def _cost_texts(row: pd.Series, costs: list[str]) -> list[str]:
     """Each cost's value then its ratio, as text: ["100", "0.100x", "0.50 ms", "0.250x"]."""
     texts = []
     for name in costs:
         ratio = row[ratio_column(name)]
-        texts += [_value_text(name, row[COSTS[name].attr]), "-" if pd.isna(ratio) else f"{ratio:.3f}x"]
+        texts += [COSTS[name].text(row[COSTS[name].attr]), "-" if pd.isna(ratio) else f"{ratio:.3f}x"]
     return texts
 
 
 def _hover_data(rows: pd.DataFrame, params: list[str], costs: list[str]) -> list[list]:
     """Per trial: number, ranks, then each cost's value and ratio (``_cost_texts``)."""
-    return [[int(r["number"]), ranks_text(r, params), *_cost_texts(r, costs)] for _, r in rows.iterrows()]
+    return [[int(r["number"]), row_ranks_text(r, params), *_cost_texts(r, costs)] for _, r in rows.iterrows()]
 
 
 def _hover_template(params: list[str], costs: list[str]) -> str:
@@ -228,7 +219,7 @@ def _scatter(rows: pd.DataFrame, ratio: str, params: list[str], costs: list[str]
 
 
 def _baseline_trace(baseline: dict, name: str, value: float | None) -> go.Scatter:
-    cost_text = f"{COSTS[name].short} {_value_text(name, value)} (1x)"
+    cost_text = f"{COSTS[name].short} {COSTS[name].text(value)} (1x)"
     return go.Scatter(
         x=[1.0],
         y=[baseline["val_accuracy"] * 100],
@@ -328,31 +319,22 @@ def write_report(study: optuna.Study, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, html_path, png_path = (out_dir / name for name in REPORT_FILES)
-    trials_table(study).to_csv(csv_path, index=False)
-    pareto_figure(study).write_html(html_path, include_plotlyjs=True, full_html=True)
-    pareto_png(study, png_path)
+    atomic_write(csv_path, lambda partial: trials_table(study).to_csv(partial, index=False))
+    atomic_write(html_path, lambda partial: pareto_figure(study).write_html(partial, include_plotlyjs=True,
+                                                                             full_html=True))  # fmt: skip
+    atomic_write(png_path, lambda partial: pareto_png(study, partial))
     return [csv_path, html_path, png_path]
 
 
-def best_within(table: pd.DataFrame, name: str, budget: float) -> pd.Series | None:
-    """The complete trial with the best val accuracy at <= ``budget`` of the baseline's cost ``name`` (ties: the
-    lower cost, then the earlier trial), or None."""
-    ratio = ratio_column(name)
-    rows = complete_rows(table)
-    rows = rows[rows[ratio] <= budget + 1e-12]  # a NaN ratio never fits
-    if rows.empty:
-        return None
-    return rows.sort_values(["val_accuracy", ratio, "number"], ascending=[False, True, True]).iloc[0]
-
-
-def _budget_line(table: pd.DataFrame, budget: float, params: list[str], costs: list[str]) -> str:
+def _budget_line(study: optuna.Study, budget: float, modules: list[str], costs: list[str]) -> str:
     """The best val accuracy within ``budget`` of the baseline's first cost; the trial's every cost as a ratio."""
-    best = best_within(table, costs[0], budget)
+    best = best_within(study.get_trials(deepcopy=False), costs[0], budget)
     head = f"best val accuracy at <= {budget:.0%} of baseline {COSTS[costs[0]].short}:"
     if best is None:
         return f"{head} none"
-    ratios = ", ".join(f"{COSTS[name].short} {best[ratio_column(name)]:.3f}x" for name in costs)
-    return f"{head} {best['val_accuracy']:.2%} (trial {best['number']}, ranks {ranks_text(best, params)}, {ratios})"
+    ratios = ", ".join(f"{COSTS[name].short} {cost_ratio(best, name):.3f}x" for name in costs)
+    ranks = trial_ranks_text(best.params, modules)
+    return f"{head} {best.values[0]:.2%} (trial {best.number}, ranks {ranks}, {ratios})"
 
 
 def _latency_text(study: optuna.Study) -> str:
@@ -392,7 +374,7 @@ def _best_line(study: optuna.Study, table: pd.DataFrame, params: list[str], cost
     best = rows.sort_values(["val_accuracy", "number"], ascending=[False, True]).iloc[0]
     ratios = ", ".join(f"{COSTS[name].short} {best[ratio_column(name)]:.3f}x" for name in costs)
     return (f"best val accuracy within budget {budget}: {best['val_accuracy']:.2%} (trial {best['number']}, "
-            f"ranks {ranks_text(best, params)}, {ratios})")  # fmt: skip
+            f"ranks {row_ranks_text(best, params)}, {ratios})")  # fmt: skip
 
 
 def summary(study: optuna.Study) -> str:
@@ -403,6 +385,7 @@ def summary(study: optuna.Study) -> str:
         return "\n".join([_counts_line(study, table), _best_line(study, table, params, costs), _baseline_line(study)])
     front = f"Pareto front: {int(table['pareto'].sum())} of {len(complete_rows(table))} complete trials"
     lines = [_counts_line(study, table), front]
-    lines += [_budget_line(table, budget, params, costs) for budget in COST_BUDGETS]
+    modules = [module_of(p) for p in params]
+    lines += [_budget_line(study, budget, modules, costs) for budget in COST_BUDGETS]
     lines.append(_baseline_line(study))
     return "\n".join(lines)

@@ -10,22 +10,23 @@ from pathlib import Path
 import optuna
 import torch
 
+from .attrs import param_name
 from .baseline import Baseline, ensure_baseline, new_model
 from .budget import BudgetSampler, fit_to_budget, make_pruner
 from .config import Config
 from .costs import TABLE_COSTS, CostTable
 from .data import DeviceData, device_data
 from .decompose import decompose
+from .device import resolve_device, use_deterministic_kernels
 from .errors import UserError
 from .files import check_writable
 from .latency import latency_device
 from .models import RANK_STEPS, rank_modules, set_ranks
 from .objectives import COSTS, costs_text, study_objectives
-from .progress import TrialProgress, ranks_text
+from .progress import TrialProgress, trial_ranks_text
 from .sensitivity import model_table, sensitivity_allocations
 from .study import check_data, check_latency_device, create_or_load, find_study, record_setup
-from .train import resolve_device, use_deterministic_kernels
-from .trial import Objective, param_name, trial_bases
+from .trial import Objective, trial_bases
 from .warmstart import queue_warm_starts, ranks_argument
 from .weights import WeightsStore
 from .workers import (
@@ -91,7 +92,8 @@ def budget_summary(study: optuna.Study, config: Config, modules: list[str]) -> s
         return head
     best = study.best_trial
     costs = study_objectives(study)[1:]
-    return (f"{head}\n  best: trial {best.number}  ranks {ranks_text(best.params, modules)}  val {best.value:7.2%}  "
+    ranks = trial_ranks_text(best.params, modules)
+    return (f"{head}\n  best: trial {best.number}  ranks {ranks}  val {best.value:7.2%}  "
             f"{costs_text(best, costs, absolute=True)}")  # fmt: skip
 
 
@@ -102,7 +104,7 @@ def pareto_summary(study: optuna.Study, modules: list[str]) -> str:
     lines = [f"Pareto front: {len(front)} of {len(study.trials)} trials (val accuracy vs {labels})"]
     for t in front:
         lines.append(
-            f"  trial {t.number:>4}  ranks {ranks_text(t.params, modules)}  val {t.values[0]:7.2%}  "
+            f"  trial {t.number:>4}  ranks {trial_ranks_text(t.params, modules)}  val {t.values[0]:7.2%}  "
             f"{costs_text(t, costs, absolute=True)}"
         )
     return "\n".join(lines)
@@ -253,6 +255,8 @@ def run_trials(
         study.pruner = make_pruner(config.pruner, config.finetune_steps)
     if objective.latency is not None and "baseline_latency_ms" not in study.user_attrs:
         study.set_user_attr("baseline_latency_ms", objective.latency.baseline_ms)  # the first worker's measure
+    for metric in objective.registered:  # a registered cost's baseline value, for reports
+        study.set_user_attr(metric.baseline_attr, objective.registered_baseline[metric.name])
     progress = TrialProgress(worker.total, modules, config.objectives[1:], label=label,
                              count=lambda trials: len(done_in_run(trials, worker.run_id)),
                              budget=config.budget)  # fmt: skip
@@ -274,7 +278,7 @@ def run_search(
         torch.set_num_threads(worker.threads)
     existing, data, baseline = prepare_run(config, worker)
     modules = list(rank_modules(baseline.model, config.search_space))
-    table = model_table(baseline.model, config)  # every rank vector's MACs and params, once per process
+    table = model_table(baseline.model, config, data.spec.input_size())  # every rank vector's costs, once per process
     check_budget(config, baseline, table, modules)  # before the study is written
     study = join_study(config, existing, data, baseline)
     run = worker or new_run(config.trials)

@@ -27,17 +27,17 @@ import torch
 from torch import nn
 
 from . import __version__
+from .attrs import FAIL_REASON
 from .baseline import Baseline
 from .config import Config, search_fields
 from .costs import TABLE_COSTS, CostTable, cost_table
 from .data import DeviceData
-from .files import check_writable
-from .models import RANK_STEPS, rank_modules
+from .files import atomic_write, check_writable
+from .models import RANK_STEPS, rank_modules, rank_text
 from .progress import clock_text
 from .study import open_storage
 from .train import evaluate
 from .trial import trial_model
-from .warmstart import rank_text
 from .workers import Worker, new_run, optimize_share, requeue_interrupted, run_workers
 
 LADDER_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24)  # the ranks k/32 each module is measured at (then rank_max)
@@ -106,7 +106,7 @@ class PointObjective:
         try:
             return self._measure(trial)
         except Exception as error:
-            trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}")
+            trial.set_user_attr(FAIL_REASON, f"{type(error).__name__}: {error}")
             raise
 
     def _measure(self, trial: optuna.Trial) -> float:
@@ -330,10 +330,10 @@ def write_plots(measured: dict[str, list[Point]], base_accuracy: float, out_dir:
     axes.legend()
     axes.grid(alpha=0.3)
     paths = [out_dir / "sensitivity.png", out_dir / "sensitivity.html", out_dir / "sensitivity.csv"]
-    axes.figure.savefig(paths[0], dpi=120, bbox_inches="tight")
+    atomic_write(paths[0], lambda partial: axes.figure.savefig(partial, format="png", dpi=120, bbox_inches="tight"))
     plt.close(axes.figure)
-    figure.write_html(paths[1], include_plotlyjs=True)
-    paths[2].write_text("\n".join(rows) + "\n")
+    atomic_write(paths[1], lambda partial: figure.write_html(partial, include_plotlyjs=True))
+    atomic_write(paths[2], lambda partial: partial.write_text("\n".join(rows) + "\n"))
     return paths
 
 
@@ -344,9 +344,9 @@ def allocation_cost(config: Config) -> str:
     return wanted if wanted in TABLE_COSTS else "macs"
 
 
-def model_table(model: nn.Module, config: Config) -> CostTable:
-    """The cost table of the config's search space and decomposition."""
-    return cost_table(model, config.search_space, config.decomposition)
+def model_table(model: nn.Module, config: Config, input_size: tuple[int, ...]) -> CostTable:
+    """The cost table of the config's search space and decomposition, at one input of ``input_size`` (the data's)."""
+    return cost_table(model, config.search_space, config.decomposition, input_size)
 
 
 # ----- measuring: in this process, or by workers -----------------------------------------------------------------
@@ -411,7 +411,7 @@ def run_sensitivity(config: Config, out: Path, argv: list[str] | None = None, wo
     """``ranksearch sensitivity``: measure the missing points, print the table and allocations, write the plots."""
     from .baseline import ensure_baseline
     from .data import device_data
-    from .train import resolve_device
+    from .device import resolve_device
     from .trial import trial_bases
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -422,7 +422,7 @@ def run_sensitivity(config: Config, out: Path, argv: list[str] | None = None, wo
         check_writable(out, "--out")
     data = device_data(config, resolve_device(config.device))
     baseline = ensure_baseline(config, data)
-    table = model_table(baseline.model, config)
+    table = model_table(baseline.model, config, data.spec.input_size())
     study = ensure_points(config, data, baseline, trial_bases(config, baseline, data), table, argv, worker)
     if worker is not None:
         return

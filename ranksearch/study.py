@@ -18,6 +18,7 @@ from .config import Config, search_fields
 from .errors import UserError, first_line
 from .files import check_writable
 from .objectives import directions, metric_names
+from .plugins import load_plugins
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -123,7 +124,9 @@ def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
     if study_name not in names:
         known = ", ".join(names) if names else "none"
         raise UserError(f"no study {study_name!r} in {storage_url} (studies there: {known}); check --study-name")
-    return optuna.load_study(study_name=study_name, storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    load_plugins(study.user_attrs.get("config", {}).get("plugins", []))  # its costs, model or decomposition
+    return study
 
 
 def _check_sqlite_folder(config: Config, path: Path) -> None:
@@ -186,16 +189,17 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
 
 
 def check_data(study: optuna.Study | None, data_identity: dict) -> None:
-    """Refuse to resume a study (with trials) on data other than the data its trials were measured on."""
-    if study is None or not study.trials:
+    """Refuse data other than what the study's trials were measured on (``run`` resuming it, ``export``). Not
+    checked: a study without trials, or made before 0.2.0 (it recorded no data)."""
+    recorded = study.user_attrs.get("data") if study is not None and study.trials else None
+    if recorded is None:
         return
-    recorded = study.user_attrs.get("data", {})
     changed = [key for key in data_identity if recorded.get(key) != data_identity[key]]
     if changed:
         details = ", ".join(f"{k}: {recorded.get(k)} -> {data_identity[k]}" for k in changed)
         raise UserError(
             f"study {study.study_name!r} was run on other data ({details}); pass the --data-dir it used "
-            f"({study.user_attrs.get('data_dir', 'not recorded')}) or use another --study-name"
+            f"({study.user_attrs.get('data_dir', 'not recorded')})"
         )
 
 

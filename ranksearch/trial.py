@@ -14,30 +14,29 @@ import torch
 from torch import nn
 
 from .activations import cached_statistics
+from .attrs import COPIED_FROM, FAIL_REASON, param_name
 from .baseline import Baseline, cached_bases
 from .budget import CHECKPOINT_IMAGES, checkpoints
 from .config import Config
 from .data import DeviceData
-from .decompose import Bases, DecomposedLayer, data_aware_bases, decompose, integer_rank
+from .decompose import DECOMPOSITIONS, Bases, DecomposedLayer, data_aware_bases, decompose, integer_rank
+from .device import precision, synchronize
+from .inputs import CIFAR10_SHAPE
 from .latency import deployed_form, measure_latency
 from .measure import count_macs
 from .models import RANK_STEPS, rank_layers, rank_modules, set_ranks
-from .progress import ranks_text
-from .train import evaluate, finetune, precision, prepare, recalibrate_batchnorm, synchronize
+from .objectives import COSTS, Metric
+from .progress import trial_ranks_text
+from .train import evaluate, finetune, prepare, recalibrate_batchnorm
 from .weights import WEIGHTS_ATTR, WeightsStore
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
-COPIED_FROM = "copied_from"  # user attr of a copied trial: the number of the trial it copied
 # What a copy takes from its original: what was measured and how to rebuild it (the seed, the kept weights, which
 # exist exactly while both are on the Pareto front, having the same values); not timings, nor the tags a run sets.
 COPIED_ATTRS = (
     "ranks", "macs", "params", "macs_ratio", "params_ratio", "latency_ms", "latency_ratio", "conv_ranks",
     "kept_convs", "seed", "device", "device_name", "eval_dtype", "torch_version", WEIGHTS_ATTR,
 )  # fmt: skip
-
-
-def param_name(module: str) -> str:
-    return f"rank_{module}"
 
 
 def suggest_ranks(trial: optuna.Trial, modules: list[str], config: Config) -> dict[str, float]:
@@ -74,7 +73,8 @@ def completed_twin(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
 
 def copy_result(trial: optuna.Trial, original: optuna.trial.FrozenTrial) -> list[float]:
     """Record ``original``'s result (``COPIED_ATTRS``) as ``trial``'s, and return its values."""
-    for key in COPIED_ATTRS:
+    registered = [attr for m in COSTS.values() if m.measure is not None for attr in (m.attr, m.ratio_attr)]
+    for key in (*COPIED_ATTRS, *registered):
         if key in original.user_attrs:
             trial.set_user_attr(key, original.user_attrs[key])
     trial.set_user_attr(COPIED_FROM, original.number)
@@ -186,18 +186,19 @@ class LatencyMeter:
     machine moves both alike, so it cancels. (Timed alone, two architectures that differ in one rank of block4 read
     0.52x and 0.99x of the baseline while tests shared the cores.)"""
 
-    def __init__(self, config: Config, device: torch.device, baseline: nn.Module):
+    def __init__(self, config: Config, device: torch.device, baseline: nn.Module, shape=CIFAR10_SHAPE):
         self.batch, self.device, self.decomposition = config.latency_batch, device, config.decomposition
+        self.shape = shape  # one image's (C, H, W): the data's
         self.known: dict[str, float] = {}
-        self.baseline = deployed_form(baseline, device=device)
+        self.baseline = deployed_form(baseline, input_shape=shape, device=device)
         self.baseline_ms = self._median_ms(self.baseline)
 
     def _median_ms(self, deployed: nn.Module) -> float:
-        return measure_latency(deployed, batch=self.batch, device=self.device).median_ms
+        return measure_latency(deployed, input_shape=self.shape, batch=self.batch, device=self.device).median_ms
 
     def measure(self, model: nn.Module) -> float:
         """``model``'s latency at the load ``baseline_ms`` was measured under (see the class)."""
-        deployed = deployed_form(model, device=self.device)
+        deployed = deployed_form(model, input_shape=self.shape, device=self.device)
         mine = theirs = math.inf
         for _ in range(PAIRED_ROUNDS):
             mine = min(mine, self._median_ms(deployed))
@@ -228,9 +229,21 @@ class Objective:
     ):  # fmt: skip
         self.config, self.data, self.baseline, self.weights, self.bases = config, data, baseline, weights, bases
         self.modules = list(rank_modules(baseline.model, config.search_space))
-        self.latency = LatencyMeter(config, data.device, baseline.model) if "latency" in config.objectives else None
+        measures = "latency" in config.objectives
+        self.latency = LatencyMeter(config, data.device, baseline.model, data.spec.shape()) if measures else None
+        self.registered = [COSTS[name] for name in config.objectives[1:] if COSTS[name].measure is not None]
+        self.example = torch.zeros(data.spec.input_size(), device=data.device)  # what a registered cost measures on
+        self.registered_baseline = {m.name: self.measure_cost(m, baseline.model) for m in self.registered}
         prunes = config.budget is not None and config.pruner != "none"
         self.prune_marks = checkpoints(config.finetune_steps) if prunes else []
+
+    def measure_cost(self, metric: Metric, model: nn.Module) -> float:
+        """A registered cost's value for ``model`` (in eval mode, without gradients)."""
+        training = model.training
+        with torch.no_grad():
+            value = float(metric.measure(model.eval(), self.example))
+        model.train(training)
+        return value
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         try:
@@ -238,7 +251,7 @@ class Objective:
         except optuna.TrialPruned:
             raise
         except Exception as error:
-            trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}")
+            trial.set_user_attr(FAIL_REASON, f"{type(error).__name__}: {error}")
             raise
 
     def _measure(self, trial: optuna.Trial) -> list[float]:
@@ -251,21 +264,25 @@ class Objective:
             torch.cuda.reset_peak_memory_stats(device)  # peak_gpu_mib is this trial's peak
         seed = trial_seed(config, trial.number)
         costs: dict[str, float] = {}
-        if self.latency is not None:  # measured before the fine-tune: it depends on the layers only
+        before = [m for m in self.registered if not m.after_finetune]
+        measures_before = self.latency is not None or before
 
-            def measure(decomposed: nn.Module) -> None:
+        def measure(decomposed: nn.Module) -> None:  # before the fine-tune: what depends on the layers only
+            if self.latency is not None:
                 costs["latency"], costs["latency_s"] = self.latency.latency(decomposed, trial.study)
+            costs.update({m.name: self.measure_cost(m, decomposed) for m in before})
 
         pruning = None
         if self.prune_marks:
             pruning = lambda model: PruningCheckpoints(trial, model, self.data, config, self.prune_marks)  # noqa: E731
         model, seconds = trial_model(base.model, ranks, config, self.data, seed, self.bases,
-                                     measure if self.latency else None, checkpoints=pruning)  # fmt: skip
+                                     measure if measures_before else None, checkpoints=pruning)  # fmt: skip
+        costs.update({m.name: self.measure_cost(m, model) for m in self.registered if m.after_finetune})
         integer_ranks, kept = conv_ranks(model, config.decomposition)
         accuracy, eval_s = _timed(lambda: evaluate(model, self.data, "val", config.eval_batch_size), device)
-        (macs, params), count_s = _timed(lambda: count_macs(model), device)
+        (macs, params), count_s = _timed(lambda: count_macs(model, self.data.spec.input_size()), device)
         attrs = {  # every measured cost (val accuracy, the first value, is not repeated here)
-            "ranks": ranks_text(trial.params, self.modules),
+            "ranks": trial_ranks_text(trial.params, self.modules),
             "macs": macs,
             "params": params,
             "macs_ratio": macs / base.macs,
@@ -284,6 +301,9 @@ class Objective:
                 "latency_ratio": costs["latency"] / self.latency.baseline_ms,
                 "latency_s": costs["latency_s"],
             }
+        for metric in self.registered:
+            attrs |= {metric.attr: costs[metric.name],
+                      metric.ratio_attr: costs[metric.name] / self.registered_baseline[metric.name]}  # fmt: skip
         if device.type == "cuda":
             attrs["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         for key, value in attrs.items():
@@ -292,7 +312,7 @@ class Objective:
             self.weights.save(trial, model)
         if config.budget is not None:  # a single objective; the costs are the attrs above
             return [accuracy]
-        measured = {"macs": float(macs), "params": float(params), "latency": costs.get("latency")}
+        measured = {**costs, "macs": float(macs), "params": float(params)}
         return [accuracy, *(measured[name] for name in config.objectives[1:])]
 
 
@@ -302,6 +322,6 @@ def trial_bases(config: Config, baseline: Baseline, data: DeviceData) -> dict | 
     if config.decompose_method == "activation":
         statistics = cached_statistics(baseline.model, baseline.path, data, config.activation_images)
         return data_aware_bases(baseline.model, statistics, config.decomposition)
-    if config.decompose_method == "hooi" or config.decomposition != "tucker2":
-        return None
+    if not DECOMPOSITIONS[config.decomposition].uses_channel_bases(config.decompose_method):
+        return None  # e.g. HOOI, or CP: their factors come from the weights alone
     return cached_bases(baseline.model, baseline.path)

@@ -33,10 +33,10 @@ import optuna
 import torch
 from torch import nn
 
+from .attrs import param_name
 from .config import WARM_STARTS, Config
 from .decompose import svd_rank, tucker2_ranks
-from .models import RANK_STEPS, is_pointwise, rank_modules
-from .trial import param_name
+from .models import RANK_STEPS, is_pointwise, rank_modules, rank_step, rank_text, ranks_text
 from .vbmf import evbmf, tucker2_vbmf_ranks
 
 UNIFORM_STEPS = (2, 4, 8, 16)  # the uniform sweep: every module at k/32 for these k
@@ -162,7 +162,7 @@ def warm_start_vectors(
 
 def steps_key(ranks: Iterable[float]) -> tuple[int, ...]:
     """A rank vector as its grid steps (k of k/32), for comparing vectors exactly."""
-    return tuple(round(float(rank) * RANK_STEPS) for rank in ranks)
+    return tuple(rank_step(rank) for rank in ranks)
 
 
 def param_names(modules: Sequence[str]) -> list[str]:
@@ -201,10 +201,6 @@ def enqueue_warm_starts(
     return enqueued, skipped
 
 
-def rank_text(rank: float) -> str:
-    return f"{round(rank * RANK_STEPS)}/{RANK_STEPS}"
-
-
 def ranks_argument(ranks: Iterable[float]) -> str:
     """``--ranks`` text for ``run``: ``8/32,8/32,4/32``."""
     return ",".join(rank_text(rank) for rank in ranks)
@@ -214,7 +210,7 @@ def _vectors_text(vectors: Sequence[Sequence[float]]) -> str:
     """``1/6/6/4/5, 2/2/2/2/2 /32`` (as the trial lines write ranks), or ``none``."""
     if not vectors:
         return "none"
-    return ", ".join("/".join(str(k) for k in steps_key(ranks)) for ranks in vectors) + f" /{RANK_STEPS}"
+    return ", ".join(ranks_text(ranks).removesuffix(f" /{RANK_STEPS}") for ranks in vectors) + f" /{RANK_STEPS}"
 
 
 def warm_start_line(kinds: Sequence[str], enqueued: Sequence, skipped: Sequence, waiting: int, trials: int) -> str:

@@ -7,30 +7,16 @@ from the recorded seed instead. Several workers may prune one study at once (see
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from torch import nn
 
+from .objectives import dominated
+
 WEIGHTS_ATTR = "weights_artifact_id"
 COMPLETE = optuna.trial.TrialState.COMPLETE
-
-
-def dominated(
-    trials: list[optuna.trial.FrozenTrial], directions: list[optuna.study.StudyDirection]
-) -> list[optuna.trial.FrozenTrial]:
-    """The trials that another of ``trials`` dominates (as good in every value, better in one): all but the Pareto
-    front, which keeps trials with equal values (as ``study.best_trials`` does)."""
-    if not trials:
-        return []
-    signs = np.array([1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in directions])
-    costs = np.array([t.values for t in trials]) * signs  # (trials, objectives): lower is better
-    no_worse = (costs[:, None, :] <= costs[None, :, :]).all(axis=2)  # [i, j]: i is as good as j in every value
-    better = (costs[:, None, :] < costs[None, :, :]).any(axis=2)  # [i, j]: i is better than j in some value
-    beaten = (no_worse & better).any(axis=0)  # j: some i dominates it
-    return [t for t, out in zip(trials, beaten, strict=True) if out]
 
 
 class WeightsStore:

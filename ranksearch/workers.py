@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import optuna
 
-INTERRUPTED = "interrupted"  # fail_reason of a trial cut short by Ctrl-C or SIGTERM
-RETRY_OF = "retry_of"  # user attr of a trial enqueued to re-run an interrupted one
+from .attrs import FAIL_REASON, INTERRUPTED, RETRY_OF
+
 FAIL = optuna.trial.TrialState.FAIL
 COMPLETE = optuna.trial.TrialState.COMPLETE
 PRUNED = optuna.trial.TrialState.PRUNED
@@ -72,7 +72,7 @@ def tagged(objective: Callable[[optuna.Trial], tuple], worker: Worker) -> Callab
             trial.set_user_attr("pid", os.getpid())
             return objective(trial)
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", INTERRUPTED)
+            trial.set_user_attr(FAIL_REASON, INTERRUPTED)
             raise
         finally:
             _Signals.in_trial = False
@@ -151,12 +151,12 @@ def done_in_run(trials: list[optuna.trial.FrozenTrial], run_id: str) -> list[opt
         for t in trials
         if t.state in (COMPLETE, FAIL, PRUNED)
         and t.user_attrs.get("run_id") == run_id
-        and (t.state != FAIL or t.user_attrs.get("fail_reason", INTERRUPTED) != INTERRUPTED)
+        and (t.state != FAIL or t.user_attrs.get(FAIL_REASON, INTERRUPTED) != INTERRUPTED)
     ]
 
 
 def _interrupted(trial: optuna.trial.FrozenTrial) -> bool:
-    return trial.state == FAIL and trial.user_attrs.get("fail_reason") == INTERRUPTED
+    return trial.state == FAIL and trial.user_attrs.get(FAIL_REASON) == INTERRUPTED
 
 
 def requeue_interrupted(study: optuna.Study) -> list[int]:
@@ -180,7 +180,7 @@ def worker_threads(workers: int, gpus: int) -> int:
 
 
 def _env(worker: Worker, gpus: int) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(worker.threads, 1))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(worker.threads, 1))}  # a worker's share: no oversubscription
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(worker.index % gpus)  # worker i on GPU i mod G
     return env
@@ -203,7 +203,7 @@ def run_workers(argv: list[str], parent: Worker, workers: int, gpus: int, owed: 
     """Start ``workers`` processes sharing the run's trials and wait for them. While trials are still ``owed()``
     when they have ended (a worker died or crashed, or two told one queued trial), one more worker runs them: after
     ``grace_seconds`` when a worker died, so that the heartbeat has failed its trial and enqueued it again."""
-    threads = max(1, (os.cpu_count() or 1) // workers) if not gpus else 0  # 0: OMP_NUM_THREADS=1 (_env)
+    threads = worker_threads(workers, gpus)
     team = [Worker(parent.run_id, i, parent.total, threads) for i in range(workers)]
     processes = [_start(argv, w, quota, gpus) for w, quota in zip(team, shares(parent.total, workers), strict=False)]
     try:

@@ -11,7 +11,7 @@ from ranksearch.activations import cached_statistics, layer_statistics
 from ranksearch.data import DeviceData, load_dataset
 from ranksearch.decompose import CPConv, FactorOptions, SVDLayer, Tucker2Conv, data_aware_bases, decompose
 from ranksearch.decompose.activation import whitening
-from ranksearch.export import load_model
+from ranksearch.load import load_model
 from ranksearch.models import attach_rank_buffers, build_model, rank_layers, set_ranks
 
 

@@ -154,7 +154,7 @@ def test_a_params_budget_on_resnet20_cp_with_two_workers_on_postgresql(postgres_
     result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--model",
                      "resnet20", "--width", "0.25", "--decomposition", "cp", "--budget", "params=0.5", "--storage",
                      postgres_url, "--study-name", "r", "--workers", "2", "--trials", "6", "--finetune-steps", "9",
-                     "--sampler", "tpe-multivariate", cwd=workdir)  # fmt: skip
+                     "--sampler", "tpe-multivariate", cwd=workdir, subprocess=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="r", storage=postgres_url)
     ended = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]

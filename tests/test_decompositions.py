@@ -216,3 +216,27 @@ def test_one_baseline_checkpoint_serves_configs_with_and_without_the_svd_switch(
     for saved, into in ((plain, switched), (switched, plain)):
         into.load_state_dict(_as_ranked_by(into, saved.state_dict()))  # strict: exactly the model's keys
     assert float(switched.fc.rank) == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--decomposition", "cp"], ["--decompose-method", "hooi"]], ids=["cp", "hooi"])
+def test_a_cp_or_hooi_trial_without_kept_weights_re_exports_as_it_ran(flags, workdir, tiny_imagefolder):
+    """Re-running a trial's fine-tune (its weights were not kept) rebuilds the model it measured, and, as the trial
+    did, computes no Tucker-2 channel bases: CP and HOOI factor the weights themselves."""
+    from ranksearch.weights import WeightsStore
+
+    run = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "1",
+                  "--ranks", "8/32,8/32,8/32,8/32,8/32", *flags, cwd=workdir)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{workdir}/studies/smoke.db")
+    (trial,) = study.trials
+    store = WeightsStore(study.user_attrs["weights_dir"])
+    kept = store.load(trial)
+    store.store.remove(trial.user_attrs["weights_artifact_id"])  # as if the trial had left the front
+    out = workdir / "rerun.pt"
+    export = run_cli("export", "--study-name", "smoke", "--trial", "0", "--out", str(out), cwd=workdir)
+    assert export.returncode == 0 and "re-run from seed" in export.stdout, export.stderr
+    rebuilt = load_model(out).state_dict()
+    for key, value in kept.items():
+        torch.testing.assert_close(rebuilt[key], value, atol=1e-6, rtol=1e-5)
+    assert not list((workdir / "studies" / "baselines").glob("*.bases.pt"))  # no bases the trial never used

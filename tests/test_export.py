@@ -16,16 +16,15 @@ from ranksearch.decompose import Tucker2Conv
 from ranksearch.errors import UserError
 from ranksearch.export import (
     BEFORE_FIELD_EXISTED,
-    CIFAR10_CLASSES,
-    INPUT_SPEC,
-    check_same_data,
     export_device,
     output_paths,
     pick_best,
     study_config,
     verify,
 )
+from ranksearch.load import CIFAR10_CLASSES, INPUT_SPEC
 from ranksearch.measure import predict_correct
+from ranksearch.study import check_data
 from ranksearch.train import evaluate
 from ranksearch.weights import WeightsStore
 
@@ -102,7 +101,7 @@ def test_exported_model_is_the_trials_model(smoke_study, tiny_imagefolder):
     assert (payload["macs"], payload["params"]) == (trial.values[1], trial.user_attrs["params"])
     assert val_accuracy(model, tiny_imagefolder) == pytest.approx(trial.values[0], abs=0.001)
     assert payload["study_name"] == "smoke" and payload["config"]["width"] == 0.0625
-    assert payload["file_version"] == 3 and (payload["device"], payload["eval_dtype"]) == ("cpu", "fp32")
+    assert payload["file_version"] == 4 and (payload["device"], payload["eval_dtype"]) == ("cpu", "fp32")
     records = {int(v) for k, v in payload["state_dict"].items() if k.endswith(".decomposition")}
     assert records == {Tucker2Conv.code}  # each decomposed layer records its method
     assert payload["measured_with"]["device"] == "cpu"
@@ -188,8 +187,8 @@ def _save(tmp_path, payload: dict) -> Path:
 
 
 def test_a_file_from_a_newer_release_asks_for_an_upgrade(tmp_path):
-    path = _save(tmp_path, _payload(file_version=4, ranksearch_version="0.9.0"))
-    with pytest.raises(UserError, match=r"written by ranksearch 0.9.0 \(file version 4\); upgrade ranksearch"):
+    path = _save(tmp_path, _payload(file_version=5, ranksearch_version="0.9.0"))
+    with pytest.raises(UserError, match=r"written by ranksearch 0.9.0 \(file version 5\); upgrade ranksearch"):
         load_model(path)
 
 
@@ -350,13 +349,13 @@ def tiny_data(tiny_imagefolder) -> DeviceData:
 
 def test_export_refuses_data_other_than_the_studys(tiny_data):
     study = _study_with_config({})
-    check_same_data(study, tiny_data, "data")  # a 0.1.0 study recorded no data: nothing to check
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 1.0]))
+    check_data(study, tiny_data.identity)  # a 0.1.0 study recorded no data: nothing to check
     study.set_user_attr("data", {**tiny_data.identity, "fingerprint": "other"})
-    with pytest.raises(UserError, match=r"--data-dir data holds other data than study 'old' was run on "
-                       r"\(fingerprint differs\); pass the study's data"):  # fmt: skip
-        check_same_data(study, tiny_data, "data")
+    with pytest.raises(UserError, match=r"study 'old' was run on other data \(fingerprint: other -> "):
+        check_data(study, tiny_data.identity)
     study.set_user_attr("data", tiny_data.identity)
-    check_same_data(study, tiny_data, "data")
+    check_data(study, tiny_data.identity)
 
 
 def test_verify_reads_val_accuracy_and_macs_from_the_trials_values(tiny_data):

@@ -103,3 +103,24 @@ def test_onnx_export_carries_no_batchnorm_and_matches_the_unfolded_model(make, t
     assert difference < 1e-4
     ops = collections.Counter(node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node)
     assert "BatchNormalization" not in ops and ops["Conv"] >= 13
+
+
+@pytest.mark.parametrize(("save", "name"), [(save_torchscript, "model.ts"), (save_onnx, "model.onnx")])
+def test_a_deployable_file_that_computes_otherwise_is_refused_and_not_left_behind(save, name, tmp_path, monkeypatch):
+    """The ONNX / TorchScript check has a tolerance: a file whose logits differ (here a folding gone wrong) is an
+    error, and nothing is left under its name nor beside it."""
+    from ranksearch import export
+
+    if save is save_onnx:
+        pytest.importorskip("onnxruntime")
+
+    def wrong_fold(model: nn.Module) -> nn.Module:
+        folded = fold_batchnorm(model)
+        with torch.no_grad():
+            list(folded.parameters())[-1].add_(1.0)  # the classifier's bias: every logit off by 1
+        return folded
+
+    monkeypatch.setattr(export, "fold_batchnorm", wrong_fold)
+    with pytest.raises(export.UserError, match="differs from the PyTorch model by .*not written"):
+        save(baseline(), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []

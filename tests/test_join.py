@@ -14,6 +14,7 @@ import optuna
 import pytest
 
 from conftest import REPO, SMOKE_CONFIG, _free_port
+from ranksearch.data import CACHE_NAME
 from ranksearch.errors import UserError
 from ranksearch.study import open_storage
 
@@ -125,7 +126,7 @@ def test_two_runs_started_together_share_one_study_and_one_baseline(engine, requ
     processes = start_together(2, lambda ready, go: ["sh", "-c", f"touch {ready}; exec \"$@\"", "-", *next(commands)],
                                work)  # fmt: skip
     # Each file that must be written once: what it was when first seen, against what it is at the end.
-    watched = {"decode cache": data / ".ranksearch-cache-v2.pt"}
+    watched = {"decode cache": data / CACHE_NAME}
     first_seen: dict[str, tuple] = {}
     while any(p.poll() is None for p in processes):
         for baseline in (work / "studies" / "baselines").glob("*.pt"):

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 import optuna
 import pytest
 
-from ranksearch.progress import TrialProgress, clock_text, ranks_text
+from ranksearch.progress import TrialProgress, clock_text, trial_ranks_text
 
 MODULES = ["block1", "block2", "block3", "block4", "block5"]
 DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)
@@ -42,9 +42,9 @@ class Clock:
 
 
 def test_ranks_text_reads_k_of_32_per_module():
-    assert ranks_text(params([8, 8, 4, 2, 2]), MODULES) == "8/8/4/2/2 /32"
-    assert ranks_text(params([32, 1, 16, 3, 31]), MODULES) == "32/1/16/3/31 /32"
-    assert ranks_text({"rank_block1": 0.25}, MODULES[:2]) == "8/? /32"  # a trial that failed before drawing all
+    assert trial_ranks_text(params([8, 8, 4, 2, 2]), MODULES) == "8/8/4/2/2 /32"
+    assert trial_ranks_text(params([32, 1, 16, 3, 31]), MODULES) == "32/1/16/3/31 /32"
+    assert trial_ranks_text({"rank_block1": 0.25}, MODULES[:2]) == "8/? /32"  # a trial that failed before drawing all
 
 
 @pytest.mark.parametrize("seconds,text", [(0, "0:00"), (34.4, "0:34"), (185, "3:05"), (3729, "1:02:09")])
@@ -105,7 +105,7 @@ def test_as_an_optuna_callback_it_counts_only_the_trials_of_this_run():
     assert [line.split("  ")[0] for line in lines] == ["[1/3] trial 1", "[2/3] trial 2", "[3/3] trial 3"]
     assert "  FAIL: ValueError: boom  " in lines[1] and "ETA 0:00 |" in lines[2]
     for trial, line in zip(study.trials[1:], lines, strict=True):
-        assert f"ranks {ranks_text(trial.params, MODULES)}  " in line
+        assert f"ranks {trial_ranks_text(trial.params, MODULES)}  " in line
         assert line.endswith("| best val at <=25% MACs: 50.0% (t0), at <=10%: 50.0% (t0)")
 
 

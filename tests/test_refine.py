@@ -24,6 +24,7 @@ from ranksearch.config import load_config
 from ranksearch.data import DeviceData, load_dataset
 from ranksearch.models.ranks import module_names
 from ranksearch.refine import RECIPES, RefineRecipe, from_scratch, lr_factor, refine, reinitialised, warmup_steps
+from ranksearch.train import distillation_loss
 
 CONFIG = load_config(SMOKE_CONFIG, {})
 
@@ -164,6 +165,35 @@ def test_distillation_needs_a_teacher(tiny_data):
         refine(decomposed_vgg(), tiny_data, CONFIG, 1, seed=0, recipe=RefineRecipe(distill_weight=0.5))
 
 
+def small_net(seed: int, sharpness: float = 1.0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 10))  # fmt: skip
+    with torch.no_grad():
+        net[-1].weight.mul_(sharpness)  # a teacher's confident logits: softened, still far from uniform
+    return net
+
+
+def test_a_distilled_refine_moves_the_model_toward_its_teacher(tiny_data):
+    images = tiny_data.normalize(tiny_data.splits["train"].images)
+    teacher, start = small_net(10, sharpness=20).eval(), small_net(2)
+
+    def gap(model) -> float:  # KL(teacher || model) of the softened outputs: the distillation term itself
+        with torch.no_grad():
+            return float(distillation_loss(model.eval()(images), teacher(images), CONFIG.distill_temperature))
+
+    def refined(distill_weight: float) -> torch.nn.Module:
+        model = copy.deepcopy(start)
+        refine(model, tiny_data, CONFIG, 5, seed=0, recipe=RefineRecipe(distill_weight=distill_weight),
+               teacher=teacher, progress=False, evaluate_each_epoch=False)  # fmt: skip
+        return model
+
+    distilled, plain = refined(1.0), refined(0.0)  # 0: the teacher is given but unused
+    assert gap(distilled) < 0.5 * gap(start) and gap(distilled) < 0.5 * gap(plain)
+    half = refined(0.5)
+    assert gap(distilled) < gap(half) < gap(plain)  # the weight mixes the two losses
+
+
 # ----- from scratch ----------------------------------------------------------------------------------------------
 
 
@@ -295,11 +325,11 @@ def test_an_export_killed_during_its_refine_resumes_to_the_same_weights(study_di
     done = torch.load(checkpoint, weights_only=True)["epochs_done"]
     assert 1 <= done < epochs
 
-    resumed = run_cli(*args, "killed.pt", cwd=study_dir)
+    resumed = run_cli(*args, "killed.pt", cwd=study_dir, subprocess=True)  # as the killed one ran: bit for bit
     assert resumed.returncode == 0, resumed.stderr
     assert f"refine: resuming at epoch {done + 1}/{epochs} from killed.pt.refine.pt" in resumed.stderr
     assert not checkpoint.exists() and not (study_dir / "whole.pt.refine.pt").exists()
-    whole = run_cli(*args, "whole.pt", cwd=study_dir)
+    whole = run_cli(*args, "whole.pt", cwd=study_dir, subprocess=True)
     assert whole.returncode == 0, whole.stderr
     assert "resuming" not in whole.stderr
     a, b = (torch.load(study_dir / name, weights_only=True) for name in ("killed.pt", "whole.pt"))

@@ -122,7 +122,7 @@ def test_sensitivity_workers_share_the_points(engine, request, workdir, tiny_ima
     storage = (request.getfixturevalue("postgres_url") if engine == "postgresql"
                else f"sqlite:///{workdir}/studies/shared.db")  # fmt: skip
     result = run_cli("sensitivity", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--storage",
-                     storage, "--workers", "2", "--out", "sens", cwd=workdir)  # fmt: skip
+                     storage, "--workers", "2", "--out", "sens", cwd=workdir, subprocess=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
     study = _sensitivity_study(workdir, storage)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -135,7 +135,7 @@ def test_sensitivity_workers_share_the_points(engine, request, workdir, tiny_ima
 @pytest.mark.slow
 def test_run_with_workers_measures_the_points_with_its_workers_then_warm_starts(workdir, tiny_imagefolder):
     result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--workers", "2",
-                     "--warm-start", "sensitivity", "--trials", "4", cwd=workdir)  # fmt: skip
+                     "--warm-start", "sensitivity", "--trials", "4", cwd=workdir, subprocess=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "w0 sensitivity [" in result.stdout and "w1 sensitivity [" in result.stdout
     assert "warm start (sensitivity): enqueued" in result.stdout

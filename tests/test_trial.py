@@ -121,7 +121,7 @@ def test_latency_is_timed_beside_the_baseline_so_that_load_cancels(monkeypatch):
         return types.SimpleNamespace(median_ms=true_ms[model.name] * load["factor"])
 
     monkeypatch.setattr(trial, "measure_latency", fake_measure)
-    monkeypatch.setattr(trial, "deployed_form", lambda model, device: model)
+    monkeypatch.setattr(trial, "deployed_form", lambda model, input_shape, device: model)
     config = load_config(SMOKE_CONFIG, {"objectives": ["accuracy", "latency"]})
     meter = trial.LatencyMeter(config, torch.device("cpu"), types.SimpleNamespace(name="baseline"))
     load["factor"] = 3.0

@@ -11,7 +11,8 @@ import pytest
 from test_study import SMOKE, load
 
 from conftest import REPO
-from ranksearch.workers import INTERRUPTED, RETRY_OF, Worker, done_in_run, requeue_interrupted, shares
+from ranksearch.attrs import INTERRUPTED, RETRY_OF
+from ranksearch.workers import Worker, done_in_run, requeue_interrupted, shares
 
 MODULES = ["block1", "block2", "block3", "block4", "block5"]
 DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)
@@ -117,7 +118,7 @@ def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_retried(workdir, ti
 @pytestmark_slow
 def test_sigterm_records_the_trial_as_interrupted_and_the_next_run_reruns_it(workdir, tiny_imagefolder):
     process = run_cli_async(workdir, "run", *SMOKE, "--data-dir", str(tiny_imagefolder), "--trials", "3",
-                            "--finetune-steps", "60")  # fmt: skip
+                            "--finetune-steps", "300")  # fmt: skip  (long enough that the signal lands mid-trial)
     victim = wait_for_running_trial(lambda: load(workdir))
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=300)
@@ -125,7 +126,7 @@ def test_sigterm_records_the_trial_as_interrupted_and_the_next_run_reruns_it(wor
     stopped = load(workdir).trials[victim.number]
     assert stopped.state == FAIL and stopped.user_attrs["fail_reason"] == INTERRUPTED
     again = run_cli_async(workdir, "run", *SMOKE, "--data-dir", str(tiny_imagefolder), "--trials", "1",
-                          "--finetune-steps", "60")  # fmt: skip
+                          "--finetune-steps", "300")  # fmt: skip
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert f"re-running interrupted trial(s) {victim.number}" in out

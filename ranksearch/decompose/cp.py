@@ -23,7 +23,14 @@ from torch import nn
 
 from ..models import is_eligible
 from .activation import InputWhitening, input_whitening
-from .layer import DecomposedLayer, DecompositionError, FactorOptions, original_macs_per_pixel, stride_area
+from .layer import (
+    DecomposedLayer,
+    DecompositionError,
+    FactorOptions,
+    original_macs_per_pixel,
+    register_decomposition,
+    stride_area,
+)
 
 MAX_RELATIVE_ERROR = 1.0  # worse than the zero tensor: ALS went astray
 MAX_TERM_NORMS = 100.0  # sum of the rank-one terms' norms over the weight's norm: terms cancelling each other
@@ -139,10 +146,12 @@ def cp_weight(factors: list[torch.Tensor]) -> torch.Tensor:
     return (out @ khatri_rao(rest).T).view(out.shape[0], *(f.shape[0] for f in rest))
 
 
+@register_decomposition
 class CPConv(DecomposedLayer):
     """1x1 Cin -> R, kh x 1 depthwise, 1 x kw depthwise, 1x1 R -> Cout."""
 
     method, code = "cp", 2
+    summary = "CP, by ALS (Lebedev et al. 2015)"
 
     def __init__(self, conv: nn.Conv2d, rank: float, ranks: tuple[int] | None = None):
         super().__init__(rank)

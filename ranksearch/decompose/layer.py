@@ -2,10 +2,13 @@
 normalized rank (``rank`` buffer) and a record of its method (``decomposition`` buffer, the method's code), so that
 a state_dict alone says how to rebuild it.
 
-Each method (``tucker2``, ``cp``, ``svd``) subclasses ``DecomposedLayer`` and fills in its rules: which layers it
-applies to, the integer rank(s) a normalized rank gives, the MACs of its form, and how to factorize a weight.
+Each method (``tucker2``, ``cp``, ``svd``, or a plugin's) subclasses ``DecomposedLayer``, fills in its rules (which
+layers it applies to, the integer rank(s) a normalized rank gives, the MACs of its form, how to factorize a weight)
+and registers itself with ``@register_decomposition``: the config's and the CLI's choices, ``decompose()`` and the
+rebuild from a state_dict all read ``DECOMPOSITIONS``.
 """
 
+import inspect
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -44,11 +47,60 @@ def stride_area(layer: nn.Module) -> int:
     return stride[0] * stride[1]
 
 
+DECOMPOSITIONS: dict[str, type["DecomposedLayer"]] = {}  # by method name, in registration order
+
+
+def register_decomposition(cls: type["DecomposedLayer"]) -> type["DecomposedLayer"]:
+    """Class decorator: register a decomposition under its ``method`` name and ``code``. A second class with a
+    taken name or code is refused (the same class imported again, as a plugin file can be, replaces itself)."""
+    if cls.kind not in ("conv", "pointwise"):
+        raise ValueError(f"decomposition {cls.method!r}: kind must be 'conv' or 'pointwise', got {cls.kind!r}")
+    for other in DECOMPOSITIONS.values():
+        if (other.method == cls.method or other.code == cls.code) and not _same_class(other, cls):
+            raise ValueError(f"decomposition {cls.method!r} (code {cls.code}) clashes with {other.method!r} "
+                             f"(code {other.code}): names and codes must be unique")  # fmt: skip
+    DECOMPOSITIONS[cls.method] = cls
+    return cls
+
+
+def _same_class(a: type, b: type) -> bool:
+    """True for one class defined by one file, imported twice (e.g. as a test module and as a plugin)."""
+    return a.__qualname__ == b.__qualname__ and inspect.getsourcefile(a) == inspect.getsourcefile(b)
+
+
+def conv_decompositions() -> tuple[str, ...]:
+    """The config's choices of ``decomposition``: the registered methods of kind "conv"."""
+    return tuple(cls.method for cls in _by_code() if cls.kind == "conv")
+
+
+def factor_methods() -> tuple[str, ...]:
+    """The config's choices of ``decompose_method``: every registered decomposition's, in order, once."""
+    return tuple(dict.fromkeys(m for cls in _by_code() for m in cls.factor_methods))
+
+
+def _by_code() -> list[type["DecomposedLayer"]]:
+    return sorted(DECOMPOSITIONS.values(), key=lambda cls: cls.code)
+
+
+def by_code(code: int) -> type["DecomposedLayer"] | None:
+    return next((cls for cls in DECOMPOSITIONS.values() if cls.code == code), None)
+
+
 class DecomposedLayer(nn.Module):
     """Base of every method's replacement layer."""
 
     method: ClassVar[str]  # the registry's name of the method
-    code: ClassVar[int]  # its code in the ``decomposition`` buffer
+    code: ClassVar[int]  # its code in the ``decomposition`` buffer (unique; saved with each layer)
+    kind: ClassVar[str] = "conv"  # "conv": a choice of the config's ``decomposition`` (what k x k convs become);
+    # "pointwise": what 1x1 convs and linear layers become when they carry ranks (``svd_layers``)
+    summary: ClassVar[str] = ""  # one line for the CLI's help
+    factor_methods: ClassVar[tuple[str, ...]] = ("activation",)  # the ``decompose_method`` values it implements;
+    # any other gives its plain factors
+
+    @classmethod
+    def uses_channel_bases(cls, method: str) -> bool:
+        """True when ``method`` truncates the baseline's cached channel bases (``trial_bases``)."""
+        return False
 
     def __init__(self, rank: float):
         super().__init__()

@@ -12,24 +12,19 @@ import torch
 from torch import nn
 
 from ..models import attach_rank_buffers, is_eligible, is_pointwise, rank_layers
-from .cp import CPConv
-from .layer import DecomposedLayer, FactorOptions
-from .svd import SVDLayer
+from . import cp, svd, tucker2  # noqa: F401  (each registers its method)
+from .layer import DECOMPOSITIONS, DecomposedLayer, FactorOptions, by_code, conv_decompositions
 from .tucker2 import Tucker2Conv
-
-METHODS: dict[str, type[DecomposedLayer]] = {cls.method: cls for cls in (Tucker2Conv, CPConv, SVDLayer)}
-CONV_DECOMPOSITIONS = ("tucker2", "cp")  # the config's ``decomposition``: what k x k convs become
-BY_CODE: dict[int, type[DecomposedLayer]] = {cls.code: cls for cls in METHODS.values()}
 
 
 def method_for(layer: nn.Module, decomposition: str = "tucker2") -> type[DecomposedLayer] | None:
     """The method that decomposes ``layer`` (an undecomposed conv or linear layer), or None."""
-    if decomposition not in CONV_DECOMPOSITIONS:
-        raise ValueError(f"unknown decomposition {decomposition!r}; choose one of {', '.join(CONV_DECOMPOSITIONS)}")
+    if decomposition not in conv_decompositions():
+        raise ValueError(f"unknown decomposition {decomposition!r}; choose one of {', '.join(conv_decompositions())}")
     if is_eligible(layer):
-        method = METHODS[decomposition]
+        method = DECOMPOSITIONS[decomposition]
     elif is_pointwise(layer):
-        method = SVDLayer
+        method = next(cls for cls in DECOMPOSITIONS.values() if cls.kind == "pointwise")
     else:
         return None
     return method if method.applies_to(layer) else None
@@ -101,7 +96,7 @@ def saved_method(state_dict: dict[str, torch.Tensor], name: str) -> type[Decompo
     existed (ranksearch < 0.5.0) had Tucker-2 only, told by its keys. None: saved undecomposed."""
     record = state_dict.get(f"{name}.decomposition")
     if record is not None:
-        method = BY_CODE.get(int(record))
+        method = by_code(int(record))
         if method is None:
             raise ValueError(f"{name} was saved with decomposition code {int(record)}, unknown to this version: "
                              "upgrade ranksearch")  # fmt: skip

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..models import is_pointwise
 from .activation import SVDBasis, svd_basis, svd_truncated
-from .layer import DecomposedLayer, FactorOptions
+from .layer import DecomposedLayer, FactorOptions, register_decomposition
 
 
 def svd_rank(rank: float, in_features: int, out_features: int) -> int:
@@ -30,10 +30,12 @@ def _features(layer: nn.Module) -> tuple[int, int]:
     return layer.in_channels, layer.out_channels
 
 
+@register_decomposition
 class SVDLayer(DecomposedLayer):
     """Two linear maps Cin -> R -> Cout: 1x1 convs for a 1x1 conv, linear layers for a linear layer."""
 
-    method, code = "svd", 3
+    method, code, kind = "svd", 3, "pointwise"
+    summary = "truncated SVD of 1x1 convs and linear layers"
 
     def __init__(self, layer: nn.Module, rank: float, ranks: tuple[int] | None = None):
         super().__init__(rank)

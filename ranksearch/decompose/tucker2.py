@@ -9,14 +9,12 @@ Cout*Cin*kh*kw. Pure math on a weight tensor (``tucker2_factors``, ``hosvd_facto
 
 import warnings
 
-import tensorly as tl
 import torch
-from tensorly.decomposition import partial_tucker
 from torch import nn
 
 from ..models import is_eligible, rank_layers
 from .activation import Tucker2Basis, tucker2_basis, tucker2_truncated
-from .layer import DecomposedLayer, FactorOptions
+from .layer import DecomposedLayer, FactorOptions, register_decomposition
 
 
 def tucker2_ranks(rank: float, in_channels: int, out_channels: int) -> tuple[int, int]:
@@ -55,6 +53,9 @@ def tucker2_factors(
     Returns (first, core, last): first (R_in, Cin), core (R_out, R_in, kh, kw), last (Cout, R_out),
     with weight ~= core x_0 last x_1 first.T.
     """
+    import tensorly as tl  # only HOOI needs it: loading a model or decomposing by HOSVD does not
+    from tensorly.decomposition import partial_tucker
+
     out_channels, in_channels = weight.shape[:2]
     rank_in, rank_out = min(rank_in, in_channels), min(rank_out, out_channels)
     w = weight.detach().to(torch.float64)
@@ -130,10 +131,17 @@ def factorize(
     return hosvd_factors(weight, rank_in, rank_out, bases, refine_iters if method == "hosvd+refine" else 0)
 
 
+@register_decomposition
 class Tucker2Conv(DecomposedLayer):
     """1x1 Cin -> R_in, k x k R_in -> R_out (stride, padding, dilation of the original), 1x1 R_out -> Cout."""
 
     method, code = "tucker2", 1
+    summary = "Tucker-2 over the channel modes (Kim et al. 2015)"
+    factor_methods = ("hosvd", "hosvd+refine", "hooi", "activation")
+
+    @classmethod
+    def uses_channel_bases(cls, method: str) -> bool:
+        return method in ("hosvd", "hosvd+refine")
 
     def __init__(self, conv: nn.Conv2d, rank: float, ranks: tuple[int, int] | None = None):
         """The layer shapes for ``conv`` at normalized ``rank``; ``ranks`` (R_in, R_out) overrides the rule."""

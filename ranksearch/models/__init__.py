@@ -18,8 +18,12 @@ from .ranks import (
     module_names,
     rank_layers,
     rank_modules,
+    rank_step,
+    rank_text,
     ranked_conv,
+    ranks_text,
     set_ranks,
+    steps_text,
     top_level_children,
 )
 from .registry import (
@@ -35,9 +39,9 @@ from .resnet_cifar import ResNet, resnet18, resnet20, resnet56
 from .vgg import VGG, vgg11_cifar, vgg16_cifar, vgg_blocks
 
 __all__ = [
-    "RANK_GRID", "RANK_STEPS", "SEARCH_SPACES", "Grouping", "ResNet", "VGG", "attach_rank_buffers", "build_model",
-    "check_model_name", "check_rank", "check_width", "get_ranks", "is_eligible", "is_pointwise", "model_names",
-    "module_names", "rank_layers", "rank_modules", "ranked_conv", "register_family", "register_model", "resnet18",
-    "resnet20", "resnet56", "scaled_channels", "set_ranks", "top_level_children", "vgg11_cifar", "vgg16_cifar",
-    "vgg_blocks",
+    "RANK_GRID", "RANK_STEPS", "SEARCH_SPACES", "VGG", "attach_rank_buffers", "build_model", "check_model_name",
+    "check_rank", "check_width", "get_ranks", "Grouping", "is_eligible", "is_pointwise", "model_names",
+    "module_names", "rank_layers", "rank_modules", "rank_step", "rank_text", "ranked_conv", "ranks_text",
+    "register_family", "register_model", "ResNet", "resnet18", "resnet20", "resnet56", "scaled_channels", "set_ranks",
+    "steps_text", "top_level_children", "vgg11_cifar", "vgg16_cifar", "vgg_blocks",
 ]  # fmt: skip

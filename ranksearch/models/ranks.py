@@ -1,8 +1,10 @@
 """Rank buffers and the search's modules, for any model.
 
-Every eligible conv carries a normalized Tucker-2 rank in a registered buffer named ``rank`` (1.0 = not
-decomposed), so a model's state_dict records its ranks. A layer "carries a rank" when it has that buffer: a plain
-conv, or the Tucker-2 layer that replaced it, found anywhere in the module tree under the conv's qualified name.
+Every eligible conv (and, with ``svd_layers``, every 1x1 conv and linear layer) carries a normalized rank in a
+registered buffer named ``rank`` (1.0 = not decomposed), so a model's state_dict records its ranks; what the rank
+means (Tucker-2's R, CP's or SVD's rank) is the decomposition's rule (``ranksearch.decompose``). A layer "carries a
+rank" when it has that buffer: a plain layer, or the decomposed layer that replaced it, found anywhere in the module
+tree under the layer's qualified name.
 
 The search's modules group those layers. With ``space="module"`` (the default) the model's grouping rule decides:
 a function from the qualified names of its rank-carrying layers to the module of each, stored on the model by the
@@ -11,13 +13,33 @@ every rank-carrying layer is its own module, named by its qualified name (``stag
 """
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 RANK_STEPS = 32  # ranks live on the grid {1/32, 2/32, ..., 1}
 RANK_GRID = tuple(k / RANK_STEPS for k in range(1, RANK_STEPS + 1))
+
+
+def rank_step(rank: float | None) -> int | None:
+    """A normalized rank as k of k/32 (None stays None)."""
+    return None if rank is None else round(float(rank) * RANK_STEPS)
+
+
+def rank_text(rank: float) -> str:
+    """``8/32``."""
+    return f"{rank_step(rank)}/{RANK_STEPS}"
+
+
+def steps_text(steps: Iterable[int | None]) -> str:
+    """Ranks given as k of k/32, one per module: ``8/8/4/2/2 /32`` (``?`` for a missing one)."""
+    return "/".join("?" if k is None else str(k) for k in steps) + f" /{RANK_STEPS}"
+
+
+def ranks_text(ranks: Iterable[float | None]) -> str:
+    """Normalized ranks, one per module: ``8/8/4/2/2 /32`` (``?`` for a missing one)."""
+    return steps_text(rank_step(r) for r in ranks)
 SEARCH_SPACES = ("module", "layer")  # one rank per module of the grouping rule, or one per eligible conv
 
 Grouping = Callable[[list[str]], list[str]]  # qualified names of the rank-carrying layers -> the module of each
@@ -25,7 +47,8 @@ Modules = OrderedDict[str, list[tuple[str, nn.Module]]]  # module name -> [(qual
 
 
 def is_eligible(layer: nn.Module) -> bool:
-    """A conv Tucker-2 may decompose: a Conv2d with groups == 1 and a kernel larger than 1x1.
+    """A conv a k x k decomposition (Tucker-2, CP) may decompose: a Conv2d with groups == 1 and a kernel larger than
+    1x1.
 
     Grouped and depthwise convs never are; 1x1 convs and linear layers are left as they are.
     """
@@ -117,7 +140,7 @@ def set_ranks(model: nn.Module, ranks: Sequence[float] | Mapping[str, float], sp
     """Write one normalized rank per module (of ``space``) into the rank buffers of its layers.
 
     ``ranks`` is a sequence (one value per module, in order) or a mapping from module name to value.
-    The model must be undecomposed: new ranks on Tucker-2 layers would not match their shapes.
+    The model must be undecomposed: new ranks on decomposed layers would not match their shapes.
     """
     modules = rank_modules(model, space)
     _check_undecomposed(modules)

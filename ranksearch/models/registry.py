@@ -5,10 +5,14 @@
 (``torchvision:resnet18``). Every model built through either gets rank buffers on its eligible convs and carries
 its registry name (``ranksearch_name``) and grouping rule (``ranksearch_grouping``), which deep copies and
 decomposed copies keep; a model rebuilt from a state_dict is built here first.
+
+A family file registers its models when imported: the package's own are imported in one place
+(``ranksearch/models/__init__.py``); a user's is a plugin file (``--plugin my_models.py``, see ``ranksearch.plugins``).
 """
 
 import difflib
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -46,7 +50,7 @@ def register_model(name: str, grouping: Grouping = top_level_children):
     """
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _BUILDERS:
+        if name in _BUILDERS and not _same_function(_BUILDERS[name].__wrapped__, builder):
             raise ValueError(f"model {name!r} is already registered")
 
         @functools.wraps(builder)
@@ -68,12 +72,17 @@ def register_family(
     """Register ``build(variant, num_classes, width)`` for the models named ``<prefix>:<variant>``."""
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if prefix in _FAMILIES:
+        if prefix in _FAMILIES and not _same_function(_FAMILIES[prefix].build, builder):
             raise ValueError(f"model family {prefix!r} is already registered")
         _FAMILIES[prefix] = Family(builder, variants, grouping, fixed_width)
         return builder
 
     return wrap
+
+
+def _same_function(a: Callable, b: Callable) -> bool:
+    """True for one builder of one file imported twice (e.g. as a test module and as a plugin): it replaces itself."""
+    return a.__qualname__ == b.__qualname__ and inspect.getsourcefile(a) == inspect.getsourcefile(b)
 
 
 def model_names() -> list[str]:

@@ -1,5 +1,8 @@
 """VGG with BatchNorm for 32x32 images: ``vgg11``, ``vgg16``; the search's modules are its blocks.
 
+Larger images work too: global average pooling before the classifier, the identity at 32x32 (where the last block
+leaves 1x1 maps), so the weights, the MACs and the outputs at 32x32 are those of every earlier version.
+
 The convs sit at ``features.block<k>.<i>`` (the names, and so the state_dict keys, of every earlier version):
 one rank per block, ``block1`` .. ``block5``.
 """
@@ -35,7 +38,8 @@ def _vgg_block(in_channels: int, widths: list[int]) -> nn.Sequential:
 
 
 class VGG(nn.Module):
-    """VGG with BatchNorm for 32x32 inputs: 5 blocks, each halving the resolution, then one Linear."""
+    """VGG with BatchNorm for 32x32 inputs (or larger): 5 blocks, each halving the resolution, global average
+    pooling, then one Linear."""
 
     def __init__(self, cfg: list[list[int]], num_classes: int = 10, width: float = 1.0):
         super().__init__()
@@ -49,8 +53,8 @@ class VGG(nn.Module):
         self.classifier = nn.Linear(in_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)  # (B, C, 1, 1) for a 32x32 input
-        return self.classifier(torch.flatten(x, 1))
+        x = self.features(x)  # (B, C, H/32, W/32): (B, C, 1, 1) for a 32x32 input
+        return self.classifier(x.mean(dim=(2, 3)))  # global average pooling: (B, C), exact at 1x1
 
 
 @register_model("vgg16", grouping=vgg_blocks)

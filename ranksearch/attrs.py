@@ -1,0 +1,18 @@
+"""The names a study's trials are recorded under, in one place: parameters and the user attrs that more than one
+module writes or reads (a trial's costs are named by their specs, in ``ranksearch.objectives``)."""
+
+RANK_PREFIX = "rank_"  # a trial's parameter per module: rank_block1, rank_stage2.0.conv1
+FAIL_REASON = "fail_reason"  # user attr of a FAIL trial: why ("ValueError: ...", or INTERRUPTED)
+INTERRUPTED = "interrupted"  # the fail reason of a trial cut short by Ctrl-C or SIGTERM
+RETRY_OF = "retry_of"  # user attr of a trial enqueued to re-run an interrupted one
+COPIED_FROM = "copied_from"  # user attr of a copied trial: the number of the trial it copied
+
+
+def param_name(module: str) -> str:
+    """The parameter holding ``module``'s rank: ``rank_block1``."""
+    return f"{RANK_PREFIX}{module}"
+
+
+def module_of(param: str) -> str:
+    """The module a rank parameter ranks: ``block1`` of ``rank_block1``."""
+    return param.removeprefix(RANK_PREFIX)
