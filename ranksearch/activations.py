@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from .data import DeviceData
-from .errors import first_line
-from .files import atomic_save, read_or_make
+from .files import keyed_cache
 from .models import rank_layers
 
 BATCH = 128  # images per forward pass while measuring
@@ -96,29 +95,12 @@ def statistics_key(model: nn.Module, data_identity: dict, images: int) -> str:
 def cached_statistics(model: nn.Module, checkpoint: Path, data: DeviceData, images: int) -> dict[str, LayerStatistics]:
     """``layer_statistics`` of the baseline, computed once and cached beside its ``checkpoint`` (one process computes
     them when several start at once; the others wait for its file)."""
-    path = checkpoint.with_suffix(".activations.pt")
-    key = statistics_key(model, data.identity, images)
-
-    def read() -> dict[str, LayerStatistics] | None:
-        if not path.is_file():
-            return None
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved["key"] == key:
-                return {name: LayerStatistics(*pair) for name, pair in saved["statistics"].items()}
-        except Exception:
-            pass  # stale or broken: measure again and overwrite
-        return None
-
-    def make() -> dict[str, LayerStatistics]:
+    def measure() -> dict[str, LayerStatistics]:
         print(f"activations: measuring layer statistics on {images} training images", file=sys.stderr, flush=True)
-        statistics = layer_statistics(model, data, images)
-        payload = {"key": key, "statistics": {n: (s.inputs, s.outputs) for n, s in statistics.items()}}
-        try:
-            atomic_save(payload, path)
-        except (OSError, RuntimeError) as error:  # a read-only baseline folder: measured again next start
-            print(f"note: cannot cache the layer statistics in {path} ({first_line(error)}); measuring them each "
-                  "start", file=sys.stderr)  # fmt: skip
-        return statistics
+        return layer_statistics(model, data, images)
 
-    return read_or_make(path, read, make, f"activations: another process is measuring {path}; waiting for it")
+    return keyed_cache(
+        checkpoint.with_suffix(".activations.pt"), statistics_key(model, data.identity, images), "statistics", measure,
+        encode=lambda statistics: {n: (s.inputs, s.outputs) for n, s in statistics.items()},
+        decode=lambda saved: {name: LayerStatistics(*pair) for name, pair in saved.items()}, what="layer statistics",
+    )  # fmt: skip

@@ -14,7 +14,7 @@ from .config import Config, baseline_key
 from .data import DeviceData
 from .decompose import Bases, model_bases
 from .errors import UserError, first_line
-from .files import atomic_save, check_writable, lock_path, read_or_make
+from .files import atomic_save, check_writable, keyed_cache, lock_path, read_or_make
 from .measure import count_macs
 from .models import build_model
 from .train import evaluate, prepare, pretrain, steps_per_epoch
@@ -155,32 +155,13 @@ def _weights_key(model: nn.Module) -> str:
 def cached_bases(model: nn.Module, checkpoint: Path) -> dict[str, Bases]:
     """The channel bases of the baseline's convs, computed once and cached beside its checkpoint (by one process
     when several start at once: the others wait for its file)."""
-    path = checkpoint.with_suffix(".bases.pt")
-    key = _weights_key(model)
-
-    def read() -> dict[str, Bases] | None:
-        if not path.is_file():
-            return None
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved["key"] == key:
-                device = next(model.parameters()).device
-                return {name: (u_out.to(device), u_in.to(device)) for name, (u_out, u_in) in saved["bases"].items()}
-        except Exception:
-            pass  # stale or broken: compute again and overwrite
-        return None
-
-    def make() -> dict[str, Bases]:
-        bases = model_bases(model)
-        cpu_bases = {name: (u_out.cpu(), u_in.cpu()) for name, (u_out, u_in) in bases.items()}
-        try:
-            atomic_save({"key": key, "bases": cpu_bases}, path)
-        except (OSError, RuntimeError) as error:  # a read-only baseline folder: the bases are recomputed next start
-            print(f"note: cannot cache the channel bases in {path} ({first_line(error)}); computing them each "
-                  "start", file=sys.stderr)  # fmt: skip
-        return bases
-
-    return read_or_make(path, read, make, f"bases: another process is computing {path}; waiting for it")
+    device = next(model.parameters()).device
+    return keyed_cache(
+        checkpoint.with_suffix(".bases.pt"), _weights_key(model), "bases", lambda: model_bases(model),
+        encode=lambda bases: {name: (u_out.cpu(), u_in.cpu()) for name, (u_out, u_in) in bases.items()},
+        decode=lambda saved: {name: (u_out.to(device), u_in.to(device)) for name, (u_out, u_in) in saved.items()},
+        what="channel bases",
+    )  # fmt: skip
 
 
 def ensure_baseline(config: Config, data: DeviceData) -> Baseline:

@@ -127,3 +127,33 @@ def read_or_make(path: Path, read: Callable[[], T | None], make: Callable[[], T]
             if found is not None:
                 return found
         return make()
+
+
+def keyed_cache(path: Path, key: str, field: str, make: Callable[[], T], encode: Callable[[T], object],
+                decode: Callable[[object], T], what: str) -> T:  # fmt: skip
+    """A value computed once by ``make()`` and kept in ``path``, a torch file ``{"key": key, field: encode(value)}``:
+    read back (``decode``) while its key is ``key``, made again when the key differs or the file is broken. One
+    process makes it when several start at once (``read_or_make``); a folder that cannot be written is noted, and
+    the value is made each start."""
+
+    def read() -> T | None:
+        if not path.is_file():
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["key"] == key:
+                return decode(saved[field])
+        except Exception:
+            pass  # stale or broken: make it again and overwrite
+        return None
+
+    def build() -> T:
+        value = make()
+        try:
+            atomic_save({"key": key, field: encode(value)}, path)
+        except (OSError, RuntimeError) as error:  # a read-only folder: made again next start
+            print(f"note: cannot cache the {what} in {path} ({first_line(error)}); computing them each start",
+                  file=sys.stderr)  # fmt: skip
+        return value
+
+    return read_or_make(path, read, build, f"{what}: another process is computing {path}; waiting for it")
