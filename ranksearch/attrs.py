@@ -6,6 +6,7 @@ FAIL_REASON = "fail_reason"  # user attr of a FAIL trial: why ("ValueError: ..."
 INTERRUPTED = "interrupted"  # the fail reason of a trial cut short by Ctrl-C or SIGTERM
 RETRY_OF = "retry_of"  # user attr of a trial enqueued to re-run an interrupted one
 COPIED_FROM = "copied_from"  # user attr of a copied trial: the number of the trial it copied
+WEIGHTS_ATTR = "weights_artifact_id"  # user attr of a trial whose weights are kept: their artifact's id
 
 
 def param_name(module: str) -> str:

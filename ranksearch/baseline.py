@@ -164,8 +164,9 @@ def cached_bases(model: nn.Module, checkpoint: Path) -> dict[str, Bases]:
     )  # fmt: skip
 
 
-def ensure_baseline(config: Config, data: DeviceData) -> Baseline:
-    """The cached baseline for ``config`` and ``data``, pretraining it first when there is none.
+def ensure_baseline(config: Config, data: DeviceData, quiet: bool = False) -> Baseline:
+    """The cached baseline for ``config`` and ``data``, pretraining it first when there is none; ``quiet``: no
+    lines about it (a worker, whose parent said them).
 
     The baseline folder's write-ability is checked before pretraining, so no training is lost to a failed save.
     Processes started together pretrain it once: one holds ``<checkpoint>.lock`` while it trains and saves, the
@@ -177,7 +178,8 @@ def ensure_baseline(config: Config, data: DeviceData) -> Baseline:
         if not path.exists():
             return None
         baseline = load_baseline(path, config, data.device, data.identity)
-        print(f"baseline: {path} (cached)", file=sys.stderr)
+        if not quiet:
+            print(f"baseline: {path} (cached)", file=sys.stderr)
         return baseline
 
     def make() -> Baseline:
@@ -195,9 +197,7 @@ def ensure_baseline(config: Config, data: DeviceData) -> Baseline:
 
     waiting = f"baseline: another process is pretraining it (holds {lock_path(path)}); waiting for its checkpoint"
     baseline = read_or_make(path, read, make, waiting)
-    print(
-        f"baseline: val {baseline.val_accuracy:.2%}  test {baseline.test_accuracy:.2%}  "
-        f"MACs {baseline.macs:,}  params {baseline.params:,}",
-        file=sys.stderr,
-    )
+    if not quiet:
+        print(f"baseline: val {baseline.val_accuracy:.2%}  test {baseline.test_accuracy:.2%}  "
+              f"MACs {baseline.macs:,}  params {baseline.params:,}", file=sys.stderr)  # fmt: skip
     return baseline

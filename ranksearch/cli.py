@@ -37,6 +37,7 @@ def _choices(names, default: str) -> str:
     return " | ".join(f"{name} (default)" if name == default else name for name in names)
 
 
+FINETUNE_EPOCHS_MAX = 1000  # export's refine: more is a typo (1e9 ran silently past any patience)
 _DECOMPOSITION_HELP = f"what k x k convs become: {_choices(conv_decompositions(), Config.decomposition)}"
 
 
@@ -293,6 +294,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     if args.finetune_epochs < 0 or args.max_drop < 0:
         raise UserError("--finetune-epochs and --max-drop must be 0 or more")
+    if args.finetune_epochs > FINETUNE_EPOCHS_MAX:
+        raise UserError(f"--finetune-epochs {args.finetune_epochs}: at most {FINETUNE_EPOCHS_MAX} (a refine, not a "
+                        "training from scratch)")  # fmt: skip
     recipe = _refine_recipe(args)
     paths = check_out(args.out, formats)
     study = _open_study(args)

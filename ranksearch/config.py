@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +218,7 @@ def _on_grid(name: str, value: float) -> float:
 
 SEED_MAX = 2**32 - 1  # numpy and Optuna's samplers take seeds in 0..2**32-1
 COUNT_MAX = 2**31 - 1  # a larger size or count is a typo (and overflows 32-bit indices)
+LATENCY_BATCH_MAX = 4096  # images per timed forward pass: more times the memory, not the deployment
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,7 @@ RANGES = {
     "refine_iters": Interval(0, COUNT_MAX),
     "activation_images": Interval(1, COUNT_MAX),
     "bn_recalibration_batches": Interval(0, COUNT_MAX),
-    "latency_batch": Interval(1, COUNT_MAX),
+    "latency_batch": Interval(1, LATENCY_BATCH_MAX),
     "distill_weight": Interval(0, 1),
     "distill_temperature": Interval(0, low_open=True),
     "seed": Interval(0, SEED_MAX),
@@ -266,7 +268,20 @@ RANGES = {
 }
 
 
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # it names files: studies/<name>.db, <name>-weights/
+
+
+def check_study_name(name: str) -> str:
+    """``name`` when it is a name: letters, digits, ``.``, ``_``, ``-``, starting with a letter or digit, at most 100
+    characters (it becomes file names, so no ``/``, ``..``, hidden or empty names); a one-line UserError otherwise."""
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
+        raise UserError(f"study name {reprlib.repr(name)} is not a name: use 1-100 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit (it names studies/<name>.db)")  # fmt: skip
+    return name
+
+
 def validate(config: Config) -> None:
+    check_study_name(config.study_name)
     for name, choices in CHOICES.items():
         choices = choices() if callable(choices) else choices
         if getattr(config, name) not in choices:

@@ -1,5 +1,6 @@
 """optuna-dashboard for a ranksearch study, served from Python (no separate ``optuna-dashboard`` command needed)."""
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -88,8 +89,25 @@ def study_path(storage_url: str, study_name: str) -> str:
     return f"/dashboard/studies/{open_storage(storage_url).get_study_id_from_name(study_name)}"
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def check_host(host: str) -> str:
+    """``host`` to listen on: an empty one (every address, said by nothing) is refused; a non-loopback one is served
+    with a warning, since the dashboard has no login and can delete studies."""
+    if not host.strip():
+        raise UserError("--host is empty, which would listen on every address of this machine; pass 127.0.0.1 "
+                        "(the default), or 0.0.0.0 to serve the network on purpose")  # fmt: skip
+    if host not in LOOPBACK:
+        print(f"warning: serving on {host}: anyone who can reach this machine can read and delete the studies "
+              "(the dashboard has no login); --host 127.0.0.1 keeps it to this machine", file=sys.stderr)  # fmt: skip
+    return host
+
+
 def make_dashboard_server(storage_url: str, host: str = "127.0.0.1", port: int = 8080) -> WSGIServer:
-    """A bound, not yet serving, server of the dashboard (port 0: any free port); UserError if it cannot bind."""
+    """A bound, not yet serving, server of the dashboard (port 0: any free port); UserError if it cannot bind or
+    ``host`` is empty (``check_host``)."""
+    check_host(host)
     app = make_app(storage_url)
     try:
         return make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)

@@ -242,10 +242,8 @@ def save_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...] = CIFAR
     """Write ONNX of ``model`` with its BatchNorms folded into its convs and check it with onnxruntime on random
     images of ``input_shape`` (C, H, W: the data's); returns the largest output difference to the unfolded PyTorch
     model (so the check covers the folding too)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UserError("ONNX export needs onnx and onnxruntime: pip install 'ranksearch[deploy]'") from None
+    require_onnx()
+    import onnxruntime
 
     model = model.cpu().eval()
     images = torch.randn(4, *input_shape)
@@ -318,7 +316,19 @@ def parse_formats(text: str) -> list[str]:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise UserError(f"--format {text!r}: choose from {', '.join(FORMATS)} (comma-separated)")
+    if "onnx" in formats:
+        require_onnx()  # before any rebuild, and before any file is written
     return formats
+
+
+def require_onnx() -> None:
+    """A one-line UserError unless onnx and onnxruntime (the ``deploy`` extra) are installed."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise UserError("--format onnx needs onnx and onnxruntime: pip install -e \".[deploy]\" (or "
+                        "pip install 'ranksearch[deploy]'), then export again") from None  # fmt: skip
 
 
 def _describe(trial: optuna.trial.FrozenTrial, costs: list[str]) -> str:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .inputs import CIFAR10_INPUT_SIZE
+from .interrupts import interruption_point
 
 # The layers that count, for MACs and params: every conv (Conv1d/2d/3d and their transposes: thop's rules for
 # them equal FlopCounterMode's) and every linear layer, subclasses included.
@@ -79,6 +80,7 @@ def predict_correct(model: nn.Module, batches) -> float:
     model.eval()
     correct, total = 0, 0
     for images, labels in batches:
+        interruption_point()  # Ctrl-C / SIGTERM during a trial stops it here
         correct = correct + (model(images).argmax(1) == labels).sum()  # stays on the device: no sync
         total += labels.numel()
     model.train(was_training)

@@ -13,7 +13,7 @@ import torch
 from .attrs import param_name
 from .baseline import Baseline, ensure_baseline, new_model
 from .budget import BudgetSampler, fit_to_budget, make_pruner
-from .config import Config
+from .config import Config, search_fields
 from .costs import TABLE_COSTS, CostTable
 from .data import DeviceData, device_data
 from .decompose import decompose
@@ -22,6 +22,7 @@ from .errors import UserError
 from .files import check_writable
 from .latency import latency_device
 from .models import RANK_STEPS, rank_modules, set_ranks
+from .notes import TrialNotes, save_study_note, study_note
 from .objectives import COSTS, costs_text, study_objectives
 from .progress import TrialProgress, trial_ranks_text
 from .sensitivity import model_table, sensitivity_allocations
@@ -101,7 +102,8 @@ def pareto_summary(study: optuna.Study, modules: list[str]) -> str:
     costs = study_objectives(study)[1:]
     front = sorted(study.best_trials, key=lambda t: t.values[1:])
     labels = " and ".join(COSTS[name].label for name in costs)
-    lines = [f"Pareto front: {len(front)} of {len(study.trials)} trials (val accuracy vs {labels})"]
+    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    lines = [f"Pareto front: {len(front)} of {len(finished)} complete trials (val accuracy vs {labels})"]
     for t in front:
         lines.append(
             f"  trial {t.number:>4}  ranks {trial_ranks_text(t.params, modules)}  val {t.values[0]:7.2%}  "
@@ -188,7 +190,7 @@ def prepare_run(config: Config, worker: Worker | None = None) -> tuple[optuna.St
     check_writable(config.weights_path(), "weights_dir")
     data = device_data(config, device)
     check_data(existing, data.identity)
-    return existing, data, ensure_baseline(config, data)
+    return existing, data, ensure_baseline(config, data, quiet=worker is not None)  # the parent said it once
 
 
 def join_study(config: Config, existing: optuna.Study | None, data: DeviceData, baseline: Baseline) -> optuna.Study:
@@ -201,6 +203,7 @@ def join_study(config: Config, existing: optuna.Study | None, data: DeviceData, 
         weights_dir=str(Path(config.weights_path()).resolve()), baseline_path=str(baseline.path.resolve()),
         data_dir=str(Path(config.data_dir).resolve()),
     )  # fmt: skip
+    save_study_note(study, study_note(search_fields(config), baseline.metrics(), data.identity, config.objectives))
     return study
 
 
@@ -261,7 +264,8 @@ def run_trials(
                              count=lambda trials: len(done_in_run(trials, worker.run_id)),
                              budget=config.budget)  # fmt: skip
     prune = lambda study, _: weights.prune(study)  # noqa: E731
-    optimize_share(study, objective, worker, config.trials, callbacks=[progress, prune])
+    notes = TrialNotes(modules, list(COSTS))  # optuna-dashboard's note of each trial
+    optimize_share(study, objective, worker, config.trials, callbacks=[progress, prune, notes])
 
 
 def run_search(

@@ -421,7 +421,7 @@ def run_sensitivity(config: Config, out: Path, argv: list[str] | None = None, wo
     if worker is None:
         check_writable(out, "--out")
     data = device_data(config, resolve_device(config.device))
-    baseline = ensure_baseline(config, data)
+    baseline = ensure_baseline(config, data, quiet=worker is not None)  # the parent said it once
     table = model_table(baseline.model, config, data.spec.input_size())
     study = ensure_points(config, data, baseline, trial_bases(config, baseline, data), table, argv, worker)
     if worker is not None:

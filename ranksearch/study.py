@@ -4,8 +4,10 @@ A run creates its study only once it has data and a baseline, so a failed start-
 with no trials yet may be re-configured.
 """
 
+import contextlib
 import inspect
 import random
+import sqlite3
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +37,30 @@ def study_metric_names(config: Config) -> list[str]:
 def sqlite_path(storage_url: str) -> Path | None:
     """The database file of a SQLite URL, None for other storages."""
     return Path(storage_url.removeprefix(SQLITE_PREFIX)) if storage_url.startswith(SQLITE_PREFIX) else None
+
+
+OPTUNA_TABLES = {"studies", "trials", "version_info"}  # what marks a SQLite file as Optuna's
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse a storage that would lose or damage data: an in-memory SQLite database (every result is gone when the
+    command ends), or a SQLite file that another program owns (Optuna would add its tables to it)."""
+    if url.startswith("sqlite:") and (not url.startswith(SQLITE_PREFIX) or url.endswith(":memory:")):
+        raise UserError(f"--storage {url!r} is an in-memory database: every result would be gone when the command "
+                        "ends; pass a file, such as sqlite:///studies/NAME.db")  # fmt: skip
+    path = sqlite_path(url)
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as error:
+        raise UserError(f"--storage {url!r}: {path} is not a SQLite database ({first_line(error)}); pass an Optuna "
+                        "database or a new file") from None  # fmt: skip
+    if tables and not OPTUNA_TABLES <= tables:
+        shown = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+        raise UserError(f"--storage {url!r}: {path} is another program's database (tables {shown}), not Optuna's; "
+                        "pass an Optuna database or a new file")  # fmt: skip
 
 
 def _engine_kwargs(url: str) -> dict:
@@ -119,6 +145,7 @@ def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
     path = sqlite_path(storage_url)
     if path is not None and not path.is_file():
         raise UserError(f"no study database {path}; check --study-name / --storage")
+    check_storage_url(storage_url)
     storage = open_storage(storage_url)
     names = _study_names(storage)
     if study_name not in names:
@@ -145,6 +172,7 @@ def find_study(config: Config) -> optuna.Study | None:
     existing SQLite file or an empty database gets Optuna's tables). Opened with the heartbeat: a run adds trials
     to it."""
     url = config.storage_url()
+    check_storage_url(url)
     path = sqlite_path(url)
     if path is not None:
         _check_sqlite_folder(config, path)
@@ -169,6 +197,13 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
         raise UserError(
             f"study {study.study_name!r} exists with directions ({', '.join(made)}), not the ({', '.join(wanted)}) of "
             f"{what}; use another --study-name"
+        )
+    beat = study.user_attrs.get("heartbeat_seconds")
+    if beat is not None and beat != config.heartbeat_seconds:
+        raise UserError(
+            f"study {study.study_name!r} runs with --heartbeat-seconds {beat}; a run with {config.heartbeat_seconds} "
+            f"would judge its other runs' live trials by another clock (and fail them as dead); pass "
+            f"--heartbeat-seconds {beat}"
         )
     if not study.trials:
         return
@@ -233,5 +268,6 @@ def record_setup(study: optuna.Study, config: Config, **attrs) -> None:
     study.set_metric_names(study_metric_names(config))
     study.set_user_attr("config", search_fields(config))
     study.set_user_attr("ranksearch_version", __version__)
+    study.set_user_attr("heartbeat_seconds", config.heartbeat_seconds)  # every run on it must use the same
     for key, value in attrs.items():
         study.set_user_attr(key, value)

@@ -9,6 +9,7 @@ from torch import nn
 from .config import Config
 from .data import DeviceData
 from .device import autocast
+from .interrupts import interruption_point
 from .measure import predict_correct
 
 
@@ -60,6 +61,7 @@ def train_steps(
     window = max(1, min(50, steps))
     alpha = config.distill_weight if teacher is not None else 0.0
     for step in range(steps):
+        interruption_point()  # Ctrl-C / SIGTERM during a trial stops it here
         images, labels = next(batches)
         with autocast(data.device):
             logits = forward(images)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .activations import cached_statistics
-from .attrs import COPIED_FROM, FAIL_REASON, param_name
+from .attrs import COPIED_FROM, FAIL_REASON, WEIGHTS_ATTR, param_name
 from .baseline import Baseline, cached_bases
 from .budget import CHECKPOINT_IMAGES, checkpoints
 from .config import Config
@@ -28,7 +28,7 @@ from .models import RANK_STEPS, rank_layers, rank_modules, set_ranks
 from .objectives import COSTS, Metric
 from .progress import trial_ranks_text
 from .train import evaluate, finetune, prepare, recalibrate_batchnorm
-from .weights import WEIGHTS_ATTR, WeightsStore
+from .weights import WeightsStore
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 # What a copy takes from its original: what was measured and how to rebuild it (the seed, the kept weights, which

@@ -13,9 +13,9 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_
 from optuna.artifacts.exceptions import ArtifactNotFound
 from torch import nn
 
+from .attrs import WEIGHTS_ATTR
 from .objectives import dominated
 
-WEIGHTS_ATTR = "weights_artifact_id"
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
 

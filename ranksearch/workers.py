@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import optuna
 
 from .attrs import FAIL_REASON, INTERRUPTED, RETRY_OF
+from .interrupts import Signals as _Signals
 
 FAIL = optuna.trial.TrialState.FAIL
 COMPLETE = optuna.trial.TrialState.COMPLETE
@@ -54,13 +55,6 @@ def new_run(total: int) -> Worker:
     return Worker(uuid.uuid4().hex[:8], 0, total)
 
 
-class _Signals:
-    """Whether a trial is running in this process, and whether Ctrl-C / SIGTERM came between two trials."""
-
-    in_trial = False
-    pending = False
-
-
 def tagged(objective: Callable[[optuna.Trial], tuple], worker: Worker) -> Callable[[optuna.Trial], tuple]:
     """``objective`` with each trial tagged by run and worker, and Ctrl-C / SIGTERM recorded as ``interrupted``."""
 
@@ -81,10 +75,9 @@ def tagged(objective: Callable[[optuna.Trial], tuple], worker: Worker) -> Callab
 
 
 def _interrupt(signum, frame) -> None:
-    """Inside a trial: stop it now (it is recorded as interrupted). Between trials: stop before the next one,
-    so that Optuna's own bookkeeping is never cut short."""
-    if _Signals.in_trial:
-        raise KeyboardInterrupt
+    """Only a flag (``ranksearch.interrupts``): inside a trial, the next training step or evaluation batch stops it
+    (recorded as interrupted); between trials, no next one starts. Never an exception here, where it could land
+    inside a library callback and be swallowed."""
     _Signals.pending = True
 
 

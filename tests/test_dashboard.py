@@ -129,11 +129,18 @@ def test_busy_port_is_a_user_error(storage):
             make_dashboard_server(storage, "127.0.0.1", port)
 
 
+def _ctrl_c_as_a_terminal_gives_it() -> None:
+    """SIGINT at its default in the child, so that Python makes it KeyboardInterrupt: a suite started in the
+    background (``nohup ... &``) ignores SIGINT, and a child would inherit that and never stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_serve_prints_the_study_url_serves_it_and_stops_on_ctrl_c(storage):
     code = f"from ranksearch.dashboard import serve; serve({storage!r}, '127.0.0.1', 0, study_name='s')"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
-        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_ctrl_c_as_a_terminal_gives_it,
     )
     try:
         first_line = process.stdout.readline()  # blocks until serve has bound its port and printed the URL

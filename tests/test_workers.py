@@ -88,6 +88,7 @@ def test_three_workers_share_the_asked_trials(workdir, tiny_imagefolder):
     assert {t.user_attrs["worker"] for t in trials} == {0, 1, 2} and len({t.user_attrs["run_id"] for t in trials}) == 1
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # no rank vector trained twice
     assert all(f" w{i} trial " in out for i in range(3)) and "[6/6]" in out and "ETA" in out
+    assert err.count("baseline: val ") == 1 and err.count("(cached)") == 1  # the parent's, not once per worker
 
 
 @pytestmark_slow
@@ -121,8 +122,8 @@ def test_sigterm_records_the_trial_as_interrupted_and_the_next_run_reruns_it(wor
                             "--finetune-steps", "300")  # fmt: skip  (long enough that the signal lands mid-trial)
     victim = wait_for_running_trial(lambda: load(workdir))
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err, (victim.number, out, err)
     stopped = load(workdir).trials[victim.number]
     assert stopped.state == FAIL and stopped.user_attrs["fail_reason"] == INTERRUPTED
     again = run_cli_async(workdir, "run", *SMOKE, "--data-dir", str(tiny_imagefolder), "--trials", "1",

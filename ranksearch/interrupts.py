@@ -1,0 +1,20 @@
+"""Ctrl-C and SIGTERM during a search, taken at safe points only.
+
+The handlers ``ranksearch.workers`` installs only set a flag. Long loops of the package's own (training steps,
+evaluation batches) call ``interruption_point``, which stops a running trial there: a signal handler that raised
+wherever it landed could land inside a library callback (SQLAlchemy's, a ``__del__``), where Python prints
+"Exception ignored" and goes on, and the trial went on to the end as if nothing had been asked.
+"""
+
+
+class Signals:
+    """Whether a trial is running in this process, and whether Ctrl-C / SIGTERM came (and was not acted on)."""
+
+    in_trial = False
+    pending = False
+
+
+def interruption_point() -> None:
+    """Inside a trial, after Ctrl-C / SIGTERM: stop it here (KeyboardInterrupt; it is recorded as interrupted)."""
+    if Signals.pending and Signals.in_trial:
+        raise KeyboardInterrupt

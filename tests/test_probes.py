@@ -1,0 +1,174 @@
+"""Probes from issue 19's hostile review: each misbehaved before its fix."""
+
+import optuna
+import pytest
+
+from conftest import SMOKE_CONFIG, run_cli
+from ranksearch.config import check_study_name
+from ranksearch.errors import UserError
+
+NOT_NAMES = ["../../../escape", "a/b", "/abs/path", "", ".", "..", ".hidden", "x" * 300, "tab\tname", "new\nline"]
+
+
+@pytest.mark.parametrize("name", NOT_NAMES, ids=range(len(NOT_NAMES)))
+def test_a_study_name_that_is_no_name_is_refused_before_any_work(name, tmp_path, tiny_imagefolder):
+    """``--study-name ../../../escape`` wrote escape.db three folders up; ``a/b`` failed after pretraining; ``""`` and
+    ``.`` made hidden files; 300 characters gave a traceback."""
+    cwd = tmp_path / "one" / "two" / "three"
+    cwd.mkdir(parents=True)
+    result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--study-name", name,
+                     "--trials", "1", cwd=cwd)  # fmt: skip
+    assert result.returncode == 2 and "is not a name" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no study, no baseline, nothing anywhere
+
+
+def test_names_that_are_names_pass():
+    for name in ("vgg16-cifar10", "resnet20-cifar10-cpu", "a", "Study_2.v3", "x" * 100):
+        assert check_study_name(name) == name
+    with pytest.raises(UserError):
+        check_study_name("x" * 101)
+
+
+def test_the_closing_pareto_line_counts_finished_trials_only():
+    """"Pareto front: 3 of 4 trials" counted a queued trial that never ran."""
+    from ranksearch.search import pareto_summary
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    grid = {"rank_b": optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)}
+    for accuracy, macs in ((0.9, 100.0), (0.8, 50.0), (0.7, 80.0)):
+        attrs = {"macs": macs, "macs_ratio": macs / 100}
+        trial = optuna.trial.create_trial(values=[accuracy, macs], params={"rank_b": 0.5}, distributions=grid,
+                                          user_attrs=attrs)  # fmt: skip
+        study.add_trial(trial)
+    study.enqueue_trial({"rank_b": 0.25})  # queued, never run
+    assert pareto_summary(study, ["b"]).splitlines()[0].startswith("Pareto front: 2 of 3 complete trials")
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_storage_is_refused(url, tmp_path, tiny_imagefolder):
+    """``--storage sqlite://`` ran, printed heartbeat tracebacks, exited 0, and lost every result at exit."""
+    result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--storage", url,
+                     "--trials", "1", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "in-memory database" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "studies").exists()  # refused before pretraining
+
+
+def test_another_programs_sqlite_file_is_refused_and_left_as_it_was(tmp_path, tiny_imagefolder):
+    """``--storage`` at another program's SQLite file exited 0 and added Optuna's 12 tables to it."""
+    import sqlite3
+
+    foreign = tmp_path / "app.db"
+    with sqlite3.connect(foreign) as connection:
+        connection.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    before = foreign.read_bytes()
+    for command in (["run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "1"],
+                    ["report", "--study-name", "smoke", "--out", "r"]):  # fmt: skip
+        result = run_cli(*command, "--storage", f"sqlite:///{foreign}", cwd=tmp_path)
+        assert result.returncode == 2 and "another program's database (tables users)" in result.stderr, result.stderr
+    (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
+    junk = run_cli("report", "--study-name", "smoke", "--storage", f"sqlite:///{tmp_path / 'junk.db'}", "--out", "r",
+                   cwd=tmp_path)  # fmt: skip
+    assert junk.returncode == 2 and "is not a SQLite database" in junk.stderr, junk.stderr
+    assert foreign.read_bytes() == before
+
+
+def test_the_dashboard_refuses_an_empty_host_and_warns_on_a_public_one(tmp_path, capsys):
+    """``dashboard --host ""`` bound 0.0.0.0 and answered on the machine's address; ``--host 0.0.0.0`` said nothing."""
+    from ranksearch.dashboard import make_dashboard_server
+
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    optuna.create_study(storage=url, study_name="d")
+    with pytest.raises(UserError, match="--host is empty"):
+        make_dashboard_server(url, "", 0)
+    with pytest.raises(UserError, match="--host is empty"):
+        make_dashboard_server(url, "   ", 0)
+    make_dashboard_server(url, "127.0.0.1", 0).server_close()
+    assert "warning" not in capsys.readouterr().err
+    make_dashboard_server(url, "0.0.0.0", 0).server_close()
+    assert "warning: serving on 0.0.0.0: anyone who can reach this machine" in capsys.readouterr().err
+
+
+def test_onnx_without_the_deploy_extra_stops_before_any_work(tmp_path, monkeypatch):
+    """``export --format pt,onnx`` found out about ``ranksearch[deploy]`` after 35 s of rebuilding and after writing
+    the .pt."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed: its import fails
+    result = run_cli("export", "--study-name", "nope", "--format", "pt,onnx", "--out", "best.pt", cwd=tmp_path)
+    assert result.returncode == 2 and 'pip install -e ".[deploy]"' in result.stderr, result.stderr
+    assert "no study" not in result.stderr and list(tmp_path.iterdir()) == []  # said before the study is opened
+
+
+def test_a_run_with_another_heartbeat_is_refused_before_it_touches_the_trials(workdir, tiny_imagefolder):
+    """A second run with ``--heartbeat-seconds 1`` failed a live trial of the first; when that trial finished,
+    ``Cannot tell a FAIL trial`` and its result was lost."""
+    first = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "1",
+                    cwd=workdir)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{workdir}/studies/smoke.db")
+    assert study.user_attrs["heartbeat_seconds"] == 60
+    study.enqueue_trial(study.trials[0].params)
+    running = study.ask()  # another run's trial in flight
+    second = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "1",
+                     "--heartbeat-seconds", "1", cwd=workdir)  # fmt: skip
+    assert second.returncode == 2 and "runs with --heartbeat-seconds 60" in second.stderr, second.stderr
+    again = optuna.load_study(study_name="smoke", storage=f"sqlite:///{workdir}/studies/smoke.db")
+    assert again.trials[running.number].state.name == "RUNNING" and len(again.trials) == 2
+
+
+def test_counts_past_their_caps_are_refused_before_any_work(tmp_path, tiny_imagefolder):
+    """``--latency-batch 1000000000`` asked for 12 TB after creating the study (which then refused the next plain
+    run); ``export --finetune-epochs 1000000000`` ran silently."""
+    run = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--objectives",
+                  "accuracy,latency", "--latency-batch", "1000000000", cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 2 and "latency_batch" in run.stderr and "4096" in run.stderr, run.stderr
+    assert not (tmp_path / "studies").exists()
+    export = run_cli("export", "--study-name", "smoke", "--finetune-epochs", "1000000000", "--out", "x.pt",
+                     cwd=tmp_path)  # fmt: skip
+    assert export.returncode == 2 and "at most 1000" in export.stderr and not (tmp_path / "x.pt").exists()
+
+
+def test_each_trial_and_the_study_get_a_readable_note_in_optuna_dashboard(workdir, tiny_imagefolder):
+    """The dashboard showed ``rank_block1 0.84375``; the readable ``ranks`` attr was buried among ~20 attrs, every
+    trial's Note was empty, and nothing on the study said what the objectives are."""
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    def run(trials: str) -> optuna.Study:
+        result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", trials,
+                         "--ranks", "8/32,8/32,4/32,2/32,1/32", cwd=workdir)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return optuna.load_study(study_name="smoke", storage=f"sqlite:///{workdir}/studies/smoke.db")
+
+    study = run("2")
+    study.enqueue_trial(study.trials[0].params)  # the same ranks again: the next trial copies trial 0
+    study = run("1")
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    first, copy = (get_note_from_system_attrs(attrs, t._trial_id)["body"] for t in (study.trials[0], study.trials[2]))
+    assert first.startswith("## Trial 0: complete") and "| block1 | 8/32 |" in first and "| block5 | 1/32 |" in first
+    macs, ratio = study.trials[0].user_attrs["macs"], study.trials[0].user_attrs["macs_ratio"]
+    assert f"| MACs | {macs:,} | {ratio:.3f}x |" in first and "- weights: " in first
+    assert "copied from trial 0" in copy and "| block3 | 4/32 |" in copy
+    head = get_note_from_system_attrs(attrs, None)["body"]
+    assert "val accuracy (maximise) vs MACs (minimise)" in head and "**Baseline**: val " in head
+    assert '"finetune_steps": 3' in head and "fingerprint" in head
+
+
+def test_a_signal_handler_never_raises_it_flags_and_the_trial_stops_at_its_next_step(monkeypatch):
+    """SIGTERM to ``run --workers 2``: 1 in 8 printed "Exception ignored ... KeyboardInterrupt" from a SQLAlchemy
+    callback (the handler raised where it landed), and the worker went on to the end."""
+    import signal
+
+    from ranksearch import workers
+    from ranksearch.interrupts import Signals, interruption_point
+
+    monkeypatch.setattr(Signals, "in_trial", True)
+    monkeypatch.setattr(Signals, "pending", False)
+    interruption_point()  # nothing asked: goes on
+    workers._interrupt(signal.SIGTERM, None)  # as if it landed inside a library callback: no exception there
+    assert Signals.pending
+    with pytest.raises(KeyboardInterrupt):
+        interruption_point()  # the next training step or evaluation batch
+    monkeypatch.setattr(Signals, "in_trial", False)
+    interruption_point()  # between trials: the run stops before the next trial instead
