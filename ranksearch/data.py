@@ -127,6 +127,8 @@ def _load_torchvision(root: Path) -> Dataset:
 
 
 def _image_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """The class folders of ``split_dir`` and their image files; a one-line UserError naming any image name that
+    is no regular file (a FIFO would block the decoder forever, a dangling link cannot be read)."""
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
     files = [
         (path, label)
@@ -134,6 +136,10 @@ def _image_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         for path in sorted((split_dir / name).iterdir())
         if path.suffix.lower() in IMAGE_SUFFIXES
     ]
+    special = [path for path, _ in files if not path.is_file()]  # is_file follows links: dangling ones fail too
+    if special:
+        raise UserError(f"{len(special)} image name(s) in {split_dir} are not regular files (a dangling link, a FIFO, "
+                        f"a folder...), first {special[0]}; remove them")  # fmt: skip
     return classes, files
 
 

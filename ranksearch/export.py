@@ -7,6 +7,7 @@ tensors alone.
 
 import copy
 import dataclasses
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,8 @@ from .config import Config
 from .data import DeviceData, device_data
 from .decompose import decomposed_from_state_dict
 from .device import precision, resolve_device, use_deterministic_kernels
-from .errors import UserError
-from .files import atomic_save, atomic_write, check_writable
+from .errors import UserError, first_line
+from .files import atomic_save, atomic_write, check_writable, folder_lock
 from .fold import fold_batchnorm
 from .inputs import CIFAR10_SHAPE
 from .load import FILE_KIND, FILE_VERSION
@@ -138,9 +139,8 @@ def rebuild_trial(
     study: optuna.Study, trial: optuna.trial.FrozenTrial, config: Config, data: DeviceData
 ) -> tuple[nn.Module, str]:
     """The trial's model with the weights it was evaluated with, and where they came from."""
-    state = WeightsStore(study.user_attrs["weights_dir"]).load(trial) if "weights_dir" in study.user_attrs else None
-    if state is not None:
-        model = decomposed_from_state_dict(new_model(config), state).to(data.device)
+    model = kept_model(study, trial, config, data)
+    if model is not None:
         return model, "weights kept with the study"
     path = Path(study.user_attrs.get("baseline_path", ""))
     if not path.is_file():
@@ -155,6 +155,22 @@ def rebuild_trial(
     use_deterministic_kernels(data.device)  # as the search ran
     model, _ = trial_model(baseline.model, ranks, config, data, seed, bases)
     return model, f"fine-tune re-run from seed {seed}"
+
+
+def kept_model(study: optuna.Study, trial: optuna.trial.FrozenTrial, config: Config, data: DeviceData):
+    """The trial's model from its kept weights, or None when none were kept or they are damaged (said in a line:
+    the fine-tune is then re-run)."""
+    if "weights_dir" not in study.user_attrs:
+        return None
+    try:
+        state = WeightsStore(study.user_attrs["weights_dir"]).load(trial)
+        if state is None:
+            return None
+        return decomposed_from_state_dict(new_model(config), state).to(data.device)
+    except Exception as error:  # unreadable, not a state_dict, or not this trial's shapes
+        print(f"note: trial {trial.number}'s kept weights are damaged ({type(error).__name__}: {first_line(error)}); "
+              "re-running its fine-tune instead", file=sys.stderr)  # fmt: skip
+        return None
 
 
 def verify(model: nn.Module, trial: optuna.trial.FrozenTrial, config: Config, data: DeviceData) -> float:
@@ -341,7 +357,7 @@ def choose_trial(
 ) -> optuna.trial.FrozenTrial:
     """``which`` is "best" or a trial number; prints why a "best" trial was picked (the lowest ``objective``)."""
     if which != "best":
-        if not which.isdigit():
+        if not (which.isascii() and which.isdigit()):  # "³" is a digit to str.isdigit, not to int()
             raise UserError(f"--trial {which!r}: give a trial number or 'best'")
         return get_trial(study, int(which))
     pick = pick_best(study, max_drop_pp, objective)
@@ -350,6 +366,22 @@ def choose_trial(
     for alternative in pick.alternatives:
         print(f"  runner-up: {_describe(alternative, costs)}")
     return pick.trial
+
+
+def write_files(model: nn.Module, paths: dict[str, Path], metadata: dict, shape: tuple[int, ...]) -> None:
+    """Each format's file (each written atomically); ``shape``: one input image's, for the ONNX and TorchScript
+    checks."""
+    save_pt(model, paths["pt"], metadata)
+    print(f"wrote {paths['pt']}  (MACs {metadata['macs']:,} = {metadata['macs_ratio']:.3f}x, params "
+          f"{metadata['params']:,})")  # fmt: skip
+    if "onnx" in paths:
+        difference = save_onnx(model, paths["onnx"], shape)
+        print(f"wrote {paths['onnx']}  (onnxruntime vs PyTorch: max |diff| {difference:.2e}, within "
+              f"{OUTPUT_TOLERANCE:g} x max(1, max |logit|))")  # fmt: skip
+    if "torchscript" in paths:
+        difference = save_torchscript(model, paths["torchscript"], shape)
+        print(f"wrote {paths['torchscript']}  (max |diff| {difference:.2e}, within {OUTPUT_TOLERANCE:g} x max(1, "
+              "max |logit|))")  # fmt: skip
 
 
 def _scores(model: nn.Module, data: DeviceData, config: Config) -> dict[str, float]:
@@ -402,17 +434,9 @@ def export_trial(
         "measured_with": {key: str(value) for key, value in precision(data.device).items()},
         **extra,  # refine: recipe, epochs, history; from_scratch: steps, val_accuracy, test_accuracy
     }  # fmt: skip
-    save_pt(model, paths["pt"], metadata)
-    print(f"wrote {paths['pt']}  (MACs {macs:,} = {metadata['macs_ratio']:.3f}x, params {params:,})")
-    shape = data.spec.shape()  # the dummy images of the ONNX and TorchScript checks
-    if "onnx" in paths:
-        difference = save_onnx(model, paths["onnx"], shape)
-        print(f"wrote {paths['onnx']}  (onnxruntime vs PyTorch: max |diff| {difference:.2e}, within "
-              f"{OUTPUT_TOLERANCE:g} x max(1, max |logit|))")  # fmt: skip
-    if "torchscript" in paths:
-        difference = save_torchscript(model, paths["torchscript"], shape)
-        print(f"wrote {paths['torchscript']}  (max |diff| {difference:.2e}, within {OUTPUT_TOLERANCE:g} x max(1, "
-              "max |logit|))")  # fmt: skip
+    waiting = f"export: another export is writing into {paths['pt'].parent}; waiting for it (its files, then these)"
+    with folder_lock(paths["pt"].parent, waiting):  # exports into one folder take turns: never one trial's .pt
+        write_files(model, paths, metadata, data.spec.shape())  # beside another's .ts
     if finetune_epochs > 0:
         refine_checkpoint(paths["pt"]).unlink(missing_ok=True)  # the export is complete: nothing left to resume
     return paths

@@ -2,6 +2,7 @@
 lock so that a file many processes need (baseline, channel bases, decode cache) is made by one of them."""
 
 import contextlib
+import fcntl
 import os
 import sys
 import tempfile
@@ -157,3 +158,22 @@ def keyed_cache(path: Path, key: str, field: str, make: Callable[[], T], encode:
         return value
 
     return read_or_make(path, read, build, f"{what}: another process is computing {path}; waiting for it")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, waiting: str = "") -> Iterator[None]:
+    """Hold an OS lock on ``folder`` itself (flock on its descriptor: no lock file is left among the user's files)
+    for the body (created when missing); another process holding it first makes this one print ``waiting`` and
+    wait."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock

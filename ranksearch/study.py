@@ -40,6 +40,7 @@ def sqlite_path(storage_url: str) -> Path | None:
 
 
 OPTUNA_TABLES = {"studies", "trials", "version_info"}  # what marks a SQLite file as Optuna's
+CONNECT_TIMEOUT = 30  # seconds a PostgreSQL server may take to accept a connection (a silent port hung forever)
 
 
 def check_storage_url(url: str) -> None:
@@ -49,6 +50,9 @@ def check_storage_url(url: str) -> None:
         raise UserError(f"--storage {url!r} is an in-memory database: every result would be gone when the command "
                         "ends; pass a file, such as sqlite:///studies/NAME.db")  # fmt: skip
     path = sqlite_path(url)
+    if path is not None and path.is_dir():
+        raise UserError(f"--storage {url!r} names a folder; name a file in it, such as "
+                        f"{SQLITE_PREFIX}{path / 'NAME.db'}")  # fmt: skip
     if path is None or not path.is_file() or path.stat().st_size == 0:
         return
     try:
@@ -69,7 +73,7 @@ def _engine_kwargs(url: str) -> dict:
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 120}}
     if url.startswith("postgresql"):
-        return {"pool_pre_ping": True}
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
     return {}
 
 
@@ -129,8 +133,9 @@ def open_storage(url: str, heartbeat_seconds: int | None = None) -> optuna.stora
                     f"cannot open storage {url!r}: the PostgreSQL driver (psycopg) is not installed; "
                     "pip install 'ranksearch[postgres]' and use a postgresql+psycopg:// URL"
                 ) from None
+            timeout = f" within {CONNECT_TIMEOUT} s" if "timeout" in str(error).lower() else ""
             raise UserError(
-                f"cannot open storage {url!r} ({first_line(error)}); pass an Optuna storage URL such as "
+                f"cannot open storage {url!r}{timeout} ({first_line(error)}); pass an Optuna storage URL such as "
                 "sqlite:///studies/NAME.db to --storage"
             ) from None
     raise AssertionError("unreachable")

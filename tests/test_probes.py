@@ -172,3 +172,101 @@ def test_a_signal_handler_never_raises_it_flags_and_the_trial_stops_at_its_next_
         interruption_point()  # the next training step or evaluation batch
     monkeypatch.setattr(Signals, "in_trial", False)
     interruption_point()  # between trials: the run stops before the next trial instead
+
+
+def test_a_trial_number_that_int_cannot_read_is_one_line(tmp_path):
+    """``export --trial ³`` (a digit to ``str.isdigit``) gave a traceback."""
+    url = f"sqlite:///{tmp_path / 'hand.db'}"
+    optuna.create_study(storage=url, study_name="hand", directions=["maximize", "minimize"])
+    result = run_cli("export", "--study-name", "hand", "--storage", url, "--trial", "³", "--out", "x.pt", cwd=tmp_path)
+    assert result.returncode == 2 and "give a trial number or 'best'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_folder_as_sqlite_storage_is_refused_at_start_up(tmp_path, tiny_imagefolder):
+    """``--storage sqlite:///DIR`` was accepted at start-up and failed after pretraining."""
+    (tmp_path / "dir").mkdir()
+    result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--storage",
+                     f"sqlite:///{tmp_path / 'dir'}", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "names a folder" in result.stderr and not (tmp_path / "studies").exists()
+
+
+@pytest.mark.parametrize("kind", ["dangling link", "fifo"])
+def test_image_names_that_are_no_regular_files_are_named(kind, tmp_path):
+    """A FIFO named ``.jpg`` hung the decoder silently; a dangling ``.jpg`` link gave a traceback."""
+    import os
+
+    from conftest import write_imagefolder
+    from ranksearch.data import load_dataset
+
+    data = write_imagefolder(tmp_path / "data", train_per_class=2, test_per_class=1)
+    odd = data / "train" / "class3" / "odd.jpg"
+    if kind == "fifo":
+        os.mkfifo(odd)
+    else:
+        odd.symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(UserError, match=r"1 image name\(s\) in .* are not regular files .*odd\.jpg; remove them"):
+        load_dataset(data)
+
+
+def test_damaged_kept_weights_are_reported_and_the_fine_tune_re_run(workdir, tiny_imagefolder):
+    """A damaged kept-weights file (random bytes, a pickle, a dict) gave a traceback at export."""
+    from ranksearch.weights import WeightsStore
+
+    run = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "1",
+                  "--ranks", "8/32,8/32,8/32,8/32,8/32", cwd=workdir)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{workdir}/studies/smoke.db")
+    store = WeightsStore(study.user_attrs["weights_dir"])
+    files = [p for p in store.directory.rglob("*") if p.is_file()]
+    assert len(files) == 1
+    files[0].write_bytes(b"\\x00 not a checkpoint" * 64)
+    export = run_cli("export", "--study-name", "smoke", "--trial", "0", "--out", "x.pt", cwd=workdir)
+    assert export.returncode == 0, export.stderr
+    assert "kept weights are damaged" in export.stderr and "re-run from seed" in export.stdout
+
+
+def test_a_postgresql_port_that_never_answers_times_out_in_one_line(tmp_path, monkeypatch):
+    """A PostgreSQL URL to a loopback port that accepts and never answers hung silently past 60 s."""
+    import socket
+
+    from ranksearch import study as study_module
+
+    monkeypatch.setattr(study_module, "CONNECT_TIMEOUT", 2)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # accepts connections (the kernel does), says nothing
+        url = f"postgresql+psycopg://someone@127.0.0.1:{silent.getsockname()[1]}/ranksearch"
+        result = run_cli("report", "--study-name", "s", "--storage", url, "--out", "r", cwd=tmp_path)
+    assert result.returncode == 2 and "within 2 s" in result.stderr, result.stderr  # the timeout's own error
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_two_exports_to_one_out_take_turns(workdir, tiny_imagefolder):
+    """Two ``export``s at once to one ``--out``: 2 of 11 pairs left a .pt of one trial beside a .ts of the other.
+    An export waits while another holds its ``--out``, and writes nothing until then."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from ranksearch.files import folder_lock
+
+    run = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "1",
+                  "--ranks", "8/32,8/32,8/32,8/32,8/32", cwd=workdir)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    out, log = workdir / "both.pt", workdir / "export.log"
+    command = [sys.executable, "-m", "ranksearch", "export", "--study-name", "smoke", "--trial", "0", "--format",
+               "pt,torchscript", "--out", str(out)]  # fmt: skip
+    with folder_lock(workdir), log.open("w") as stderr:  # as if another export were writing into this folder
+        process = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+        deadline = time.monotonic() + 300
+        while "another export is writing" not in log.read_text() and process.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert process.poll() is None and not out.exists() and not (workdir / "both.ts").exists(), log.read_text()
+    assert process.wait(timeout=300) == 0, log.read_text()
+    assert out.is_file() and (workdir / "both.ts").is_file()
