@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .config import Config, baseline_key
 from .data import DeviceData
@@ -17,6 +16,7 @@ from .errors import UserError, first_line
 from .files import atomic_save, check_writable, keyed_cache, lock_path, read_or_make
 from .measure import count_macs
 from .models import build_model
+from .steps import step_progress
 from .train import evaluate, prepare, pretrain, steps_per_epoch
 
 
@@ -87,22 +87,6 @@ def _save(path: Path, baseline: Baseline, config: Config, data_identity: dict) -
     atomic_save(payload, path)  # never a half-written checkpoint under the real name
 
 
-class EpochLines:
-    """Pretraining progress for a log: one line per epoch with the time so far and the time left."""
-
-    def __init__(self, epochs: int, total_steps: int, start: float):
-        self.epochs, self.total, self.start, self.done = epochs, total_steps, start, 0
-
-    def update(self, steps: int) -> None:
-        self.done += steps
-        per_epoch = self.total // self.epochs
-        if self.done % per_epoch == 0:
-            elapsed = time.perf_counter() - self.start
-            left = elapsed / self.done * (self.total - self.done)
-            print(f"baseline: epoch {self.done // per_epoch}/{self.epochs}, {elapsed / 60:.1f} min, "
-                  f"{left / 60:.1f} min left", file=sys.stderr, flush=True)  # fmt: skip
-
-
 def check_input(model: nn.Module, config: Config, data: DeviceData) -> None:
     """``model`` takes one image of the data's size (a forward pass on zeros); a one-line UserError if not."""
     shape = "x".join(map(str, data.spec.shape()))
@@ -126,11 +110,11 @@ def train_baseline(config: Config, data: DeviceData) -> Baseline:
     print(f"baseline: pretraining {config.pretrain_epochs} epochs ({total:,} steps) on {data.device.type}; "
           "cached for later runs", file=sys.stderr, flush=True)  # fmt: skip
     start = time.perf_counter()
-    if sys.stderr.isatty():
-        with tqdm(total=total, desc="pretraining baseline", unit="step", file=sys.stderr, leave=False) as bar:
-            pretrain(model, data, config, progress=bar)
-    else:  # a log file (nohup, CI): a line per epoch instead of a bar
-        pretrain(model, data, config, progress=EpochLines(config.pretrain_epochs, total, start))
+    progress = step_progress("baseline: pretraining", total)  # a bar on a terminal, else a line every 30 s
+    try:
+        pretrain(model, data, config, progress=progress)
+    finally:
+        progress.close()
     seconds = time.perf_counter() - start
     macs, params = count_macs(model, data.spec.input_size())
     return Baseline(

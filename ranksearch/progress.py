@@ -16,6 +16,7 @@ import optuna
 from .attrs import FAIL_REASON, param_name
 from .models import ranks_text
 from .objectives import COST_BUDGETS, COSTS, best_within, costs_text
+from .steps import clock_text
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
@@ -23,13 +24,6 @@ COMPLETE = optuna.trial.TrialState.COMPLETE
 def trial_ranks_text(params: dict, modules: list[str]) -> str:
     """A trial's ranks as k of k/32, one per module: "8/8/4/2/2 /32" ("?" for a rank it never drew)."""
     return ranks_text(params.get(param_name(m)) for m in modules)
-
-
-def clock_text(seconds: float) -> str:
-    """0:34, 3:05, 1:02:09."""
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
@@ -91,3 +85,26 @@ class TrialProgress:
             label = f"at <={budget:.0%}" + (f" {COSTS[self.costs[0]].short}" if index == 0 else "")
             parts.append(f"{label}: " + (f"{best.values[0]:.1%} (t{best.number})" if best else "-"))
         return "best val " + ", ".join(parts)
+
+
+CPU_CONFIG = "configs/cpu.yaml"
+LONG_RUN_SECONDS = 3600.0  # a CPU run asked for longer than this is told, after its first trial, how long
+
+
+class LongRunNote:
+    """Optuna callback: after the first trial this process finished on a CPU, when the trials asked would take more
+    than ``LONG_RUN_SECONDS`` at its pace, one line saying how long, and what a CPU-sized config is."""
+
+    def __init__(self, total: int, out: TextIO | None = None):
+        self.total, self.out, self.said = total, out, False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        seconds = trial_seconds(trial)
+        if self.said or seconds is None or trial.user_attrs.get("copied_from") is not None:
+            return
+        self.said = True
+        if seconds * self.total > LONG_RUN_SECONDS:
+            print(f"note: at this trial's {seconds:.0f} s, the {self.total} trials asked take about "
+                  f"{clock_text(seconds * self.total)} on this CPU; {CPU_CONFIG} is sized for a CPU "
+                  "(--config configs/cpu.yaml --trials 20: about 9 min on 2 idle cores)", file=self.out or sys.stdout,
+                  flush=True)  # fmt: skip

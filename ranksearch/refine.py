@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .config import Config
 from .data import DeviceData
 from .files import atomic_save
+from .steps import step_progress
 from .train import evaluate, one_cycle, sgd, steps_per_epoch, train_steps
 
 CHECKPOINT_KIND = "ranksearch-refine"
@@ -121,24 +121,22 @@ def _save_checkpoint(
 
 
 class _Progress:
-    """A tqdm bar over steps on a terminal; one line per epoch to stderr otherwise; nothing when ``show`` is False."""
+    """A tqdm bar over steps on a terminal; otherwise a line every 30 s (``StepLines``) and one per epoch with its
+    val accuracy; nothing when ``show`` is False."""
 
     def __init__(self, show: bool, epochs: int, per_epoch: int, first: int):
         self.epochs, self.first, self.start = epochs, first, time.perf_counter()
-        self.bar = None
-        self.lines = show and not sys.stderr.isatty()
-        if show and sys.stderr.isatty():
-            self.bar = tqdm(total=epochs * per_epoch, initial=first * per_epoch, unit="step", file=sys.stderr,
-                            leave=False)  # fmt: skip
+        self.lines = show and not sys.stderr.isatty()  # and a line per epoch, with its val accuracy
+        self.bar = step_progress("refine", epochs * per_epoch, first * per_epoch) if show else None
 
     def epoch_started(self, epoch: int) -> None:
-        if self.bar is not None:
+        if self.bar is not None and not self.lines:
             self.bar.set_description(f"refine epoch {epoch + 1}/{self.epochs}")
 
     def epoch_done(self, record: dict) -> None:
         val = record["val_accuracy"]
         measured = f"val {val:.2%}" if val is not None else f"loss {record['loss']:.4f}"
-        if self.bar is not None:
+        if self.bar is not None and not self.lines:
             self.bar.set_postfix_str(measured)
         if self.lines:
             done = record["epoch"]
@@ -235,9 +233,9 @@ def from_scratch(model: nn.Module, data: DeviceData, config: Config, steps: int,
     fresh = reinitialised(model, seed)
     print(f"from scratch: training the same architecture from new weights for {steps:,} steps", file=sys.stderr,
           flush=True)  # fmt: skip
-    if sys.stderr.isatty():
-        with tqdm(total=steps, desc="from scratch", unit="step", file=sys.stderr, leave=False) as bar:
-            one_cycle(fresh, data, config, steps, seed, progress=bar)
-    else:
-        one_cycle(fresh, data, config, steps, seed)
+    progress = step_progress("from scratch", steps)  # a bar on a terminal, else a line every 30 s
+    try:
+        one_cycle(fresh, data, config, steps, seed, progress=progress)
+    finally:
+        progress.close()
     return fresh

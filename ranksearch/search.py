@@ -24,7 +24,7 @@ from .latency import latency_device
 from .models import RANK_STEPS, rank_modules, set_ranks
 from .notes import TrialNotes, save_study_note, study_note
 from .objectives import COSTS, costs_text, study_objectives
-from .progress import TrialProgress, trial_ranks_text
+from .progress import LongRunNote, TrialProgress, trial_ranks_text
 from .sensitivity import model_table, sensitivity_allocations
 from .study import check_data, check_latency_device, create_or_load, find_study, record_setup
 from .trial import Objective, trial_bases
@@ -265,7 +265,10 @@ def run_trials(
                              budget=config.budget)  # fmt: skip
     prune = lambda study, _: weights.prune(study)  # noqa: E731
     notes = TrialNotes(modules, list(COSTS))  # optuna-dashboard's note of each trial
-    optimize_share(study, objective, worker, config.trials, callbacks=[progress, prune, notes])
+    callbacks = [progress, prune, notes]
+    if data.device.type == "cpu" and config.workers == 1:  # a long CPU run says how long after its first trial
+        callbacks.append(LongRunNote(worker.total))
+    optimize_share(study, objective, worker, config.trials, callbacks=callbacks)
 
 
 def run_search(

@@ -34,7 +34,7 @@ from .costs import TABLE_COSTS, CostTable, cost_table
 from .data import DeviceData
 from .files import atomic_write, check_writable
 from .models import RANK_STEPS, rank_modules, rank_text
-from .progress import clock_text
+from .steps import clock_text
 from .study import open_storage
 from .train import evaluate
 from .trial import trial_model

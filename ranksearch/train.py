@@ -11,6 +11,7 @@ from .data import DeviceData
 from .device import autocast
 from .interrupts import interruption_point
 from .measure import predict_correct
+from .steps import StepLines
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,7 +78,9 @@ def train_steps(
         scheduler.step()
         if step >= steps - window:
             recent = recent + loss.detach().float()
-        if progress is not None:
+        if isinstance(progress, StepLines):
+            progress.update(1, loss.detach())  # read only when it prints a line
+        elif progress is not None:
             progress.update(1)
     mean_loss = float(recent) / window if steps else 0.0
     if not math.isfinite(mean_loss):

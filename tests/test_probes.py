@@ -270,3 +270,30 @@ def test_two_exports_to_one_out_take_turns(workdir, tiny_imagefolder):
         assert process.poll() is None and not out.exists() and not (workdir / "both.ts").exists(), log.read_text()
     assert process.wait(timeout=300) == 0, log.read_text()
     assert out.is_file() and (workdir / "both.ts").is_file()
+
+
+def test_a_long_cpu_run_says_how_long_after_its_first_trial():
+    """``run`` without a config on a CPU asked for 200 trials and gave no hint that it would take hours."""
+    import datetime
+    import io
+
+    from ranksearch.progress import LongRunNote
+
+    start = datetime.datetime(2026, 12, 1, 12, 0, 0)
+
+    def finished(seconds: float) -> optuna.trial.FrozenTrial:
+        return optuna.trial.FrozenTrial(
+            number=0, state=optuna.trial.TrialState.COMPLETE, value=None, values=[0.5, 1.0], datetime_start=start,
+            datetime_complete=start + datetime.timedelta(seconds=seconds), params={}, distributions={},
+            user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=0)  # fmt: skip
+
+    out = io.StringIO()
+    note = LongRunNote(200, out=out)
+    note(None, finished(20.0))
+    note(None, finished(20.0))  # once
+    assert out.getvalue().splitlines() == [
+        "note: at this trial's 20 s, the 200 trials asked take about 1:06:40 on this CPU; configs/cpu.yaml is sized "
+        "for a CPU (--config configs/cpu.yaml --trials 20: about 9 min on 2 idle cores)"]  # fmt: skip
+    quiet = io.StringIO()
+    LongRunNote(20, out=quiet)(None, finished(20.0))  # 400 s in all: nothing to say
+    assert quiet.getvalue() == ""

@@ -1,13 +1,13 @@
 """The per-trial progress line, on in-memory studies with hand-made trials and a hand-driven clock."""
 
 import io
-import time
 from datetime import datetime, timedelta
 
 import optuna
 import pytest
 
-from ranksearch.progress import TrialProgress, clock_text, trial_ranks_text
+from ranksearch.progress import TrialProgress, trial_ranks_text
+from ranksearch.steps import clock_text
 
 MODULES = ["block1", "block2", "block3", "block4", "block5"]
 DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)
@@ -109,12 +109,19 @@ def test_as_an_optuna_callback_it_counts_only_the_trials_of_this_run():
         assert line.endswith("| best val at <=25% MACs: 50.0% (t0), at <=10%: 50.0% (t0)")
 
 
-def test_pretraining_in_a_log_prints_one_line_per_epoch(capsys):
-    from ranksearch.baseline import EpochLines
+def test_a_long_training_in_a_log_prints_a_line_every_30_seconds_and_at_the_end(capsys):
+    """Pretraining printed nothing for 11 minutes off a terminal (and the refine a line per epoch only)."""
+    import torch
 
-    lines = EpochLines(epochs=3, total_steps=6, start=time.perf_counter())
-    for _ in range(6):
-        lines.update(1)
+    from ranksearch.steps import StepLines
+
+    now = [0.0]
+    lines = StepLines("baseline: pretraining", total=100, clock=lambda: now[0])
+    for step in range(100):
+        now[0] += 1.0  # a second per step
+        lines.update(1, torch.tensor(2.5 - step / 100))
     printed = capsys.readouterr().err.splitlines()
-    assert [line.split(",")[0] for line in printed] == [f"baseline: epoch {k}/3" for k in (1, 2, 3)]
-    assert printed[-1].endswith("0.0 min left")
+    assert len(printed) == 4  # at 30, 60 and 90 s, and the last step
+    assert printed[0] == "baseline: pretraining: step 30/100, loss 2.2100, 1.00 steps/s, ETA 1:10"
+    assert printed[-1].startswith("baseline: pretraining: step 100/100, loss 1.5100, ") and printed[-1].endswith(
+        "ETA 0:00")  # fmt: skip

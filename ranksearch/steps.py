@@ -1,0 +1,55 @@
+"""Progress of a long training (pretraining the baseline, an export's refine, the from-scratch check): a tqdm bar
+on a terminal; off one (a log, nohup, CI), a line every ``LINE_SECONDS`` with step k/N, the loss, the rate and the
+time left, so that a slow run can be told from a hung one.
+"""
+
+import math
+import sys
+import time
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+LINE_SECONDS = 30.0  # off a terminal: a progress line at most this often (and at the last step)
+
+
+def clock_text(seconds: float) -> str:
+    """0:34, 3:05, 1:02:09 (-:-- when unknown)."""
+    if not math.isfinite(seconds):
+        return "-:--"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class StepLines:
+    """Off a terminal: a line every ``every`` seconds, and at the last step (``update(steps, loss)``)."""
+
+    def __init__(self, label: str, total: int, first: int = 0, every: float = LINE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic, out=None):  # fmt: skip
+        self.label, self.total, self.first, self.done, self.every = label, total, first, first, every
+        self.clock, self.out = clock, out
+        self.start = self.last = clock()
+
+    def update(self, steps: int = 1, loss=None) -> None:
+        """``loss``: the last step's (a tensor is read only when a line is printed: no sync per step)."""
+        self.done += steps
+        now = self.clock()
+        if now - self.last < self.every and self.done < self.total:
+            return
+        self.last = now
+        rate = (self.done - self.first) / max(now - self.start, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else math.inf
+        loss_text = f", loss {float(loss):.4f}" if loss is not None else ""
+        print(f"{self.label}: step {self.done:,}/{self.total:,}{loss_text}, {rate:.2f} steps/s, "
+              f"ETA {clock_text(left)}", file=self.out or sys.stderr, flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        pass
+
+
+def step_progress(label: str, total: int, first: int = 0):
+    """A tqdm bar on a terminal, else ``StepLines``; both take ``update(1)``, ``StepLines`` also the loss."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=first, desc=label, unit="step", file=sys.stderr, leave=False)
+    return StepLines(label, total, first)
