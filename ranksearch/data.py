@@ -198,14 +198,16 @@ def _decode(files: list[tuple[Path, int]], desc: str, size: tuple[int, int], fir
 
 
 def files_key(data_dir: Path, files: list[tuple[Path, int]]) -> str:
-    """What the decode cache was made from: every file's path, label, size and modification time.
+    """What the decode cache was made from: every file's path, label, size, modification and change times, inode.
 
-    Moving an image to another class, adding, removing or rewriting one changes the key.
+    Moving an image to another class, adding, removing or rewriting one changes the key; so does an edit in place
+    that keeps the size and sets the modification time back (its change time, which no program can set, moves).
     """
     digest = hashlib.sha256()
     for path, label in files:
         stat = path.stat()
-        digest.update(f"{path.relative_to(data_dir)}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        times = f"{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"
+        digest.update(f"{path.relative_to(data_dir)}\0{label}\0{stat.st_size}\0{times}\n".encode())
     return digest.hexdigest()
 
 

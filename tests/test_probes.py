@@ -297,3 +297,26 @@ def test_a_long_cpu_run_says_how_long_after_its_first_trial():
     quiet = io.StringIO()
     LongRunNote(20, out=quiet)(None, finished(20.0))  # 400 s in all: nothing to say
     assert quiet.getvalue() == ""
+
+
+def test_an_image_edited_in_place_keeping_size_and_mtime_is_decoded_again(tmp_path):
+    """The decode cache kept the old pixels of an image rewritten with the same size and modification time."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import write_imagefolder
+    from ranksearch.data import load_dataset
+
+    data = write_imagefolder(tmp_path / "data", train_per_class=2, test_per_class=1)
+    image = data / "train" / "class0" / "raw.bmp"  # BMP: raw pixels, so an edit keeps the file's size
+    Image.fromarray(np.full((32, 32, 3), 20, dtype=np.uint8)).save(image)
+    before = load_dataset(data)
+    stat, raw = image.stat(), bytearray(image.read_bytes())
+    raw[-300:] = bytes(255 - b for b in raw[-300:])  # other pixels, same size
+    image.write_bytes(bytes(raw))
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the modification time set back
+    assert image.stat().st_size == stat.st_size and image.stat().st_mtime_ns == stat.st_mtime_ns
+    after = load_dataset(data)
+    assert not np.array_equal(before.train.images.numpy(), after.train.images.numpy())
