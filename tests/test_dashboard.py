@@ -269,3 +269,27 @@ def test_after_a_prune_front_weights_download_and_pruned_ones_answer_404_with_th
     assert status.startswith("200") and torch.load(io.BytesIO(body), weights_only=True).keys() == kept.keys()
     status, body = answers[dominated]
     assert status.startswith("404") and b"weights are deleted once it is dominated" in body
+
+
+def test_deleting_a_study_whose_pruned_trial_lost_its_weights_deletes_it_whole(tmp_path):
+    """The dashboard's "delete study" answered HTTP 500 half-way on a pruned trial without weights: the Pareto
+    weights were deleted and the study kept."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = hand_built_study(url)
+    study.set_user_attr("weights_dir", str(tmp_path / "weights"))
+    store = WeightsStore(tmp_path / "weights")
+    for ks, values in (([8, 8, 4, 2, 2], [0.92, 50.0]), ([1, 1, 1, 1, 2], [0.50, 900.0])):
+        study.enqueue_trial(_params(ks))
+        trial = study.ask({name: DIST for name in _params(ks)})
+        store.save(trial, torch.nn.Linear(1, 1))
+        study.tell(trial, values)
+    store.prune(study)  # the dominated trial's weights are gone, its artifact record stays
+    app = make_app(url)
+    environ = {"PATH_INFO": f"/api/studies/{study_id(app)}", "REQUEST_METHOD": "DELETE",
+               "wsgi.input": io.BytesIO(b"{}"), "CONTENT_LENGTH": "2", "CONTENT_TYPE": "application/json"}  # fmt: skip
+    setup_testing_defaults(environ)
+    started = {}
+    app(environ, lambda status, headers, exc_info=None: started.setdefault("status", status))
+    assert started["status"].startswith("204") or started["status"].startswith("200"), started
+    assert optuna.get_all_study_summaries(url) == []  # the study went too
+    assert [p for p in (tmp_path / "weights").rglob("*") if p.is_file()] == []  # and every weights file
