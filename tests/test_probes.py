@@ -320,3 +320,19 @@ def test_an_image_edited_in_place_keeping_size_and_mtime_is_decoded_again(tmp_pa
     assert image.stat().st_size == stat.st_size and image.stat().st_mtime_ns == stat.st_mtime_ns
     after = load_dataset(data)
     assert not np.array_equal(before.train.images.numpy(), after.train.images.numpy())
+
+
+def test_a_storage_that_stops_taking_writes_mid_run_is_one_line(monkeypatch):
+    """``studies/`` made unwritable mid-run gave a traceback (the trial stays RUNNING until the heartbeat)."""
+    import sqlalchemy
+
+    from ranksearch.workers import Worker, optimize_share
+
+    study = optuna.create_study()
+
+    def read_only(*args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, Exception("attempt to write a readonly database"))
+
+    monkeypatch.setattr(study._storage, "set_trial_state_values", read_only)
+    with pytest.raises(UserError, match=r"cannot write to the study's storage any more \(.*readonly database"):
+        optimize_share(study, lambda trial: trial.suggest_float("x", 0, 1), Worker("r", 0, 2), 2, callbacks=[])
