@@ -18,7 +18,7 @@ from .costs import TABLE_COSTS, CostTable
 from .data import DeviceData, device_data
 from .decompose import decompose
 from .device import resolve_device, use_deterministic_kernels
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import check_writable
 from .latency import latency_device
 from .models import RANK_STEPS, rank_modules, set_ranks
@@ -236,6 +236,20 @@ def warm_starts(study: optuna.Study, config: Config, data: DeviceData, baseline:
     queue_warm_starts(study, config, baseline.model, modules, allocations, fit)
 
 
+def trial_objective(config: Config, data: DeviceData, baseline: Baseline) -> Objective:
+    """What this process's trials run, made before the study is written: it times the baseline's latency (when an
+    objective) and measures its registered costs, so that a failure or a Ctrl-C there leaves no study behind."""
+    use_deterministic_kernels(data.device)
+    weights = WeightsStore(config.weights_path())
+    try:
+        return Objective(config, data, baseline, weights, trial_bases(config, baseline, data))
+    except RuntimeError as error:  # e.g. out of memory at a large latency_batch
+        if "latency" not in config.objectives:
+            raise
+        raise UserError(f"cannot time the baseline's latency at latency_batch {config.latency_batch} "
+                        f"({first_line(error)}); lower --latency-batch") from None  # fmt: skip
+
+
 def run_trials(
     config: Config,
     study: optuna.Study,
@@ -244,12 +258,12 @@ def run_trials(
     worker: Worker,
     modules: list[str],
     table: CostTable,
+    objective: Objective,
     label: str = "",
 ) -> None:
-    """This process's share of the run: ``config.trials`` trials, one line each (``label``: the worker's name)."""
-    use_deterministic_kernels(data.device)
-    weights = WeightsStore(config.weights_path())
-    objective = Objective(config, data, baseline, weights, trial_bases(config, baseline, data))
+    """This process's share of the run: ``config.trials`` trials of ``objective``, one line each (``label``: the
+    worker's name)."""
+    weights = objective.weights
     if config.budget is None:
         study.sampler = make_sampler(config, worker.name, len(study.trials))
     else:
@@ -287,6 +301,8 @@ def run_search(
     modules = list(rank_modules(baseline.model, config.search_space))
     table = model_table(baseline.model, config, data.spec.input_size())  # every rank vector's costs, once per process
     check_budget(config, baseline, table, modules)  # before the study is written
+    runs_trials = not (config.workers > 1 and worker is None)  # a parent of workers runs none itself
+    objective = trial_objective(config, data, baseline) if runs_trials else None  # before the study is written too
     study = join_study(config, existing, data, baseline)
     run = worker or new_run(config.trials)
     gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
@@ -302,7 +318,8 @@ def run_search(
         owed = lambda: run.total - len(done_in_run(study.get_trials(deepcopy=False), run.run_id))  # noqa: E731
         run_workers(argv or [], run, config.workers, gpus, owed, grace_seconds=2 * config.heartbeat_seconds + 1)
     else:
-        run_trials(config, study, data, baseline, run, modules, table, label=f"w{run.index}" if worker else "")
+        label = f"w{run.index}" if worker else ""
+        run_trials(config, study, data, baseline, run, modules, table, objective, label=label)
     if worker is None:
         summary = budget_summary(study, config, modules) if config.budget else pareto_summary(study, modules)
         print(summary, flush=True)

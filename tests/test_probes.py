@@ -336,3 +336,18 @@ def test_a_storage_that_stops_taking_writes_mid_run_is_one_line(monkeypatch):
     monkeypatch.setattr(study._storage, "set_trial_state_values", read_only)
     with pytest.raises(UserError, match=r"cannot write to the study's storage any more \(.*readonly database"):
         optimize_share(study, lambda trial: trial.suggest_float("x", 0, 1), Worker("r", 0, 2), 2, callbacks=[])
+
+
+def test_a_failure_timing_the_baselines_latency_leaves_no_study(tmp_path, tiny_imagefolder, monkeypatch):
+    """``--latency-batch 1000000000``: a 12 TB allocation traceback after the study was created, and the next plain
+    run was refused ("exists with directions ..."); the same after Ctrl-C during the baseline's latency timing."""
+    from ranksearch import trial
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 12000000000000 bytes")
+
+    monkeypatch.setattr(trial, "measure_latency", out_of_memory)
+    result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--objectives",
+                     "accuracy,latency", "--latency-batch", "4096", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "lower --latency-batch" in result.stderr, result.stderr
+    assert not list((tmp_path / "studies").glob("*.db"))  # no study: the next plain run starts afresh
