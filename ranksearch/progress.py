@@ -13,7 +13,7 @@ from typing import TextIO
 
 import optuna
 
-from .attrs import FAIL_REASON, param_name
+from .attrs import COPIED_FROM, FAIL_REASON, param_name
 from .models import ranks_text
 from .objectives import COST_BUDGETS, COSTS, best_within, costs_text
 from .steps import clock_text
@@ -100,7 +100,7 @@ class LongRunNote:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         seconds = trial_seconds(trial)
-        if self.said or seconds is None or trial.user_attrs.get("copied_from") is not None:
+        if self.said or seconds is None or trial.user_attrs.get(COPIED_FROM) is not None:
             return
         self.said = True
         if seconds * self.total > LONG_RUN_SECONDS:

@@ -203,7 +203,6 @@ def join_study(config: Config, existing: optuna.Study | None, data: DeviceData, 
         weights_dir=str(Path(config.weights_path()).resolve()), baseline_path=str(baseline.path.resolve()),
         data_dir=str(Path(config.data_dir).resolve()),
     )  # fmt: skip
-    save_study_note(study, study_note(search_fields(config), baseline.metrics(), data.identity, config.objectives))
     return study
 
 
@@ -309,7 +308,8 @@ def run_search(
     where = latency_where(config, data.device, worker)
     if where is not None and not study.trials:
         study.set_user_attr("latency_device", where)
-    if worker is None:
+    if worker is None:  # the parent (or the only process) writes the study's dashboard note, once per run
+        save_study_note(study, study_note(search_fields(config), baseline.metrics(), data.identity, config.objectives))
         enqueue_first(study, config, modules)
         warm_starts(study, config, data, baseline, table, modules, argv)
     if config.workers > 1 and worker is None:

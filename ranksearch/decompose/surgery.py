@@ -19,12 +19,13 @@ from .tucker2 import Tucker2Conv
 
 def method_for(layer: nn.Module, decomposition: str = "tucker2") -> type[DecomposedLayer] | None:
     """The method that decomposes ``layer`` (an undecomposed conv or linear layer), or None."""
-    if decomposition not in conv_decompositions():
+    conv_method = DECOMPOSITIONS.get(decomposition)  # a dict lookup: this runs per layer, per rank, per trial
+    if conv_method is None or conv_method.kind != "conv":
         raise ValueError(f"unknown decomposition {decomposition!r}; choose one of {', '.join(conv_decompositions())}")
     if is_eligible(layer):
-        method = DECOMPOSITIONS[decomposition]
+        method = conv_method
     elif is_pointwise(layer):
-        method = next(cls for cls in DECOMPOSITIONS.values() if cls.kind == "pointwise")
+        method = next(cls for cls in DECOMPOSITIONS.values() if cls.kind == "pointwise")  # SVD
     else:
         return None
     return method if method.applies_to(layer) else None
