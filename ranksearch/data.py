@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .errors import UserError, first_line
 from .files import atomic_save, read_or_make
 from .inputs import CIFAR10_CLASSES, CIFAR_MEAN, CIFAR_SIZE, CIFAR_STD, InputSpec, spec_of  # noqa: F401 (MEAN, STD)
+from .steps import draws_bars
 
 CROP_PADDING = 4
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -79,7 +80,8 @@ def detect_source(data_dir: Path) -> str | None:
 
 
 def load_dataset(data_dir: str | Path, download: bool = False) -> Dataset:
-    """Load CIFAR-10 from ``data_dir``, downloading torchvision's copy there if allowed and needed."""
+    """Load the dataset in ``data_dir`` (either layout of ``ACCEPTED``), downloading torchvision's CIFAR-10 there if
+    allowed and it holds neither."""
     data_dir = Path(data_dir).expanduser()
     source = detect_source(data_dir)
     if source is None and download:
@@ -87,8 +89,8 @@ def load_dataset(data_dir: str | Path, download: bool = False) -> Dataset:
         source = detect_source(data_dir)
     if source is None:
         raise UserError(
-            f"no CIFAR-10 found in --data-dir {data_dir}: point it at {ACCEPTED}"
-            + ("" if download else ", or allow downloading with --download")
+            f"no dataset found in --data-dir {data_dir}: point it at {ACCEPTED}"
+            + ("" if download else ", or allow downloading torchvision's CIFAR-10 with --download")
         )
     if source == "torchvision":
         return _load_torchvision(_torchvision_root(data_dir))
@@ -171,7 +173,8 @@ def _decode(files: list[tuple[Path, int]], desc: str, size: tuple[int, int], fir
     images = np.empty((len(files), height, width, 3), dtype=np.uint8)
     bad: list[tuple[Path, Exception]] = []
     sized: list[tuple[Path, tuple[int, int]]] = []  # decoded, but of another size
-    for index, (path, _) in enumerate(tqdm(files, desc=desc, unit="img", file=sys.stderr, leave=False, disable=None)):
+    shown = tqdm(files, desc=desc, unit="img", file=sys.stderr, leave=False, disable=not draws_bars())
+    for index, (path, _) in enumerate(shown):
         try:
             pixels = _decode_one(path)
         except Exception as error:  # zero-byte, truncated, not an image, ...

@@ -22,7 +22,7 @@ from torch import nn
 from .config import Config
 from .data import DeviceData
 from .files import atomic_save
-from .steps import step_progress
+from .steps import draws_bars, step_progress
 from .train import evaluate, one_cycle, sgd, steps_per_epoch, train_steps
 
 CHECKPOINT_KIND = "ranksearch-refine"
@@ -126,7 +126,7 @@ class _Progress:
 
     def __init__(self, show: bool, epochs: int, per_epoch: int, first: int):
         self.epochs, self.first, self.start = epochs, first, time.perf_counter()
-        self.lines = show and not sys.stderr.isatty()  # and a line per epoch, with its val accuracy
+        self.lines = show and not draws_bars()  # and a line per epoch, with its val accuracy
         self.bar = step_progress("refine", epochs * per_epoch, first * per_epoch) if show else None
 
     def epoch_started(self, epoch: int) -> None:

@@ -4,6 +4,7 @@ time left, so that a slow run can be told from a hung one.
 """
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -48,8 +49,19 @@ class StepLines:
         pass
 
 
+def draws_bars() -> bool:
+    """Whether stderr is a terminal that shows a tqdm bar: one of 0 columns (a pseudo-terminal nobody sized, as
+    ``script`` or a container runtime may make) shows nothing of it, so it gets the lines of a log instead."""
+    if not sys.stderr.isatty():
+        return False
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError):  # no file descriptor (a wrapped stream), or not a terminal after all
+        return False
+
+
 def step_progress(label: str, total: int, first: int = 0):
     """A tqdm bar on a terminal, else ``StepLines``; both take ``update(1)``, ``StepLines`` also the loss."""
-    if sys.stderr.isatty():
+    if draws_bars():
         return tqdm(total=total, initial=first, desc=label, unit="step", file=sys.stderr, leave=False)
     return StepLines(label, total, first)

@@ -48,7 +48,7 @@ def test_unknown_config_key(tmp_path):
 
 def test_missing_data_creates_nothing(tmp_path):
     result = run_cli("run", *SMOKE, "--data-dir", str(tmp_path / "void"), cwd=tmp_path)
-    assert_one_line_error(result, "no CIFAR-10 found", "--data-dir")
+    assert_one_line_error(result, "no dataset found", "--data-dir")
     assert list(tmp_path.iterdir()) == []  # no study, no baseline folder
 
 

@@ -125,3 +125,33 @@ def test_a_long_training_in_a_log_prints_a_line_every_30_seconds_and_at_the_end(
     assert printed[0] == "baseline: pretraining: step 30/100, loss 2.2100, 1.00 steps/s, ETA 1:10"
     assert printed[-1].startswith("baseline: pretraining: step 100/100, loss 1.5100, ") and printed[-1].endswith(
         "ETA 0:00")  # fmt: skip
+
+
+def test_a_bar_only_on_a_terminal_that_has_columns(monkeypatch):
+    """A pseudo-terminal nobody sized (``script`` without a terminal, some containers) has 0 columns: tqdm drew
+    nothing there, so pretraining was silent again; it gets the log's lines. A sized one gets the bar."""
+    import fcntl
+    import io
+    import os
+    import pty
+    import struct
+    import sys
+    import termios
+
+    from tqdm import tqdm
+
+    from ranksearch.steps import StepLines, draws_bars, step_progress
+
+    leader, follower = pty.openpty()
+    with os.fdopen(follower, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert terminal.isatty() and os.get_terminal_size(follower).columns == 0
+        assert not draws_bars() and isinstance(step_progress("x", 10), StepLines)
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows, 120 columns
+        assert draws_bars()
+        bar = step_progress("x", 10)
+        assert isinstance(bar, tqdm)
+        bar.close()
+    os.close(leader)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log
+    assert not draws_bars()

@@ -24,7 +24,7 @@ def load(cwd, name="smoke") -> optuna.Study:
 
 def test_a_failed_start_writes_nothing_and_does_not_lock_the_config(tmp_path, tiny_imagefolder):
     typo = run(tmp_path, tmp_path / "typo", "--finetune-steps", "5")
-    assert_one_line_error(typo, "no CIFAR-10 found")
+    assert_one_line_error(typo, "no dataset found")
     assert list(tmp_path.iterdir()) == []  # no study, no empty folder
     corrected = run(tmp_path, tiny_imagefolder, "--trials", "1")
     assert corrected.returncode == 0, corrected.stderr
