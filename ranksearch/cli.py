@@ -62,7 +62,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, help="trials to ADD to the study (a re-run resumes it); default 200")
-    parser.add_argument("--study-name", help="Optuna study name (default: the config's, else <model>-cifar10)")
+    parser.add_argument("--study-name", help="Optuna study name (default: the config's, else "
+                        "<model>-cifar10 on CIFAR-10 and <model>-<data folder> on other data)")  # fmt: skip
     parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study-name>.db)")
     parser.add_argument("--sampler", help="gp (default) | tpe | tpe-multivariate | nsga2 | random")
     parser.add_argument("--budget", metavar="COST=FRACTION", help="budget mode: the best val accuracy with COST "

@@ -74,7 +74,7 @@ class Config:
     # below the best third there (successive halving), "none" runs every fine-tune to its end
     seed: int = 0  # seeds the sampler, the pretraining and each trial's fine-tune
     trials: int = 200  # trials a `run` adds to the study
-    study_name: str = "vgg16-cifar10"  # Optuna study name; unset, "<model>-cifar10" (":" as "-")
+    study_name: str = "vgg16-cifar10"  # Optuna study name; unset, "<model>-cifar10" or "<model>-<data folder>"
     storage: str | None = None  # Optuna storage URL; default sqlite:///studies/<study_name>.db
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     enqueue_ranks: list[list[float]] = field(default_factory=list)  # rank vectors to try first
@@ -193,20 +193,29 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Confi
     config = Config(**{k: _coerce(k, v, fields[k]) for k, v in values.items()})
     config.plugins = [resolved(p) for p in config.plugins]
     load_plugins(config.plugins)  # before the checks: a plugin's model, decomposition or cost is a valid choice
-    if "study_name" not in values:  # a study per model unless named: resnet20-cifar10, torchvision-resnet18-cifar10
-        config.study_name = f"{config.model.replace(':', '-')}-cifar10"
+    classes = data_class_names(config.data_dir)
+    if "study_name" not in values:  # a study per model and dataset unless named: resnet20-cifar10, vgg16-flowers
+        config.study_name = default_study_name(config.model, config.data_dir, classes)
     if "num_classes" not in values:  # the data's (an explicit num_classes is checked against the data instead)
-        config.num_classes = data_class_count(config.data_dir)
+        config.num_classes = len(classes)
     validate(config)
     return config
 
 
-def data_class_count(data_dir: str) -> int:
-    """The number of classes of the data in ``data_dir`` (its class folders), read without decoding it; CIFAR-10's
-    10 when it holds no data yet (what --download fetches)."""
+def data_class_names(data_dir: str) -> list[str]:
+    """The class names of the data in ``data_dir`` (its class folders), read without decoding it; CIFAR-10's when
+    it holds no data yet (what --download fetches)."""
     from .data import data_classes  # torch and numpy, loaded by the models anyway
 
-    return len(data_classes(data_dir) or CIFAR10_CLASSES)
+    return data_classes(data_dir) or list(CIFAR10_CLASSES)
+
+
+def default_study_name(model: str, data_dir: str, classes: list[str]) -> str:
+    """``<model>-cifar10`` for CIFAR-10 (its classes), else ``<model>-<data folder>``: a study per model and dataset
+    (``torchvision:resnet18`` as ``torchvision-resnet18``; characters a study name cannot hold as ``-``)."""
+    data = "cifar10" if sorted(classes) == sorted(CIFAR10_CLASSES) else Path(data_dir).expanduser().resolve().name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}-{data}").strip("-._")
+    return name[:STUDY_NAME_MAX].rstrip("-._") if name else "study"
 
 
 def _on_grid(name: str, value: float) -> float:
@@ -268,7 +277,8 @@ RANGES = {
 }
 
 
-STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # it names files: studies/<name>.db, <name>-weights/
+STUDY_NAME_MAX = 100  # a study name names files: studies/<name>.db, <name>-weights/
+STUDY_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{STUDY_NAME_MAX - 1}}}")
 
 
 def check_study_name(name: str) -> str:

@@ -106,5 +106,5 @@ class LongRunNote:
         if seconds * self.total > LONG_RUN_SECONDS:
             print(f"note: at this trial's {seconds:.0f} s, the {self.total} trials asked take about "
                   f"{clock_text(seconds * self.total)} on this CPU; {CPU_CONFIG} is sized for a CPU "
-                  "(--config configs/cpu.yaml --trials 20: about 9 min on 2 idle cores)", file=self.out or sys.stdout,
+                  "(--config configs/cpu.yaml --trials 20: 4-9 min on 2 idle cores)", file=self.out or sys.stdout,
                   flush=True)  # fmt: skip

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SMOKE_CONFIG, run_cli
+from conftest import SMOKE_CONFIG, run_cli, write_imagefolder
 from ranksearch import decompose, load_model
 from ranksearch.config import load_config
 from ranksearch.decompose import Tucker2Conv, decomposed_from_state_dict
 from ranksearch.errors import UserError
+from ranksearch.inputs import CIFAR10_CLASSES
 from ranksearch.models import (
     build_model,
     check_model_name,
@@ -240,3 +241,14 @@ def test_each_model_gets_a_study_of_its_own_unless_one_is_named():
     assert load_config(None, {"model": "resnet20"}).study_name == "resnet20-cifar10"
     assert load_config(None, {"model": "torchvision:resnet18"}).study_name == "torchvision-resnet18-cifar10"
     assert load_config(None, {"model": "resnet20", "study_name": "mine"}).study_name == "mine"
+
+
+def test_other_data_gets_a_study_named_by_its_folder_unless_one_is_named(tmp_path):
+    """Every unnamed study was '<model>-cifar10', whatever the data: a user's 7-class 64x64 set included."""
+    flowers = write_imagefolder(tmp_path / "my flowers!", train_per_class=1, test_per_class=1, classes=["a", "b"])
+    cifar = write_imagefolder(tmp_path / "copy", train_per_class=1, test_per_class=1, classes=list(CIFAR10_CLASSES))
+    assert load_config(None, {"data_dir": str(flowers)}).study_name == "vgg16-my-flowers"
+    assert load_config(None, {"data_dir": str(flowers), "model": "torchvision:resnet18"}).study_name == (
+        "torchvision-resnet18-my-flowers")  # fmt: skip
+    assert load_config(None, {"data_dir": str(cifar)}).study_name == "vgg16-cifar10"  # CIFAR-10's classes
+    assert load_config(None, {"data_dir": str(flowers), "study_name": "mine"}).study_name == "mine"

@@ -293,7 +293,7 @@ def test_a_long_cpu_run_says_how_long_after_its_first_trial():
     note(None, finished(20.0))  # once
     assert out.getvalue().splitlines() == [
         "note: at this trial's 20 s, the 200 trials asked take about 1:06:40 on this CPU; configs/cpu.yaml is sized "
-        "for a CPU (--config configs/cpu.yaml --trials 20: about 9 min on 2 idle cores)"]  # fmt: skip
+        "for a CPU (--config configs/cpu.yaml --trials 20: 4-9 min on 2 idle cores)"]  # fmt: skip
     quiet = io.StringIO()
     LongRunNote(20, out=quiet)(None, finished(20.0))  # 400 s in all: nothing to say
     assert quiet.getvalue() == ""
