@@ -8,7 +8,7 @@ set -euo pipefail
 data=$(realpath "${1:?usage: new_user_walk.sh DATA_DIR [WORK_DIR]}")
 work=${2:-/tmp/ranksearch-walk}
 repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
-step() { echo "== $*"; local start=$SECONDS; "$@"; echo "== $(( SECONDS - start )) s: $1 ${2:-}"; }
+step() { echo "== $*"; local start=$SECONDS; "$@"; echo "== took $(( SECONDS - start )) s"; }
 
 rm -rf "$work" && git clone -q "$repo" "$work" && cd "$work"
 python3 -m venv .venv && . .venv/bin/activate
