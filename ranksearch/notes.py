@@ -12,12 +12,14 @@ from types import SimpleNamespace
 import optuna
 
 from .attrs import COPIED_FROM, FAIL_REASON, RETRY_OF, WEIGHTS_ATTR, param_name
+from .config import default_storage_url
 from .models import RANK_STEPS, rank_step
 from .objectives import COSTS
 
 
-def trial_note(trial: optuna.trial.FrozenTrial, modules: list[str], costs: list[str]) -> str:
-    """The Markdown of ``trial``'s note (``costs``: every cost the trial may have measured)."""
+def trial_note(trial: optuna.trial.FrozenTrial, modules: list[str], costs: list[str], export: str) -> str:
+    """The Markdown of ``trial``'s note (``costs``: every cost the trial may have measured; ``export``: the command
+    that exports a trial of this study, ``export_command``)."""
     lines = [f"## Trial {trial.number}: {trial.state.name.lower()}", ""]
     if trial.values:
         lines += [f"**val accuracy {trial.values[0]:.2%}**", ""]
@@ -30,7 +32,7 @@ def trial_note(trial: optuna.trial.FrozenTrial, modules: list[str], costs: list[
         for metric, value in measured:
             ratio = trial.user_attrs.get(metric.ratio_attr)
             lines.append(f"| {metric.label} | {metric.text(value)} | {'-' if ratio is None else f'{ratio:.3f}x'} |")
-    lines += ["", _weights_line(trial)]
+    lines += ["", _weights_line(trial, export)]
     for key, text in ((COPIED_FROM, "copied from trial {}: the same ranks"), (RETRY_OF, "re-runs trial {}"),
                       (FAIL_REASON, "failed: {}"), ("pruned_at", "pruned: {}")):  # fmt: skip
         if key in trial.user_attrs:
@@ -42,13 +44,29 @@ def _rank(value: float | None) -> str:
     return "-" if value is None else f"{rank_step(value)}/{RANK_STEPS}"
 
 
-def _weights_line(trial: optuna.trial.FrozenTrial) -> str:
+def _weights_line(trial: optuna.trial.FrozenTrial, export: str) -> str:
+    command = f"\n\n```\n{export} --trial {trial.number} --out trial{trial.number}.pt\n```\n"  # a line of its own
     if WEIGHTS_ATTR in trial.user_attrs:
-        return f"- weights: kept while on the Pareto front (see Artifacts): `ranksearch export --trial {trial.number}`"
+        return f"- weights: kept while on the Pareto front (see Artifacts); to export them:{command}"
     if trial.state == optuna.trial.TrialState.COMPLETE:
         seed = trial.user_attrs.get("seed")
-        return f"- weights: not kept; `ranksearch export --trial {trial.number}` re-runs its fine-tune (seed {seed})"
+        return f"- weights: not kept; to export the trial, re-running its fine-tune (seed {seed}):{command}"
     return "- weights: none"
+
+
+def export_command(study_name: str, storage: str | None) -> str:
+    """``python -m ranksearch export --study-name NAME`` (and ``--storage URL``, its password hidden, unless it is
+    the default one): what a user pastes to export a trial of this study."""
+    command = f"python -m ranksearch export --study-name {study_name}"
+    if storage is None or storage == default_storage_url(study_name):
+        return command
+    from sqlalchemy.engine import make_url
+
+    try:
+        shown = make_url(storage).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses (a test's storage object, say): leave it out
+        return command
+    return f"{command} --storage {shown}"
 
 
 def study_note(config_fields: dict, baseline: dict, data: dict, objectives: list[str]) -> str:
@@ -81,8 +99,8 @@ def save_study_note(study: optuna.Study, body: str) -> None:
 class TrialNotes:
     """Optuna callback: each finished trial's note (``trial_note``)."""
 
-    def __init__(self, modules: list[str], costs: list[str]):
-        self.modules, self.costs = modules, costs
+    def __init__(self, modules: list[str], costs: list[str], export: str):
+        self.modules, self.costs, self.export = modules, costs, export
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        save_trial_note(study, trial, trial_note(trial, self.modules, self.costs))
+        save_trial_note(study, trial, trial_note(trial, self.modules, self.costs, self.export))

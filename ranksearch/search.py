@@ -22,7 +22,7 @@ from .errors import UserError, first_line
 from .files import check_writable
 from .latency import latency_device
 from .models import RANK_STEPS, rank_modules, set_ranks
-from .notes import TrialNotes, save_study_note, study_note
+from .notes import TrialNotes, export_command, save_study_note, study_note
 from .objectives import COSTS, costs_text, study_objectives
 from .progress import LongRunNote, TrialProgress, trial_ranks_text
 from .sensitivity import model_table, sensitivity_allocations
@@ -277,7 +277,7 @@ def run_trials(
                              count=lambda trials: len(done_in_run(trials, worker.run_id)),
                              budget=config.budget)  # fmt: skip
     prune = lambda study, _: weights.prune(study)  # noqa: E731
-    notes = TrialNotes(modules, list(COSTS))  # optuna-dashboard's note of each trial
+    notes = TrialNotes(modules, list(COSTS), export_command(config.study_name, config.storage))  # optuna-dashboard's
     callbacks = [progress, prune, notes]
     if data.device.type == "cpu" and config.workers == 1:  # a long CPU run says how long after its first trial
         callbacks.append(LongRunNote(worker.total))

@@ -149,10 +149,24 @@ def test_each_trial_and_the_study_get_a_readable_note_in_optuna_dashboard(workdi
     assert first.startswith("## Trial 0: complete") and "| block1 | 8/32 |" in first and "| block5 | 1/32 |" in first
     macs, ratio = study.trials[0].user_attrs["macs"], study.trials[0].user_attrs["macs_ratio"]
     assert f"| MACs | {macs:,} | {ratio:.3f}x |" in first and "- weights: " in first
+    pasted = "python -m ranksearch export --study-name smoke --trial 0 --out trial0.pt"
+    assert f"\n```\n{pasted}\n```\n" in first
+    exported = run_cli(*pasted.split()[3:], cwd=workdir)  # as pasted into the study's folder
+    assert exported.returncode == 0 and (workdir / "trial0.pt").is_file(), exported.stderr
     assert "copied from trial 0" in copy and "| block3 | 4/32 |" in copy
     head = get_note_from_system_attrs(attrs, None)["body"]
     assert "val accuracy (maximise) vs MACs (minimise)" in head and "**Baseline**: val " in head
     assert '"finetune_steps": 3' in head and "fingerprint" in head
+
+
+def test_a_note_names_the_study_and_its_storage_without_the_password():
+    """The note said ``ranksearch export --trial 5``: export needs --study-name, so the pasted line failed."""
+    from ranksearch.notes import export_command
+
+    assert export_command("s", None) == export_command("s", "sqlite:///studies/s.db") == (
+        "python -m ranksearch export --study-name s")  # fmt: skip
+    assert export_command("s", "postgresql+psycopg://me:secret@db/studies") == (
+        "python -m ranksearch export --study-name s --storage postgresql+psycopg://me:***@db/studies")  # fmt: skip
 
 
 def test_a_signal_handler_never_raises_it_flags_and_the_trial_stops_at_its_next_step(monkeypatch):
