@@ -49,31 +49,63 @@ def nsga2_population(trials: int) -> int:
 
 
 def make_sampler(
-    config: Config, worker: str, trials_so_far: int, fit: Callable[[list[float]], list[float]] | None = None,
-    space: dict | None = None,
-) -> optuna.samplers.BaseSampler:  # fmt: skip
-    """The sampler of one worker (``worker``: its identity, e.g. ``run_id/index``) joining a study that holds
-    ``trials_so_far`` trials: workers of one study draw different ranks, a resumed study fresh ones, and the same
-    worker at the same point the same ones. TPE's constant liar counts the other workers' running trials as bad,
-    so that workers spread out rather than crowd one region (GP has none: its workers differ by seed). In budget
+    config: Config, fit: Callable[[list[float]], list[float]] | None = None, space: dict | None = None
+) -> optuna.samplers.BaseSampler:
+    """The study's sampler (``config.sampler``), each trial drawn by one seeded from the config's seed and the
+    trial's number (``TrialSeeded``). TPE's constant liar counts the other workers' running trials as bad, so that
+    workers spread out rather than crowd one region (GP has none: its workers differ by trial number). In budget
     mode (``fit``: a vector scaled to the budget; ``space``: the rank params), every draw is fitted to the budget
     (``budget.BudgetSampler``)."""
-    seed = sampler_seed(config.seed, worker, trials_so_far)
-    if config.sampler == "nsga2":
-        base = optuna.samplers.NSGAIISampler(seed=seed, population_size=nsga2_population(config.trials))
-    elif config.sampler == "random":
-        base = optuna.samplers.RandomSampler(seed=seed)
-    elif config.sampler == "gp":
-        base = optuna.samplers.GPSampler(seed=seed)
-    else:
+
+    def base(seed: int) -> optuna.samplers.BaseSampler:
+        if config.sampler == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=nsga2_population(config.trials))
+        if config.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if config.sampler == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
         multivariate = config.sampler == "tpe-multivariate"
-        base = optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=multivariate)
-    return base if fit is None else BudgetSampler(base, space or {}, fit)
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=multivariate)
+
+    seeded = TrialSeeded(base, config.seed)
+    return seeded if fit is None else BudgetSampler(seeded, space or {}, fit)
 
 
-def sampler_seed(seed: int, worker: str, trials_so_far: int) -> int:
+class TrialSeeded(optuna.samplers.BaseSampler):
+    """Draws trial ``n`` with a new sampler seeded by (seed, n). The storage numbers a study's trials one by one, so
+    workers sharing a study (processes, machines, started together or not) never draw alike, and the same command
+    on the same study draws the same ranks: a run repeated in a fresh folder repeats its study where its trials
+    repeat (on the CPU). A sampler kept across trials, seeded once per process, could do neither without a per-run
+    random identity. Every sampler used here reads its history from the study, so a new one per trial loses only
+    caches (GP's kernel fit starts afresh: no slower, BENCHMARKS.md)."""
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
+        self.make, self.seed = make, seed
+        self.base = make(sampler_seed(seed, -1))  # until a trial starts (Optuna asks before_trial first)
+
+    def before_trial(self, study, trial):
+        self.base = self.make(sampler_seed(self.seed, trial.number))
+        self.base.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values):
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self):
+        self.base.reseed_rng()
+
+
+def sampler_seed(seed: int, trial_number: int) -> int:
     """A seed in 0..2**32-1 from sha256 (stable across processes and Python versions, unlike ``hash``)."""
-    text = json.dumps([seed, worker, trials_so_far])  # one text per (seed, worker, trials), whatever the worker
+    text = json.dumps([seed, trial_number])
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
 
@@ -264,10 +296,10 @@ def run_trials(
     worker's name)."""
     weights = objective.weights
     if config.budget is None:
-        study.sampler = make_sampler(config, worker.name, len(study.trials))
+        study.sampler = make_sampler(config)
     else:
         fit = budget_fit(config, budget_ratio_of(config, baseline, table, objective, study))
-        study.sampler = make_sampler(config, worker.name, len(study.trials), fit, rank_space(config, modules))
+        study.sampler = make_sampler(config, fit, rank_space(config, modules))
         study.pruner = make_pruner(config.pruner, config.finetune_steps)
     if objective.latency is not None and "baseline_latency_ms" not in study.user_attrs:
         study.set_user_attr("baseline_latency_ms", objective.latency.baseline_ms)  # the first worker's measure

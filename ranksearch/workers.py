@@ -46,11 +46,6 @@ class Worker:
         run_id, index, total, threads = text.split(":")
         return cls(run_id, int(index), int(total), int(threads))
 
-    @property
-    def name(self) -> str:
-        """The sampler's identity: distinct per worker, so workers draw different rank vectors."""
-        return f"{self.run_id}/{self.index}"
-
 
 def new_run(total: int) -> Worker:
     """The worker of a one-process run (also the parent of a multi-worker one)."""

@@ -80,7 +80,7 @@ def test_every_draw_of_the_budget_sampler_meets_the_budget(sampler):
     space = {n: optuna.distributions.FloatDistribution(1 / 32, 1.0, step=1 / 32) for n in names}
     ratio = lambda ranks: table.ratio("macs", ranks)  # noqa: E731
     fit = lambda shares: fit_to_budget(shares, ratio, 0.2, 1 / 32, 1.0)  # noqa: E731
-    study = optuna.create_study(sampler=make_sampler(Config(sampler=sampler, trials=12), "w", 0, fit, space))
+    study = optuna.create_study(sampler=make_sampler(Config(sampler=sampler, trials=12), fit, space))
     assert isinstance(study.sampler, BudgetSampler)
 
     def objective(trial):

@@ -1,5 +1,7 @@
 """Probes from issue 19's hostile review: each misbehaved before its fix."""
 
+import shutil
+
 import optuna
 import pytest
 
@@ -365,3 +367,18 @@ def test_a_failure_timing_the_baselines_latency_leaves_no_study(tmp_path, tiny_i
                      "accuracy,latency", "--latency-batch", "4096", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 2 and "lower --latency-batch" in result.stderr, result.stderr
     assert not list((tmp_path / "studies").glob("*.db"))  # no study: the next plain run starts afresh
+
+
+def test_the_same_run_in_a_fresh_folder_repeats_its_study(tmp_path, pretrained, tiny_imagefolder):
+    """The new-user walk ran the CPU command twice: the same trials 0-3 (queued), then other draws from trial 4 on,
+    because each run seeded its sampler with a random run id. The config's ``seed`` now decides them."""
+    studies = []
+    for folder in ("first", "second"):
+        cwd = tmp_path / folder
+        shutil.copytree(pretrained, cwd / "studies" / "baselines")
+        result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "4",
+                         "--sampler", "tpe", cwd=cwd)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        studies.append(optuna.load_study(study_name="smoke", storage=f"sqlite:///{cwd}/studies/smoke.db"))
+    first, second = ([(t.params, t.values) for t in study.trials] for study in studies)
+    assert first == second and len({str(params) for params, _ in first}) == 4

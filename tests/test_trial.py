@@ -89,26 +89,39 @@ def test_ranks_already_complete_are_copied_not_trained_again(setup, trainings, t
     assert weights.load(original) is None and weights.load(copy) is None
 
 
-def first_draws(sampler: optuna.samplers.BaseSampler) -> list[dict]:
-    """Three rank vectors a fresh study asks of ``sampler``."""
-    study = optuna.create_study(directions=DIRECTIONS, sampler=sampler)
-    return [study.ask({f"rank_{m}": DIST for m in MODULES}).params for _ in range(3)]
+def draws(study: optuna.Study, count: int = 3) -> list[dict]:
+    """``count`` rank vectors ``study`` asks of its sampler, each told a value so that the next one sees it."""
+    drawn = []
+    for _ in range(count):
+        trial = study.ask({f"rank_{m}": DIST for m in MODULES})
+        study.tell(trial, [sum(trial.params.values()), -sum(trial.params.values())])
+        drawn.append(trial.params)
+    return drawn
 
 
-@pytest.mark.parametrize("name", ["gp", "tpe", "tpe-multivariate", "nsga2"])
-def test_each_worker_draws_its_own_ranks_and_the_same_again(name):
+def fresh_study(sampler: optuna.samplers.BaseSampler, storage=None) -> optuna.Study:
+    return optuna.create_study(directions=DIRECTIONS, sampler=sampler, storage=storage)
+
+
+@pytest.mark.parametrize("name", ["gp", "tpe", "tpe-multivariate", "nsga2", "random"])
+def test_a_trial_draws_by_its_number_the_same_again_and_never_like_another_worker(name):
     config = dataclasses.replace(load_config(SMOKE_CONFIG), sampler=name)
-    draws = first_draws(make_sampler(config, "run/0", 0))
-    assert draws == first_draws(make_sampler(config, "run/0", 0))  # reproducible
-    assert draws != first_draws(make_sampler(config, "run/1", 0))  # another worker of the run
-    assert draws != first_draws(make_sampler(config, "run/0", 7))  # the same worker resuming a bigger study
-    assert draws != first_draws(make_sampler(dataclasses.replace(config, seed=1), "run/0", 0))
+    first = draws(fresh_study(make_sampler(config)))
+    assert first == draws(fresh_study(make_sampler(config)))  # the same study again: the same ranks
+    assert first != draws(fresh_study(make_sampler(dataclasses.replace(config, seed=1))))
+    # two workers on one study, each with its own sampler, asking at the same state: different trial numbers
+    storage = optuna.storages.InMemoryStorage()
+    one = fresh_study(make_sampler(config), storage)
+    other = optuna.load_study(study_name=one.study_name, storage=storage, sampler=make_sampler(config))
+    space = {f"rank_{m}": DIST for m in MODULES}
+    asked = [one.ask(space), other.ask(space)]  # both running at once
+    assert asked[0].params != asked[1].params and asked[0].params == first[0]
 
 
 def test_sampler_seeds_are_stable_across_processes_and_fit_32_bits():
-    assert sampler_seed(0, "run/0", 0) == 2986086431  # sha256, not the per-process salted ``hash``
-    assert sampler_seed(0, "a/1", 2) != sampler_seed(0, "a", 12) != sampler_seed(0, "a/12", 0)
-    assert all(0 <= sampler_seed(seed, "w", 0) < 2**32 for seed in (0, 2**32 - 1))
+    assert sampler_seed(0, 0) == 2872663220  # sha256, not the per-process salted ``hash``
+    assert len({sampler_seed(seed, number) for seed in (0, 1) for number in range(100)}) == 200
+    assert all(0 <= sampler_seed(seed, 0) < 2**32 for seed in (0, 2**32 - 1))
 
 
 def test_latency_is_timed_beside_the_baseline_so_that_load_cancels(monkeypatch):
