@@ -73,11 +73,12 @@ def make_sampler(
 
 class TrialSeeded(optuna.samplers.BaseSampler):
     """Draws trial ``n`` with a new sampler seeded by (seed, n). The storage numbers a study's trials one by one, so
-    workers sharing a study (processes, machines, started together or not) never draw alike, and the same command
-    on the same study draws the same ranks: a run repeated in a fresh folder repeats its study where its trials
-    repeat (on the CPU). A sampler kept across trials, seeded once per process, could do neither without a per-run
-    random identity. Every sampler used here reads its history from the study, so a new one per trial loses only
-    caches (GP's kernel fit starts afresh: no slower, BENCHMARKS.md)."""
+    workers sharing a study (processes, machines, started together or not) never draw with one seed, and the same
+    command on the same study draws the same ranks: a run repeated in a fresh folder repeats its study where its
+    trials repeat (on the CPU). A sampler kept across trials, seeded once per process, could have both only with a
+    per-run identity, and a random one (as before) gave up the second. Every sampler used here reads its history
+    from the study, so a new one per trial loses only caches (GP's kernel fit starts afresh: no slower,
+    BENCHMARKS.md)."""
 
     def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
         self.make, self.seed = make, seed
