@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import __version__
 from .attrs import FAIL_REASON
-from .config import Config, default_storage_url, load_config
+from .config import SAMPLERS, Config, default_storage_url, load_config
 from .decompose import conv_decompositions, factor_methods
 from .errors import UserError
 from .models import model_names
@@ -65,7 +65,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study-name", help="Optuna study name (default: the config's, else "
                         "<model>-cifar10 on CIFAR-10 and <model>-<data folder> on other data)")  # fmt: skip
     parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study-name>.db)")
-    parser.add_argument("--sampler", help="gp (default) | tpe | tpe-multivariate | nsga2 | random")
+    parser.add_argument("--sampler", help=_choices(SAMPLERS, Config.sampler))
     parser.add_argument("--budget", metavar="COST=FRACTION", help="budget mode: the best val accuracy with COST "
                         "(macs, params, latency) at or under FRACTION of the baseline's, e.g. macs=0.1")  # fmt: skip
     parser.add_argument("--pruner", help="budget mode: halving (stop trials whose val at 1/9 or 1/3 of the "

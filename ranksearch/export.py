@@ -29,6 +29,7 @@ from .fold import fold_batchnorm
 from .inputs import CIFAR10_SHAPE
 from .load import FILE_KIND, FILE_VERSION
 from .measure import count_macs
+from .models import ranks_text
 from .objectives import COSTS, DEFAULT_OBJECTIVES, cost, costs_text, study_objectives
 from .plugins import load_plugins
 from .refine import RefineRecipe, from_scratch, refine
@@ -348,8 +349,8 @@ def require_onnx() -> None:
 
 
 def _describe(trial: optuna.trial.FrozenTrial, costs: list[str]) -> str:
-    ranks = "/".join(str(round(v * 32)) for v in trial.params.values())  # in module order, as drawn
-    return f"trial {trial.number} (ranks {ranks} /32, val {trial.values[0]:.2%}, {costs_text(trial, costs)})"
+    ranks = ranks_text(trial.params.values())  # in module order, as drawn
+    return f"trial {trial.number} (ranks {ranks}, val {trial.values[0]:.2%}, {costs_text(trial, costs)})"
 
 
 def choose_trial(

@@ -13,7 +13,7 @@ import optuna
 
 from .attrs import COPIED_FROM, FAIL_REASON, RETRY_OF, WEIGHTS_ATTR, param_name
 from .config import default_storage_url
-from .models import RANK_STEPS, rank_step
+from .models import rank_text
 from .objectives import COSTS
 
 
@@ -41,7 +41,7 @@ def trial_note(trial: optuna.trial.FrozenTrial, modules: list[str], costs: list[
 
 
 def _rank(value: float | None) -> str:
-    return "-" if value is None else f"{rank_step(value)}/{RANK_STEPS}"
+    return "-" if value is None else rank_text(value)
 
 
 def _weights_line(trial: optuna.trial.FrozenTrial, export: str) -> str:

@@ -9,7 +9,6 @@ together and latency is timed beside the baseline, by the trial (``ranksearch.tr
 own ``measure(model, example) -> float`` and is registered with ``register_cost`` (in a plugin file: one file).
 """
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import numpy as np
 import optuna
 
 from .errors import UserError
+from .plugins import same_definition
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,10 @@ def register_cost(metric: Metric) -> Metric:
     if metric.measure is None or metric.direction != "minimize":
         raise ValueError(f"cost {metric.name!r}: a registered cost is minimised and carries its measure function")
     known = COSTS.get(metric.name)
-    if known is not None and not (known.measure and _same_function(known.measure, metric.measure)):
+    if known is not None and not (known.measure and same_definition(known.measure, metric.measure)):
         raise ValueError(f"cost {metric.name!r} is already registered")
     COSTS[metric.name] = metric
     return metric
-
-
-def _same_function(a: Callable, b: Callable) -> bool:
-    return a.__qualname__ == b.__qualname__ and inspect.getsourcefile(a) == inspect.getsourcefile(b)
 
 
 def check_objectives(names: list[str]) -> list[str]:

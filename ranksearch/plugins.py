@@ -9,6 +9,7 @@ A plugin file may register a model (``ranksearch.models.register_model``), a dec
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,12 @@ from pathlib import Path
 from .errors import UserError, first_line
 
 _LOADED: set[str] = set()  # what this process imported already
+
+
+def same_definition(a, b) -> bool:
+    """True for one class or function of one file imported twice (e.g. as a test module and as a plugin): a
+    registry lets it replace itself, where another definition under a taken name is refused."""
+    return a.__qualname__ == b.__qualname__ and inspect.getsourcefile(a) == inspect.getsourcefile(b)
 
 
 def resolved(plugin: str) -> str:

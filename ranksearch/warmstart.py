@@ -36,7 +36,7 @@ from torch import nn
 from .attrs import param_name
 from .config import WARM_STARTS, Config
 from .decompose import svd_rank, tucker2_ranks
-from .models import RANK_STEPS, is_pointwise, rank_modules, rank_step, rank_text, ranks_text
+from .models import RANK_STEPS, is_pointwise, rank_modules, rank_step, rank_text
 from .vbmf import evbmf, tucker2_vbmf_ranks
 
 UNIFORM_STEPS = (2, 4, 8, 16)  # the uniform sweep: every module at k/32 for these k
@@ -210,7 +210,7 @@ def _vectors_text(vectors: Sequence[Sequence[float]]) -> str:
     """``1/6/6/4/5, 2/2/2/2/2 /32`` (as the trial lines write ranks), or ``none``."""
     if not vectors:
         return "none"
-    return ", ".join(ranks_text(ranks).removesuffix(f" /{RANK_STEPS}") for ranks in vectors) + f" /{RANK_STEPS}"
+    return ", ".join("/".join(map(str, steps_key(ranks))) for ranks in vectors) + f" /{RANK_STEPS}"
 
 
 def warm_start_line(kinds: Sequence[str], enqueued: Sequence, skipped: Sequence, waiting: int, trials: int) -> str:

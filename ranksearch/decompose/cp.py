@@ -151,7 +151,6 @@ class CPConv(DecomposedLayer):
     """1x1 Cin -> R, kh x 1 depthwise, 1 x kw depthwise, 1x1 R -> Cout."""
 
     method, code = "cp", 2
-    summary = "CP, by ALS (Lebedev et al. 2015)"
 
     def __init__(self, conv: nn.Conv2d, rank: float, ranks: tuple[int] | None = None):
         super().__init__(rank)

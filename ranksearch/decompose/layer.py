@@ -8,12 +8,13 @@ and registers itself with ``@register_decomposition``: the config's and the CLI'
 rebuild from a state_dict all read ``DECOMPOSITIONS``.
 """
 
-import inspect
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
+
+from ..plugins import same_definition
 
 
 class DecompositionError(ValueError):
@@ -56,16 +57,11 @@ def register_decomposition(cls: type["DecomposedLayer"]) -> type["DecomposedLaye
     if cls.kind not in ("conv", "pointwise"):
         raise ValueError(f"decomposition {cls.method!r}: kind must be 'conv' or 'pointwise', got {cls.kind!r}")
     for other in DECOMPOSITIONS.values():
-        if (other.method == cls.method or other.code == cls.code) and not _same_class(other, cls):
+        if (other.method == cls.method or other.code == cls.code) and not same_definition(other, cls):
             raise ValueError(f"decomposition {cls.method!r} (code {cls.code}) clashes with {other.method!r} "
                              f"(code {other.code}): names and codes must be unique")  # fmt: skip
     DECOMPOSITIONS[cls.method] = cls
     return cls
-
-
-def _same_class(a: type, b: type) -> bool:
-    """True for one class defined by one file, imported twice (e.g. as a test module and as a plugin)."""
-    return a.__qualname__ == b.__qualname__ and inspect.getsourcefile(a) == inspect.getsourcefile(b)
 
 
 def conv_decompositions() -> tuple[str, ...]:
@@ -93,7 +89,6 @@ class DecomposedLayer(nn.Module):
     code: ClassVar[int]  # its code in the ``decomposition`` buffer (unique; saved with each layer)
     kind: ClassVar[str] = "conv"  # "conv": a choice of the config's ``decomposition`` (what k x k convs become);
     # "pointwise": what 1x1 convs and linear layers become when they carry ranks (``svd_layers``)
-    summary: ClassVar[str] = ""  # one line for the CLI's help
     factor_methods: ClassVar[tuple[str, ...]] = ("activation",)  # the ``decompose_method`` values it implements;
     # any other gives its plain factors
 

@@ -35,7 +35,6 @@ class SVDLayer(DecomposedLayer):
     """Two linear maps Cin -> R -> Cout: 1x1 convs for a 1x1 conv, linear layers for a linear layer."""
 
     method, code, kind = "svd", 3, "pointwise"
-    summary = "truncated SVD of 1x1 convs and linear layers"
 
     def __init__(self, layer: nn.Module, rank: float, ranks: tuple[int] | None = None):
         super().__init__(rank)

@@ -136,7 +136,6 @@ class Tucker2Conv(DecomposedLayer):
     """1x1 Cin -> R_in, k x k R_in -> R_out (stride, padding, dilation of the original), 1x1 R_out -> Cout."""
 
     method, code = "tucker2", 1
-    summary = "Tucker-2 over the channel modes (Kim et al. 2015)"
     factor_methods = ("hosvd", "hosvd+refine", "hooi", "activation")
 
     @classmethod

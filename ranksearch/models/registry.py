@@ -12,12 +12,12 @@ A family file registers its models when imported: the package's own are imported
 
 import difflib
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+from ..plugins import same_definition
 from .ranks import Grouping, attach_rank_buffers, top_level_children
 
 
@@ -50,7 +50,7 @@ def register_model(name: str, grouping: Grouping = top_level_children):
     """
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _BUILDERS and not _same_function(_BUILDERS[name].__wrapped__, builder):
+        if name in _BUILDERS and not same_definition(_BUILDERS[name].__wrapped__, builder):
             raise ValueError(f"model {name!r} is already registered")
 
         @functools.wraps(builder)
@@ -72,17 +72,12 @@ def register_family(
     """Register ``build(variant, num_classes, width)`` for the models named ``<prefix>:<variant>``."""
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if prefix in _FAMILIES and not _same_function(_FAMILIES[prefix].build, builder):
+        if prefix in _FAMILIES and not same_definition(_FAMILIES[prefix].build, builder):
             raise ValueError(f"model family {prefix!r} is already registered")
         _FAMILIES[prefix] = Family(builder, variants, grouping, fixed_width)
         return builder
 
     return wrap
-
-
-def _same_function(a: Callable, b: Callable) -> bool:
-    """True for one builder of one file imported twice (e.g. as a test module and as a plugin): it replaces itself."""
-    return a.__qualname__ == b.__qualname__ and inspect.getsourcefile(a) == inspect.getsourcefile(b)
 
 
 def model_names() -> list[str]:

@@ -12,7 +12,6 @@ from ranksearch.models import is_eligible
 @register_decomposition
 class SpatialSVDConv(DecomposedLayer):
     method, code = "spatial-svd", 101
-    summary = "spatial SVD: k x 1 then 1 x k (test plugin)"
 
     def __init__(self, conv: nn.Conv2d, rank: float, ranks: tuple[int] | None = None):
         super().__init__(rank)
