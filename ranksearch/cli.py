@@ -10,7 +10,7 @@ from . import __version__
 from .attrs import FAIL_REASON
 from .config import SAMPLERS, Config, default_storage_url, load_config
 from .decompose import conv_decompositions, factor_methods
-from .errors import UserError
+from .errors import MASK, UserError, shown_url
 from .models import model_names
 from .objectives import COSTS, parse_objectives
 
@@ -117,9 +117,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"ranksearch: all {len(failed)} trials failed (first: {reason})", file=sys.stderr)
         return 1
     if worker is None:
-        url = config.storage_url()
-        print(f"study {config.study_name!r} in {url}; inspect: optuna-dashboard {url}")
+        print(closing_line(config))
     return 0
+
+
+def closing_line(config: Config) -> str:
+    """Where ``run`` left its study and how to look at it, the storage's password masked (``shown_url``)."""
+    from .notes import study_command
+
+    url = config.storage_url()
+    shown, hint = shown_url(url), study_command("dashboard", config.study_name, config.storage)
+    needs = f" (with the real password for {MASK})" if shown != url else ""
+    return f"study {config.study_name!r} in {shown}; inspect: {hint}{needs}"
 
 
 def _baseline(config: Config):

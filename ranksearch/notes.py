@@ -4,17 +4,40 @@
 A trial's note: its state and val accuracy, each module's rank as k/32, every cost with its ratio to the baseline,
 where its weights are, and ``copied_from`` / ``retry_of`` / why it failed or was pruned. The study's note: the
 objectives, the baseline's accuracies and costs, the data and the config.
+
+optuna-dashboard renders a note as Markdown with HTML, so everything from outside that goes into one (a path, a
+module or model name, an error's text) passes through ``markdown_text`` or sits in a ``fenced`` block.
 """
 
 import json
+import re
 from types import SimpleNamespace
 
 import optuna
 
 from .attrs import COPIED_FROM, FAIL_REASON, RETRY_OF, WEIGHTS_ATTR, param_name
 from .config import default_storage_url
+from .errors import shown_url
 from .models import rank_text
 from .objectives import COSTS
+
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-!|~])")
+
+
+def markdown_text(value: object) -> str:
+    """``value`` as literal text in a note: one line, HTML's ``& < >`` as entities and Markdown's punctuation
+    backslash-escaped, so nothing in it renders as a tag, a link, a table cell or a format."""
+    text = " ".join(str(value).split())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", text)
+
+
+def fenced(text: str, language: str = "") -> str:
+    """``text`` as a Markdown code block (shown verbatim, never rendered), its fence longer than any run of
+    backticks in it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}\n{fence}"
 
 
 def trial_note(trial: optuna.trial.FrozenTrial, modules: list[str], costs: list[str], export: str) -> str:
@@ -24,19 +47,20 @@ def trial_note(trial: optuna.trial.FrozenTrial, modules: list[str], costs: list[
     if trial.values:
         lines += [f"**val accuracy {trial.values[0]:.2%}**", ""]
     lines += ["| module | rank |", "|---|---|"]
-    lines += [f"| {m} | {_rank(trial.params.get(param_name(m)))} |" for m in modules]
+    lines += [f"| {markdown_text(m)} | {_rank(trial.params.get(param_name(m)))} |" for m in modules]
     measured = [(COSTS[name], trial.user_attrs.get(COSTS[name].attr)) for name in costs if name in COSTS]
     measured = [(metric, value) for metric, value in measured if value is not None]
     if measured:
         lines += ["", "| cost | value | of the baseline's |", "|---|---|---|"]
         for metric, value in measured:
             ratio = trial.user_attrs.get(metric.ratio_attr)
-            lines.append(f"| {metric.label} | {metric.text(value)} | {'-' if ratio is None else f'{ratio:.3f}x'} |")
+            shown = "-" if ratio is None else markdown_text(f"{ratio:.3f}x")
+            lines.append(f"| {markdown_text(metric.label)} | {markdown_text(metric.text(value))} | {shown} |")
     lines += ["", _weights_line(trial, export)]
     for key, text in ((COPIED_FROM, "copied from trial {}: the same ranks"), (RETRY_OF, "re-runs trial {}"),
                       (FAIL_REASON, "failed: {}"), ("pruned_at", "pruned: {}")):  # fmt: skip
         if key in trial.user_attrs:
-            lines.append(f"- {text.format(trial.user_attrs[key])}")
+            lines.append(f"- {text.format(markdown_text(trial.user_attrs[key]))}")
     return "\n".join(lines) + "\n"
 
 
@@ -45,41 +69,41 @@ def _rank(value: float | None) -> str:
 
 
 def _weights_line(trial: optuna.trial.FrozenTrial, export: str) -> str:
-    command = f"\n\n```\n{export} --trial {trial.number} --out trial{trial.number}.pt\n```\n"  # a line of its own
+    command = f"\n\n{fenced(f'{export} --trial {trial.number} --out trial{trial.number}.pt')}\n"  # a line of its own
     if WEIGHTS_ATTR in trial.user_attrs:
         return f"- weights: kept while on the Pareto front (see Artifacts); to export them:{command}"
     if trial.state == optuna.trial.TrialState.COMPLETE:
-        seed = trial.user_attrs.get("seed")
+        seed = markdown_text(trial.user_attrs.get("seed"))
         return f"- weights: not kept; to export the trial, re-running its fine-tune (seed {seed}):{command}"
     return "- weights: none"
 
 
-def export_command(study_name: str, storage: str | None) -> str:
-    """``python -m ranksearch export --study-name NAME`` (and ``--storage URL``, its password hidden, unless it is
-    the default one): what a user pastes to export a trial of this study."""
-    command = f"python -m ranksearch export --study-name {study_name}"
-    if storage is None or storage == default_storage_url(study_name):
-        return command
-    from sqlalchemy.engine import make_url
+def study_command(command: str, study_name: str, storage: str | None) -> str:
+    """``python -m ranksearch COMMAND --study-name NAME`` (and ``--storage URL``, its password masked as ``***``
+    by ``shown_url``, unless it is the default one): what a user pastes to act on this study."""
+    line = f"python -m ranksearch {command} --study-name {study_name}"
+    if not isinstance(storage, str) or storage == default_storage_url(study_name):
+        return line  # the default, or not a URL (a test's storage object, say): left out
+    return f"{line} --storage {shown_url(storage)}"
 
-    try:
-        shown = make_url(storage).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses (a test's storage object, say): leave it out
-        return command
-    return f"{command} --storage {shown}"
+
+def export_command(study_name: str, storage: str | None) -> str:
+    """What a user pastes to export a trial of this study (``study_command``)."""
+    return study_command("export", study_name, storage)
 
 
 def study_note(config_fields: dict, baseline: dict, data: dict, objectives: list[str]) -> str:
     """The Markdown of a study's note."""
-    costs = ", ".join(f"{COSTS[name].label} (minimise)" for name in objectives[1:] if name in COSTS)
-    goal = f"the best val accuracy within budget {config_fields['budget']}" if config_fields.get("budget") else (
+    costs = ", ".join(f"{markdown_text(COSTS[name].label)} (minimise)" for name in objectives[1:] if name in COSTS)
+    budget = config_fields.get("budget")
+    goal = f"the best val accuracy within budget {markdown_text(budget)}" if budget else (
         f"val accuracy (maximise) vs {costs}")  # fmt: skip
-    lines = [f"## {config_fields.get('model', '?')} ranks: {goal}", ""]
+    lines = [f"## {markdown_text(config_fields.get('model', '?'))} ranks: {goal}", ""]
     lines += [f"**Baseline**: val {baseline['val_accuracy']:.2%}, test {baseline['test_accuracy']:.2%}, "
               f"{baseline['macs']:,} MACs, {baseline['params']:,} params", ""]  # fmt: skip
     lines += ["Each trial's note gives its ranks as k/32 per module and its costs as ratios to the baseline's.", ""]
-    lines += [f"**Data**: {', '.join(f'{k} {v}' for k, v in data.items())}", ""]
-    lines += ["**Config**", "", "```json", json.dumps(config_fields, indent=1, sort_keys=True), "```"]
+    lines += [f"**Data**: {markdown_text(', '.join(f'{k} {v}' for k, v in data.items()))}", ""]
+    lines += ["**Config**", "", fenced(json.dumps(config_fields, indent=1, sort_keys=True), "json")]
     return "\n".join(lines) + "\n"
 
 

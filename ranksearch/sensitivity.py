@@ -32,6 +32,7 @@ from .baseline import Baseline
 from .config import Config, search_fields
 from .costs import TABLE_COSTS, CostTable, cost_table
 from .data import DeviceData
+from .errors import shown_url
 from .files import atomic_write, check_writable
 from .models import RANK_STEPS, rank_modules, rank_text
 from .steps import clock_text
@@ -370,7 +371,7 @@ def ensure_points(config: Config, data: DeviceData, baseline: Baseline, bases, t
     if queued == 0:
         return study
     print(f"sensitivity: measuring {queued} of {len(wanted_points(config, table))} points (study "
-          f"{study.study_name!r} in {config.storage_url()})", flush=True)  # fmt: skip
+          f"{study.study_name!r} in {shown_url(config.storage_url())})", flush=True)  # fmt: skip
     if config.workers > 1 and queued > 1 and argv:
         gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
         waiting = lambda: len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))  # noqa: E731
@@ -429,4 +430,7 @@ def run_sensitivity(config: Config, out: Path, argv: list[str] | None = None, wo
     report_allocations(config, baseline, table, study)
     title = f"{config.model} sensitivity ({config.decomposition}, {config.finetune_steps} fine-tune steps)"
     paths = write_plots(curves(study, table.modules), baseline.val_accuracy, out, title)
-    print(f"study {study.study_name!r} in {config.storage_url()}; wrote " + ", ".join(map(str, paths)), flush=True)
+    print(
+        f"study {study.study_name!r} in {shown_url(config.storage_url())}; wrote " + ", ".join(map(str, paths)),
+        flush=True,
+    )

@@ -17,7 +17,7 @@ import sqlalchemy.exc
 
 from . import __version__
 from .config import Config, search_fields
-from .errors import UserError, first_line
+from .errors import UserError, first_line, shown_url, without_secrets
 from .files import check_writable
 from .objectives import directions, metric_names
 from .plugins import load_plugins
@@ -46,12 +46,13 @@ CONNECT_TIMEOUT = 30  # seconds a PostgreSQL server may take to accept a connect
 def check_storage_url(url: str) -> None:
     """Refuse a storage that would lose or damage data: an in-memory SQLite database (every result is gone when the
     command ends), or a SQLite file that another program owns (Optuna would add its tables to it)."""
+    shown = shown_url(url)
     if url.startswith("sqlite:") and (not url.startswith(SQLITE_PREFIX) or url.endswith(":memory:")):
-        raise UserError(f"--storage {url!r} is an in-memory database: every result would be gone when the command "
+        raise UserError(f"--storage {shown!r} is an in-memory database: every result would be gone when the command "
                         "ends; pass a file, such as sqlite:///studies/NAME.db")  # fmt: skip
     path = sqlite_path(url)
     if path is not None and path.is_dir():
-        raise UserError(f"--storage {url!r} names a folder; name a file in it, such as "
+        raise UserError(f"--storage {shown!r} names a folder; name a file in it, such as "
                         f"{SQLITE_PREFIX}{path / 'NAME.db'}")  # fmt: skip
     if path is None or not path.is_file() or path.stat().st_size == 0:
         return
@@ -59,11 +60,11 @@ def check_storage_url(url: str) -> None:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
             tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as error:
-        raise UserError(f"--storage {url!r}: {path} is not a SQLite database ({first_line(error)}); pass an Optuna "
+        raise UserError(f"--storage {shown!r}: {path} is not a SQLite database ({first_line(error)}); pass an Optuna "
                         "database or a new file") from None  # fmt: skip
     if tables and not OPTUNA_TABLES <= tables:
-        shown = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
-        raise UserError(f"--storage {url!r}: {path} is another program's database (tables {shown}), not Optuna's; "
+        names = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+        raise UserError(f"--storage {shown!r}: {path} is another program's database (tables {names}), not Optuna's; "
                         "pass an Optuna database or a new file")  # fmt: skip
 
 
@@ -130,12 +131,13 @@ def open_storage(url: str, heartbeat_seconds: int | None = None) -> optuna.stora
                 continue
             if _missing_driver(url, error):
                 raise UserError(
-                    f"cannot open storage {url!r}: the PostgreSQL driver (psycopg) is not installed; "
+                    f"cannot open storage {shown_url(url)!r}: the PostgreSQL driver (psycopg) is not installed; "
                     "pip install 'ranksearch[postgres]' and use a postgresql+psycopg:// URL"
                 ) from None
             timeout = f" within {CONNECT_TIMEOUT} s" if "timeout" in str(error).lower() else ""
+            why = without_secrets(first_line(error), url)
             raise UserError(
-                f"cannot open storage {url!r}{timeout} ({first_line(error)}); pass an Optuna storage URL such as "
+                f"cannot open storage {shown_url(url)!r}{timeout} ({why}); pass an Optuna storage URL such as "
                 "sqlite:///studies/NAME.db to --storage"
             ) from None
     raise AssertionError("unreachable")
@@ -155,7 +157,9 @@ def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
     names = _study_names(storage)
     if study_name not in names:
         known = ", ".join(names) if names else "none"
-        raise UserError(f"no study {study_name!r} in {storage_url} (studies there: {known}); check --study-name")
+        raise UserError(
+            f"no study {study_name!r} in {shown_url(storage_url)} (studies there: {known}); check --study-name"
+        )
     study = optuna.load_study(study_name=study_name, storage=storage)
     load_plugins(study.user_attrs.get("config", {}).get("plugins", []))  # its costs, model or decomposition
     return study
@@ -166,8 +170,8 @@ def _check_sqlite_folder(config: Config, path: Path) -> None:
     ``studies/`` is created for the user."""
     if config.storage is not None and not path.parent.is_dir():
         raise UserError(
-            f"cannot open storage {config.storage!r} (folder {path.parent} does not exist); create it or pass "
-            "another --storage"
+            f"cannot open storage {shown_url(config.storage)!r} (folder {path.parent} does not exist); create it or "
+            "pass another --storage"
         )
     check_writable(path.parent, "study folder")
 

@@ -1,0 +1,83 @@
+"""Probes from issue 24's hostile review (secrets, markup, a blocked or killed storage, pixel formats, long latency
+timing): each misbehaved before its fix."""
+
+import optuna
+import pytest
+
+from conftest import SMOKE_CONFIG, run_cli
+from ranksearch.attrs import FAIL_REASON
+from ranksearch.errors import shown_url
+
+SECRET = "secretpw"
+HOSTILE = "<img src=x onerror=alert(1)> [x](javascript:alert(1))"
+
+
+def _with_password(url: str) -> str:
+    """The conftest server's URL with a password in it (the server trusts its user, so any password connects)."""
+    return url.replace("postgresql+psycopg://postgres@", f"postgresql+psycopg://postgres:{SECRET}@")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql+psycopg://rs:secretpw@host/db", "postgresql+psycopg://rs:***@host/db"),
+    ("postgresql+psycopg://rs:secret@pw@host:port/db", "postgresql+psycopg://rs:***@host:port/db"),
+    ("postgresql+psycopg//rs:secretpw@host/db", "postgresql+psycopg//rs:***@host/db"),
+    ("postgresql://rs@host/db?sslmode=require&password=secretpw", "postgresql://rs@host/db?sslmode=require&password=***"),
+    ("sqlite:///studies/a:b@c.db", "sqlite:///studies/a:b@c.db"),
+])  # fmt: skip
+def test_shown_url_masks_a_password_even_where_sqlalchemy_cannot_parse_the_url(url, shown):
+    assert shown_url(url) == shown
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://rs:secretpw@127.0.0.1:1/db",  # nothing listens there
+    "postgresql+psycopg://rs:secretpw@host:port/db",  # SQLAlchemy cannot parse the port
+    "postgresql+psycopg//rs:secretpw@host/db",  # not a URL at all
+])  # fmt: skip
+def test_a_storage_that_cannot_be_opened_is_named_without_its_password(url, tmp_path):
+    """Every "cannot open storage" error echoed the password, a wrong one too."""
+    for command in (["report", "--out", "r"], ["export", "--out", "m.pt"], ["dashboard", "--port", "0"]):
+        result = run_cli(command[0], "--study-name", "s", "--storage", url, *command[1:], cwd=tmp_path)
+        assert result.returncode == 2 and "cannot open storage" in result.stderr, result.stderr
+        assert SECRET not in result.stdout + result.stderr and "***" in result.stderr
+
+
+def test_run_and_a_missing_study_never_print_the_password(postgres_url, workdir, tiny_imagefolder):
+    """``run --storage postgresql+psycopg://rs:secretpw@...`` printed the password twice in its closing line; "no
+    study ... in URL" printed it too."""
+    url = _with_password(postgres_url)
+    result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "1",
+                     "--storage", url, cwd=workdir)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    closing = result.stdout.strip().splitlines()[-1]
+    shown = shown_url(url)
+    assert closing == (f"study 'smoke' in {shown}; inspect: python -m ranksearch dashboard --study-name smoke "
+                       f"--storage {shown} (with the real password for ***)")  # fmt: skip
+    assert optuna.load_study(study_name="smoke", storage=url).trials[0].state.name == "COMPLETE"
+    missing = run_cli("report", "--study-name", "nope", "--storage", url, "--out", "r", cwd=workdir)
+    assert missing.returncode == 2 and "no study 'nope' in" in missing.stderr, missing.stderr
+    assert SECRET not in missing.stdout + missing.stderr
+
+
+def test_a_failed_trials_note_escapes_the_path_in_its_error():
+    """A working folder named like HTML and a ``javascript:`` link, weights unwritable: the failed trial's note
+    stored the path verbatim, and optuna-dashboard renders notes as Markdown with HTML."""
+    from ranksearch.notes import export_command, trial_note
+
+    error = f"PermissionError: [Errno 13] Permission denied: '/tmp/{HOSTILE}/studies/smoke-weights/t0.pt'"
+    trial = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={FAIL_REASON: error})
+    note = trial_note(trial, [HOSTILE, "block2"], [], export_command("smoke", f"sqlite:///{HOSTILE}.db"))
+    assert "<img" not in note and "](javascript:" not in note and "&lt;img" in note
+    assert "failed: PermissionError" in note and "| block2 |" in note
+
+
+def test_the_study_note_escapes_the_data_and_model_it_names_and_fences_the_config():
+    from ranksearch.notes import study_note
+
+    config = {"model": HOSTILE, "data_dir": f"/x/```\n{HOSTILE}", "budget": None}
+    baseline = {"val_accuracy": 0.5, "test_accuracy": 0.5, "macs": 10, "params": 2}
+    data = {"source": f"imagefolder {HOSTILE}", "fingerprint": "ab"}
+    note = study_note(config, baseline, data, ["accuracy", "macs"])
+    outside_code = note.split("````json")[0]
+    assert "<img" not in outside_code and "](javascript:" not in outside_code
+    assert note.rstrip().endswith("````")  # the config's own ``` cannot close its block early
