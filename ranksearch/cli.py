@@ -398,3 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ranksearch: interrupted; finished trials are saved: run again to resume", file=sys.stderr)
         return 130
+    except Exception as error:  # a storage that failed (killed, blocked by a lock) is one line, the storage's own
+        from .study import storage_failure
+
+        why = storage_failure(error)
+        if why is None:
+            raise
+        print(f"ranksearch: error: the study's storage failed ({why}); run again once it works", file=sys.stderr)
+        return 1

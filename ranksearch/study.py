@@ -6,6 +6,7 @@ with no trials yet may be re-configured.
 
 import contextlib
 import inspect
+import logging
 import random
 import sqlite3
 import time
@@ -41,6 +42,9 @@ def sqlite_path(storage_url: str) -> Path | None:
 
 OPTUNA_TABLES = {"studies", "trials", "version_info"}  # what marks a SQLite file as Optuna's
 CONNECT_TIMEOUT = 30  # seconds a PostgreSQL server may take to accept a connection (a silent port hung forever)
+# seconds a PostgreSQL statement may wait for a lock another session holds (LOCK TABLE trials hung a run silently);
+# only the wait counts, never the statement's own work, and Optuna holds its locks for milliseconds
+LOCK_TIMEOUT = 30
 
 
 def check_storage_url(url: str) -> None:
@@ -70,12 +74,60 @@ def check_storage_url(url: str) -> None:
 
 def _engine_kwargs(url: str) -> dict:
     """SQLite: writers wait for each other (up to 120 s) instead of failing with ``database is locked``;
-    PostgreSQL: a connection the server dropped (restart, idle timeout) is replaced, not used."""
+    PostgreSQL: a connection the server dropped (restart, idle timeout) is replaced, not used, and a statement
+    waits at most ``LOCK_TIMEOUT`` for a lock (the URL's own ``options`` are kept)."""
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 120}}
     if url.startswith("postgresql"):
-        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
+        options = f"{_url_options(url)} -c lock_timeout={LOCK_TIMEOUT * 1000}".strip()  # milliseconds
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT, "options": options}}
     return {}
+
+
+def _url_options(url: str) -> str:
+    """The ``options`` query parameter of a PostgreSQL URL ('' when none, or when SQLAlchemy cannot parse it:
+    opening it then fails on its own)."""
+    try:
+        value = sqlalchemy.engine.make_url(url).query.get("options", "")
+    except Exception:
+        return ""
+    return " ".join(value) if isinstance(value, tuple) else value
+
+
+def storage_failure(error: BaseException) -> str | None:
+    """What the storage itself said behind ``error``, in one line; None when no storage failed. Optuna hides it:
+    a failed tell becomes ``AssertionError: Should not reach.``, and any database error in a commit (a killed
+    server, a lock timeout) becomes StorageInternalError's "invalid data in the commit, e.g. exceeding max
+    length"; the driver's own error is behind them, the first one raised (a lock timeout, say, before the
+    "current transaction is aborted" of the statements after it)."""
+    seen, found = set(), None
+    while error is not None and id(error) not in seen:
+        if isinstance(error, sqlalchemy.exc.DBAPIError) and error.orig is not None:
+            found = error.orig
+        elif found is None and isinstance(error, (sqlalchemy.exc.SQLAlchemyError,
+                                                  optuna.exceptions.StorageInternalError)):  # fmt: skip
+            found = error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None if found is None else _with_lock_hint(first_line(found))
+
+
+class _QuietFallback(logging.Filter):
+    """Drops Optuna's "Caught an error from sqlalchemy: ... Falling back to a slower alternative" (many lines, the
+    SQL included), logged for any error of a trials query, a lock timeout too: the error of the query it falls
+    back to is what the command reports, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Caught an error from sqlalchemy")
+
+
+logging.getLogger("optuna.storages._rdb.storage").addFilter(_QuietFallback())
+
+
+def _with_lock_hint(text: str) -> str:
+    if "lock timeout" not in text:
+        return text
+    return f"{text}: another session held a lock on the study's tables for over {LOCK_TIMEOUT} s"
 
 
 def _heartbeat_kwargs(seconds: int) -> dict:

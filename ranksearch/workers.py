@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
-import sqlalchemy
 
 from .attrs import FAIL_REASON, INTERRUPTED, RETRY_OF
-from .errors import UserError, first_line
+from .errors import UserError
 from .interrupts import Signals as _Signals
+from .study import storage_failure
 
 FAIL = optuna.trial.TrialState.FAIL
 COMPLETE = optuna.trial.TrialState.COMPLETE
@@ -101,18 +101,6 @@ def _lost_race(error: Exception) -> bool:
     return isinstance(error, optuna.exceptions.UpdateFinishedTrialError) or str(error).startswith("Cannot tell a ")
 
 
-def _storage_failure(error: BaseException) -> BaseException | None:
-    """The storage error behind ``error`` (a read-only or vanished database), or None. Optuna replaces a failed
-    tell by ``AssertionError: Should not reach.``, with the storage's error as its context."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError)):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def optimize_share(study: optuna.Study, objective: Callable, worker: Worker, trials: int, callbacks: list) -> None:
     """Run ``trials`` trials of ``objective`` tagged for ``worker``; Ctrl-C and SIGTERM end it cleanly (the
     running trial is recorded as interrupted) with KeyboardInterrupt. A queued trial another worker took at the
@@ -130,11 +118,11 @@ def optimize_share(study: optuna.Study, objective: Callable, worker: Worker, tri
                 raise
             print(f"ranksearch: w{worker.index}: another worker ran the same queued trial; going on", flush=True)
         except Exception as error:
-            cause = _storage_failure(error)
-            if cause is None:
+            why = storage_failure(error)
+            if why is None:
                 raise
             raise UserError(
-                f"cannot write to the study's storage any more ({first_line(cause)}); make it writable and run "
+                f"cannot write to the study's storage any more ({why}); make it writable and run "
                 "again: the trial left running is failed by the heartbeat and run again"
             ) from None
     if _Signals.pending:

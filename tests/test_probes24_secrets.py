@@ -81,3 +81,55 @@ def test_the_study_note_escapes_the_data_and_model_it_names_and_fences_the_confi
     outside_code = note.split("````json")[0]
     assert "<img" not in outside_code and "](javascript:" not in outside_code
     assert note.rstrip().endswith("````")  # the config's own ``` cannot close its block early
+
+
+def _locked_trials(url: str):
+    """A second session holding ``LOCK TABLE trials IN ACCESS EXCLUSIVE MODE`` (released when closed, or by the
+    server after 60 s idle: a hang fails the test rather than stalling the suite)."""
+    import psycopg
+
+    holder = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
+    holder.execute("SET idle_in_transaction_session_timeout = '60s'")
+    holder.execute("LOCK TABLE trials IN ACCESS EXCLUSIVE MODE")
+    return holder
+
+
+def test_a_storage_blocked_by_another_sessions_lock_fails_in_one_line(postgres_url, workdir, tiny_imagefolder,
+                                                                      monkeypatch):  # fmt: skip
+    """Another session's ``LOCK TABLE trials IN ACCESS EXCLUSIVE MODE``: no output for 90 s (a connect timeout but
+    no lock timeout). The lock timeout is lowered to 1 s here; it is ``LOCK_TIMEOUT`` (30 s) for users."""
+    from ranksearch import study as study_module
+
+    run = ("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "1",
+           "--storage", postgres_url)  # fmt: skip
+    assert run_cli(*run, cwd=workdir).returncode == 0
+    monkeypatch.setattr(study_module, "LOCK_TIMEOUT", 1)
+    holder = _locked_trials(postgres_url)
+    try:
+        for command in (run, ("report", "--study-name", "smoke", "--storage", postgres_url, "--out", "r")):
+            result = run_cli(*command, cwd=workdir)
+            assert result.returncode == 1, result.stderr
+            line = "ranksearch: error: the study's storage failed (canceling statement due to lock timeout: another"
+            assert result.stderr.startswith(line) and "for over 1 s" in result.stderr, result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    finally:
+        holder.close()
+    assert len(optuna.load_study(study_name="smoke", storage=postgres_url).trials) == 1
+
+
+def test_a_killed_storage_is_reported_by_its_own_error_not_optunas_max_length_guess():
+    """PostgreSQL killed mid-run: "invalid data in the commit, e.g. exceeding max length" (Optuna's wrapper)."""
+    import sqlalchemy
+
+    from ranksearch.study import storage_failure
+
+    driver = Exception("consuming input failed: server closed the connection unexpectedly\nThis probably means...")
+    try:
+        try:
+            raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, driver)
+        except sqlalchemy.exc.OperationalError as error:
+            message = "An exception is raised during the commit. This typically happens due to invalid data ..."
+            raise optuna.exceptions.StorageInternalError(message) from error
+    except optuna.exceptions.StorageInternalError as wrapped:
+        assert storage_failure(wrapped) == "consuming input failed: server closed the connection unexpectedly"
+    assert storage_failure(ValueError("not a storage")) is None
