@@ -21,7 +21,7 @@ from .inputs import CIFAR10_CLASSES, CIFAR_MEAN, CIFAR_SIZE, CIFAR_STD, InputSpe
 from .steps import draws_bars
 
 CROP_PADDING = 4
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 # v2: validated by the files and the pixels' fingerprint; v3: images kept at their own size (v2 resized to 32x32)
 CACHE_NAME = ".ranksearch-cache-v3.pt"
 ACCEPTED = (
@@ -145,10 +145,27 @@ def _image_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}  # Pillow's 16-bit grayscale (a 16-bit PNG or TIFF)
+DECODER = 2  # in the decode cache's key; 2: 16-bit images scaled to 8 bits, 32-bit ones refused (1: clipped)
+
+
+class PixelFormatError(ValueError):
+    """An image whose pixels have no known 8-bit form (32-bit integers or floats: their range is the writer's)."""
+
+
 def _decode_one(path: Path) -> np.ndarray:
+    """The image at ``path`` as 8-bit RGB, (H, W, 3). 16-bit grayscale keeps its high byte (``convert("RGB")``
+    clipped it: a 16-bit PNG was nearly all white); 32-bit integer and float images are refused."""
     from PIL import Image
 
     with Image.open(path) as image:
+        if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):  # older Pillow: "I"
+            gray = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)  # 0..65535 -> 0..255
+            return np.repeat(gray[..., None], 3, axis=2)
+        if image.mode in ("I", "F"):
+            kind = "floats" if image.mode == "F" else "integers"
+            raise PixelFormatError(f"32-bit {kind} (mode {image.mode}), whose range no file states; save it as "
+                                   "8-bit or 16-bit")  # fmt: skip
         return np.asarray(image.convert("RGB"))  # (H, W, 3)
 
 
@@ -206,7 +223,7 @@ def files_key(data_dir: Path, files: list[tuple[Path, int]]) -> str:
     Moving an image to another class, adding, removing or rewriting one changes the key; so does an edit in place
     that keeps the size and sets the modification time back (its change time, which no program can set, moves).
     """
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"decoder {DECODER}\n".encode())  # a cache decoded otherwise is decoded again
     for path, label in files:
         stat = path.stat()
         times = f"{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"

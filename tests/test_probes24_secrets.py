@@ -6,7 +6,7 @@ import pytest
 
 from conftest import SMOKE_CONFIG, run_cli
 from ranksearch.attrs import FAIL_REASON
-from ranksearch.errors import shown_url
+from ranksearch.errors import UserError, shown_url
 
 SECRET = "secretpw"
 HOSTILE = "<img src=x onerror=alert(1)> [x](javascript:alert(1))"
@@ -133,3 +133,46 @@ def test_a_killed_storage_is_reported_by_its_own_error_not_optunas_max_length_gu
     except optuna.exceptions.StorageInternalError as wrapped:
         assert storage_failure(wrapped) == "consuming input failed: server closed the connection unexpectedly"
     assert storage_failure(ValueError("not a storage")) is None
+
+
+def _replace_image(root, name: str, pixels, suffix: str = ".png"):
+    """Replace train/class3/0000.png by ``pixels`` saved as ``name`` + ``suffix`` (Pillow picks the format)."""
+    from PIL import Image
+
+    (root / "train" / "class3" / "0000.png").unlink()
+    path = root / "train" / "class3" / f"{name}{suffix}"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_a_16_bit_png_keeps_its_gray_levels(tmp_path):
+    """A 16-bit PNG decoded to 99.6 % white (its values clipped at 255)."""
+    import numpy as np
+
+    from conftest import write_imagefolder
+    from ranksearch.data import load_dataset
+
+    root = write_imagefolder(tmp_path / "data", train_per_class=2, test_per_class=1)
+    levels = np.tile(np.arange(32, dtype=np.uint16) * 2048, (32, 1))  # 0 .. 63488 across each row
+    _replace_image(root, "0000-16bit", levels)
+    train = load_dataset(root).train
+    images = train.images[train.labels == 3]
+    decoded = next(image for image in images if int(image[0, 5, 31]) != int(image[0, 5, 0]))  # the 16-bit one
+    assert decoded[:, 5, :].tolist() == [[level >> 8 for level in range(0, 65536, 2048)]] * 3
+
+
+@pytest.mark.parametrize("dtype, suffix", [("float32", ".tif"), ("float32", ".png"), ("int32", ".tiff")])
+def test_a_32_bit_image_is_refused_naming_the_file(tmp_path, dtype, suffix):
+    """A float TIFF decoded to black, silently (and a .tif was not even looked at)."""
+    import numpy as np
+
+    from conftest import write_imagefolder
+    from ranksearch.data import load_dataset
+
+    root = write_imagefolder(tmp_path / "data", train_per_class=2, test_per_class=1)
+    pixels = np.random.default_rng(0).random((32, 32)).astype(dtype)
+    path = _replace_image(root, "0000-float", pixels, ".tif")
+    if suffix != ".tif":
+        path = path.rename(path.with_suffix(suffix))  # a TIFF by its content, whatever its name
+    with pytest.raises(UserError, match=rf"cannot be decoded, first {path} \(PixelFormatError: 32-bit "):
+        load_dataset(root)
