@@ -19,6 +19,8 @@ from .fold import fold_batchnorm
 from .inputs import CIFAR10_SHAPE
 
 CPU = torch.device("cpu")
+MIN_TIMED_RUNS = 3  # timed passes a measurement makes even when one pass outlasts max_seconds (a large batch)
+PROGRESS_SECONDS = 10.0  # a longer measurement says how far it is this often (batch 4096 on a CPU: minutes)
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,15 @@ def measure_latency(
     model: nn.Module, input_shape: tuple[int, ...] = CIFAR10_SHAPE, batch: int = 1,
     device: torch.device = CPU, threads: int | None = None, rel_tol: float = 0.02,
     min_rounds: int = 3, round_size: int = 10, max_seconds: float = 10.0, warmup: int = 5,
+    progress: Callable[[str], None] | None = None,
 ) -> LatencyResult:  # fmt: skip
     """Median latency of ``model`` (already on ``device``) on one fixed random batch, under ``inference_mode``.
 
     After ``warmup`` untimed passes, rounds of ``round_size`` timed passes run until, from round ``min_rounds``
     on, the median of all timings so far moved less than ``rel_tol`` (relative) since the previous round, or
-    ``max_seconds`` of timing passed (then ``stable`` is False). ``threads`` sets torch's intra-op threads for
+    ``max_seconds`` passed, warm-up included (then ``stable`` is False): a pass that outlasts it ends the warm-up
+    after that pass and the timing after ``MIN_TIMED_RUNS`` passes. A measurement longer than
+    ``PROGRESS_SECONDS`` passes a line to ``progress`` that often. ``threads`` sets torch's intra-op threads for
     the measurement. The model's training flag and torch's thread count are restored afterwards.
     """
     was_training, previous_threads = model.training, torch.get_num_threads()
@@ -50,13 +55,17 @@ def measure_latency(
         if threads is not None:
             torch.set_num_threads(threads)
         model.eval()
+        clock = _Clock(max_seconds, progress, batch)
         with torch.inference_mode(), torch.cuda.device(device) if on_gpu else contextlib.nullcontext():
             for _ in range(warmup):
                 model(images)
+                clock.warmed += 1
+                if clock.tick(0):
+                    break
             if on_gpu:
                 torch.cuda.synchronize(device)
             timer = _cuda_ms if on_gpu else _cpu_ms
-            timings, stable = _timed_rounds(lambda: timer(model, images), rel_tol, min_rounds, round_size, max_seconds)
+            timings, stable = _timed_rounds(lambda: timer(model, images), rel_tol, min_rounds, round_size, clock)
         return LatencyResult(statistics.median(timings), len(timings), stable, torch.get_num_threads(), batch)
     finally:
         model.train(was_training)
@@ -79,20 +88,40 @@ def _cuda_ms(model: nn.Module, images: torch.Tensor) -> float:
     return start.elapsed_time(end)  # milliseconds
 
 
+class _Clock:
+    """A measurement's time: whether ``max_seconds`` passed since it began, and a line to ``progress`` every
+    ``PROGRESS_SECONDS``."""
+
+    def __init__(self, max_seconds: float, progress: Callable[[str], None] | None, batch: int):
+        self.start = self.said = time.perf_counter()
+        self.max_seconds, self.progress, self.batch, self.warmed = max_seconds, progress, batch, 0
+
+    def tick(self, timed: int) -> bool:
+        """After a pass (``timed`` timed ones so far): True when the time is up."""
+        now = time.perf_counter()
+        if self.progress is not None and now - self.said >= PROGRESS_SECONDS:
+            self.said = now
+            self.progress(f"latency at batch {self.batch}: {self.warmed} warm-up and {timed} timed run(s) in "
+                          f"{now - self.start:.0f} s (it stops after {self.max_seconds:g} s, with at least "
+                          f"{MIN_TIMED_RUNS} timed runs)")  # fmt: skip
+        return now - self.start >= self.max_seconds
+
+
 def _timed_rounds(
-    time_one: Callable[[], float], rel_tol: float, min_rounds: int, round_size: int, max_seconds: float
+    time_one: Callable[[], float], rel_tol: float, min_rounds: int, round_size: int, clock: _Clock
 ) -> tuple[list[float], bool]:
-    """All timings (ms) and whether their median settled before ``max_seconds``; see ``measure_latency``."""
+    """All timings (ms) and whether their median settled before the clock's time was up; see
+    ``measure_latency``."""
     timings: list[float] = []
     rounds, previous_median = 0, None
-    deadline = time.perf_counter() + max_seconds
     while True:
-        timings += [time_one() for _ in range(round_size)]
+        for _ in range(round_size):
+            timings.append(time_one())
+            if clock.tick(len(timings)) and len(timings) >= MIN_TIMED_RUNS:
+                return timings, False
         rounds, median = rounds + 1, statistics.median(timings)
         if rounds >= min_rounds and previous_median and abs(median - previous_median) < rel_tol * previous_median:
             return timings, True
-        if time.perf_counter() >= deadline:
-            return timings, False
         previous_median = median
 
 

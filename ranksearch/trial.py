@@ -174,6 +174,10 @@ class PruningCheckpoints:
             raise optuna.TrialPruned(where)
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 PAIRED_ROUNDS = 2  # a new architecture and the baseline are timed in turn this many times each, fastest kept
 
 
@@ -194,7 +198,9 @@ class LatencyMeter:
         self.baseline_ms = self._median_ms(self.baseline)
 
     def _median_ms(self, deployed: nn.Module) -> float:
-        return measure_latency(deployed, input_shape=self.shape, batch=self.batch, device=self.device).median_ms
+        """One measurement; a long one (a large ``latency_batch``) prints a progress line every 10 s."""
+        return measure_latency(deployed, input_shape=self.shape, batch=self.batch, device=self.device,
+                               progress=_say).median_ms  # fmt: skip
 
     def measure(self, model: nn.Module) -> float:
         """``model``'s latency at the load ``baseline_ms`` was measured under (see the class)."""

@@ -176,3 +176,67 @@ def test_a_32_bit_image_is_refused_naming_the_file(tmp_path, dtype, suffix):
         path = path.rename(path.with_suffix(suffix))  # a TIFF by its content, whatever its name
     with pytest.raises(UserError, match=rf"cannot be decoded, first {path} \(PixelFormatError: 32-bit "):
         load_dataset(root)
+
+
+class _FakeClock:
+    """``time.perf_counter`` of a machine where every forward pass takes ``seconds``: no real time passes."""
+
+    def __init__(self, seconds: float):
+        self.now, self.seconds, self.passes = 0.0, seconds, 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def forward(self, x):
+        self.now += self.seconds
+        self.passes += 1
+        return x
+
+
+def test_a_slow_latency_measurement_says_how_far_it_is_and_stops_near_its_limit(monkeypatch):
+    """``--latency-batch 4096``: 148 s without a line, while the README said timing takes at most 10 s (the warm-up
+    did not count, and the 10 s were checked after whole rounds of 10 runs)."""
+    from torch import nn
+
+    from ranksearch import latency
+
+    clock = _FakeClock(4.0)  # 4 s a forward pass
+    monkeypatch.setattr(latency.time, "perf_counter", clock)
+    model = nn.Module()
+    model.forward = clock.forward
+    lines = []
+    result = latency.measure_latency(model, batch=4096, progress=lines.append)
+    assert result.runs == latency.MIN_TIMED_RUNS and not result.stable
+    assert clock.passes == 3 + latency.MIN_TIMED_RUNS  # warm-up ended at 12 s: 3 passes instead of 5
+    assert lines and all(line.startswith("latency at batch 4096: ") for line in lines), lines
+
+
+def test_a_fast_latency_measurement_prints_nothing(monkeypatch):
+    from torch import nn
+
+    from ranksearch import latency
+
+    clock = _FakeClock(0.001)
+    monkeypatch.setattr(latency.time, "perf_counter", clock)
+    model = nn.Module()
+    model.forward = clock.forward
+    lines = []
+    result = latency.measure_latency(model, progress=lines.append)
+    assert result.stable and result.runs == 30 and lines == []  # 3 rounds of 10, the same time each run
+
+
+def test_the_trial_latency_meter_prints_its_progress(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from ranksearch import latency, trial
+
+    clock = _FakeClock(6.0)
+    monkeypatch.setattr(latency.time, "perf_counter", clock)
+    monkeypatch.setattr(trial, "deployed_form", lambda model, input_shape, device: model)
+    model = nn.Module()
+    model.forward = clock.forward
+    meter = trial.LatencyMeter(SimpleNamespace(latency_batch=4096, decomposition="tucker2"), latency.CPU, model)
+    assert meter.baseline_ms == 6000.0
+    assert "latency at batch 4096: " in capsys.readouterr().out
