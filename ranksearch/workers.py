@@ -122,8 +122,8 @@ def optimize_share(study: optuna.Study, objective: Callable, worker: Worker, tri
             if why is None:
                 raise
             raise UserError(
-                f"cannot write to the study's storage any more ({why}); make it writable and run "
-                "again: the trial left running is failed by the heartbeat and run again"
+                f"cannot write to the study's storage any more ({why}); run again once it works (its server up, "
+                "its file writable): the trial left running is failed by the heartbeat and run again"
             ) from None
     if _Signals.pending:
         raise KeyboardInterrupt

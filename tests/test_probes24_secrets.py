@@ -240,3 +240,63 @@ def test_the_trial_latency_meter_prints_its_progress(monkeypatch, capsys):
     meter = trial.LatencyMeter(SimpleNamespace(latency_batch=4096, decomposition="tucker2"), latency.CPU, model)
     assert meter.baseline_ms == 6000.0
     assert "latency at batch 4096: " in capsys.readouterr().out
+
+
+@pytest.fixture
+def own_postgres_server(tmp_path_factory):
+    """A PostgreSQL server of this test's own (the session's is shared): yields (port, stop)."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from conftest import PG_BIN, _as_postgres, _free_port
+
+    folder = Path(tempfile.mkdtemp(prefix="ranksearch-pg-kill-"))
+    data = folder / "data"
+    data.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+        shutil.chown(data, "postgres")
+    assert _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                        "--no-sync").returncode == 0  # fmt: skip
+    port = _free_port()
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+    started = _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-o", options, "-w",
+                           "start")  # fmt: skip
+    assert started.returncode == 0, started.stderr
+
+    def stop(mode: str = "immediate") -> None:
+        _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", mode, "-w", "stop")
+
+    try:
+        yield port, stop
+    finally:
+        stop("fast")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_postgresql_killed_mid_run_is_one_line_with_the_servers_own_error(own_postgres_server, workdir,
+                                                                         tiny_imagefolder):  # fmt: skip
+    """PostgreSQL killed mid-run: "invalid data in the commit, e.g. exceeding max length" (Optuna's guess)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    port, stop = own_postgres_server
+    url = f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:{port}/postgres"
+    command = [sys.executable, "-m", "ranksearch", "run", "--config", str(SMOKE_CONFIG), "--data-dir",
+               str(tiny_imagefolder), "--trials", "30", "--finetune-steps", "20", "--storage", url]  # fmt: skip
+    run = subprocess.Popen(command, cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    for line in run.stdout:
+        if line.startswith("[1/30]"):
+            stop()  # kill -9 of the server, in effect
+            break
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 2, err
+    assert err.strip().splitlines()[-1].startswith("ranksearch: error: cannot write to the study's storage any more (")
+    assert "Traceback" not in err and "exceeding max length" not in err and SECRET not in out + err
+    assert "server closed the connection" in err or "Connection refused" in err, err
