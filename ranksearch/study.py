@@ -16,7 +16,7 @@ import optuna
 import sqlalchemy.exc
 
 from . import __version__
-from .config import Config, search_fields
+from .config import Config, check_study_name, search_fields
 from .errors import UserError, first_line
 from .files import check_writable
 from .objectives import directions, metric_names
@@ -37,6 +37,19 @@ def study_metric_names(config: Config) -> list[str]:
 def sqlite_path(storage_url: str) -> Path | None:
     """The database file of a SQLite URL, None for other storages."""
     return Path(storage_url.removeprefix(SQLITE_PREFIX)) if storage_url.startswith(SQLITE_PREFIX) else None
+
+
+def weights_folder(storage_url: str, study_name: str, server_folder: str | None = None) -> Path:
+    """Where the kept weights of study ``study_name`` live, derived from the storage's own location and never from a
+    path stored in the database (a copied or foreign database must not reach another study's files): beside a
+    SQLite database, ``<its folder>/<study_name>-weights``; for a server storage (PostgreSQL), which has no folder,
+    ``server_folder`` (the config's ``weights_dir``, ``--weights-dir``), default ``studies/<study_name>-weights`` in
+    the working folder. UserError for a study name that is no name (it would reach outside the folder)."""
+    check_study_name(study_name)
+    path = sqlite_path(storage_url)
+    if path is not None:
+        return path.parent / f"{study_name}-weights"
+    return Path(server_folder or f"studies/{study_name}-weights")
 
 
 OPTUNA_TABLES = {"studies", "trials", "version_info"}  # what marks a SQLite file as Optuna's
