@@ -106,11 +106,13 @@ def _resolve(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .search import run_search
+    from .study import deleted_study_is_one_line
     from .workers import Worker
 
     config = _resolve(args)
     worker = Worker.parse(args.worker) if args.worker else None
-    _, ran = run_search(config, argv=args.argv, worker=worker)
+    with deleted_study_is_one_line(config.storage_url(), config.study_name):
+        _, ran = run_search(config, argv=args.argv, worker=worker)
     failed = [t for t in ran if t.state.name == "FAIL"]
     if failed and len(failed) == len(ran):
         reason = failed[0].user_attrs.get(FAIL_REASON, "unknown")

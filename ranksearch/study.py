@@ -158,6 +158,39 @@ def _study_names(storage: optuna.storages.BaseStorage) -> list[str]:
     return sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
 
 
+_NOT_FOUND = "Record does not exist."  # Optuna's KeyError for a study or trial the storage no longer holds
+
+
+def _missing_record(error: BaseException) -> bool:
+    """Whether Optuna's KeyError for a missing study or trial record is ``error`` or in its chain."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyError) and _NOT_FOUND in str(error):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def deleted_study_is_one_line(storage_url: str, study_name: str):
+    """A study deleted while this process works on it (optuna-dashboard's delete, ``optuna.delete_study``) ends the
+    body with one UserError instead of Optuna's chained KeyErrors (from a trial's attrs, its tell or a callback)."""
+    try:
+        yield
+    except Exception as error:
+        if not _missing_record(error):
+            raise
+        try:
+            gone = study_name not in _study_names(open_storage(storage_url))
+        except UserError:
+            gone = False
+        if not gone:
+            raise
+        raise UserError(f"study {study_name!r} was deleted while this run worked on it (from optuna-dashboard or "
+                        "another program), with its trials; run again to start it anew") from None  # fmt: skip
+
+
 def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
     """A study that must already exist (for export, report, dashboard); a clear error otherwise."""
     path = sqlite_path(storage_url)
