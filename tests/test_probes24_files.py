@@ -9,6 +9,7 @@ from wsgiref.util import setup_testing_defaults
 
 import optuna
 import pytest
+from test_dashboard import wsgi_get
 
 from conftest import SMOKE_CONFIG, run_cli
 from ranksearch.dashboard import check_host, is_loopback, make_app, make_dashboard_server
@@ -233,3 +234,31 @@ def test_weights_of_a_trial_beside_the_database(tmp_path):
     assert weights_folder("postgresql+psycopg://u@h/db", "s", "/w") == Path("/w")
     with pytest.raises(UserError, match="is not a name"):
         weights_folder(f"sqlite:///{tmp_path}/s.db", "../../etc")
+
+
+def test_a_server_storage_serves_the_weights_of_its_folder_in_the_working_folder(postgres_url, tmp_path, monkeypatch):
+    """On PostgreSQL (no file location), the weights folder is the command's own: ``studies/<name>-weights`` in the
+    working folder, or ``--weights-dir``; never the path the study records."""
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    monkeypatch.chdir(tmp_path)
+    study = optuna.create_study(storage=postgres_url, study_name="s")
+    study.set_user_attr("weights_dir", str(tmp_path / "recorded"))
+    downloads = {}
+    for folder in (Path("studies/s-weights"), tmp_path / "given"):
+        folder.mkdir(parents=True)
+        (tmp_path / "w.pt").write_bytes(str(folder).encode())
+        trial = study.ask()
+        artifact_id = upload_artifact(artifact_store=FileSystemArtifactStore(folder), file_path=str(tmp_path / "w.pt"),
+                                      study_or_trial=trial)  # fmt: skip
+        study.tell(trial, 1.0)
+        downloads[folder] = (trial._trial_id, artifact_id)
+    given = {"s": str(tmp_path / "given")}
+    for server_folders, served in ((None, Path("studies/s-weights")), (given, tmp_path / "given")):
+        app = make_app(postgres_url, server_folders)
+        for folder, (trial_id, artifact_id) in downloads.items():
+            status, body = wsgi_get(app, f"/artifacts/{study._study_id}/{trial_id}/{artifact_id}")
+            if folder == served:
+                assert status.startswith("200") and body == str(folder).encode()
+            else:
+                assert status.startswith("404")
