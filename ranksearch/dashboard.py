@@ -142,7 +142,7 @@ def check_host(host: str) -> str:
                         "(the default), or 0.0.0.0 to serve the network on purpose")  # fmt: skip
     if host != host.strip():
         raise UserError(f"--host {host!r} has spaces around it; pass --host {host.strip()}")
-    if not is_loopback(host):
+    if _addresses(host) and not is_loopback(host):  # a host that resolves to nothing fails to bind, in one line
         print(f"warning: serving on {host}: anyone who can reach this machine can read and delete the studies "
               "(the dashboard has no login); --host 127.0.0.1 keeps it to this machine", file=sys.stderr)  # fmt: skip
     return host

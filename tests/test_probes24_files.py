@@ -181,6 +181,14 @@ def test_a_host_with_spaces_around_it_is_refused_in_one_line(host, tmp_path, cap
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_host_that_resolves_to_nothing_fails_in_one_line_without_a_warning(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    optuna.create_study(storage=url, study_name="d")
+    with pytest.raises(UserError, match="cannot serve on no-such-host.invalid:0"):
+        make_dashboard_server(url, "no-such-host.invalid", 0)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_the_dashboard_serves_on_127_1(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'd.db'}"
     optuna.create_study(storage=url, study_name="d")
