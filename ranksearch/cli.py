@@ -106,11 +106,13 @@ def _resolve(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .search import run_search
+    from .study import deleted_study_is_one_line
     from .workers import Worker
 
     config = _resolve(args)
     worker = Worker.parse(args.worker) if args.worker else None
-    _, ran = run_search(config, argv=args.argv, worker=worker)
+    with deleted_study_is_one_line(config.storage_url(), config.study_name):
+        _, ran = run_search(config, argv=args.argv, worker=worker)
     failed = [t for t in ran if t.state.name == "FAIL"]
     if failed and len(failed) == len(ran):
         reason = failed[0].user_attrs.get(FAIL_REASON, "unknown")
@@ -247,6 +249,23 @@ def _storage_url(args: argparse.Namespace) -> str:
     return args.storage or default_storage_url(args.study_name)
 
 
+_WEIGHTS_DIR_HELP = ("server storages (PostgreSQL) only: the study's weights folder, as the run's weights_dir "
+                     "(default studies/<study-name>-weights); a SQLite study's are beside its database")  # fmt: skip
+
+
+def _weights_folder(args: argparse.Namespace) -> Path:
+    """The study's kept weights folder (``study.weights_folder``); ``--weights-dir`` is refused for SQLite, whose
+    studies keep them beside the database."""
+    from .study import weights_folder
+
+    url = _storage_url(args)
+    if args.weights_dir is not None and url.startswith("sqlite"):
+        beside = weights_folder(url, args.study_name)
+        raise UserError(f"--weights-dir is for server storages (PostgreSQL): a SQLite study keeps its weights beside "
+                        f"its database ({beside})")  # fmt: skip
+    return weights_folder(url, args.study_name, args.weights_dir)
+
+
 def _open_study(args: argparse.Namespace):
     from .study import load_existing_study
 
@@ -274,6 +293,7 @@ def _export_flags(parser: argparse.ArgumentParser) -> None:
                         "each format is written with its own suffix in place of --out's")  # fmt: skip
     parser.add_argument("--data-dir", help="the study's data (default: the folder recorded in the study)")
     parser.add_argument("--device", help="auto | cpu | cuda (default: the device the trial ran on)")
+    parser.add_argument("--weights-dir", help=_WEIGHTS_DIR_HELP)
 
 
 def _refine_recipe(args: argparse.Namespace):
@@ -309,10 +329,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                         "training from scratch)")  # fmt: skip
     recipe = _refine_recipe(args)
     paths = check_out(args.out, formats)
+    weights = _weights_folder(args)
     study = _open_study(args)
     trial = choose_trial(study, args.trial, args.max_drop, args.objective)
     export_trial(study, trial, args.data_dir, export_device(trial, args.device), paths, args.finetune_epochs,
-                 recipe, args.from_scratch_check)  # fmt: skip
+                 recipe, args.from_scratch_check, weights)  # fmt: skip
     return 0
 
 
@@ -335,6 +356,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _dashboard_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
+    parser.add_argument("--weights-dir", help=_WEIGHTS_DIR_HELP)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -342,7 +364,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
-    serve(_storage_url(args), args.host, args.port, study_name=args.study_name)
+    weights = _weights_folder(args)
+    serve(_storage_url(args), args.host, args.port, study_name=args.study_name,
+          weights_dir=str(weights) if args.weights_dir else None)  # fmt: skip
     return 0
 
 

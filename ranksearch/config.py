@@ -82,7 +82,8 @@ class Config:
     # warmstart and sensitivity (allocations from single-module curves, measured first when missing): the uniform
     # sweep first, then TPE, beat TPE alone at every budget in BENCHMARKS.md ("Samplers at equal budget")
     warm_start: list[str] = field(default_factory=lambda: ["uniform"])
-    weights_dir: str | None = None  # Pareto trials' weights; default studies/<study_name>-weights
+    weights_dir: str | None = None  # server storages only: the Pareto trials' weights (default
+    # studies/<study_name>-weights); a SQLite study keeps them beside its database, <db folder>/<study_name>-weights
     # workers
     workers: int = 1  # processes on this machine adding trials to the study (GPU i mod G; CPU cores split)
     heartbeat_seconds: int = 60  # a trial whose worker is silent for 2x this is failed and retried (RDB storage)
@@ -94,8 +95,11 @@ class Config:
     def storage_url(self) -> str:
         return self.storage or default_storage_url(self.study_name)
 
-    def weights_path(self) -> str:
-        return self.weights_dir or f"studies/{self.study_name}-weights"
+    def weights_path(self) -> Path:
+        """The folder of the study's kept weights (``study.weights_folder``: beside a SQLite database)."""
+        from .study import weights_folder  # the storage's module, which imports this one
+
+        return weights_folder(self.storage_url(), self.study_name, self.weights_dir)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -292,6 +296,7 @@ def check_study_name(name: str) -> str:
 
 def validate(config: Config) -> None:
     check_study_name(config.study_name)
+    _check_weights_dir(config)
     for name, choices in CHOICES.items():
         choices = choices() if callable(choices) else choices
         if getattr(config, name) not in choices:
@@ -318,6 +323,18 @@ def validate(config: Config) -> None:
     config.enqueue_ranks = [[_on_grid("enqueued rank", r) for r in ranks] for ranks in config.enqueue_ranks]
     _check_warm_start(config)
     _check_budget(config)
+
+
+def _check_weights_dir(config: Config) -> None:
+    """``weights_dir`` names the weights folder of a server storage; a SQLite study's is beside its database."""
+    if config.weights_dir is None:
+        return
+    if config.storage_url().startswith("sqlite"):
+        beside = dataclasses.replace(config, weights_dir=None).weights_path()
+        raise UserError(f"weights_dir {reprlib.repr(config.weights_dir)}: a SQLite study keeps its weights beside "
+                        f"its database ({beside}); weights_dir is for server storages (PostgreSQL)")  # fmt: skip
+    if not config.weights_dir.strip():
+        raise UserError("weights_dir is empty; name a folder, or remove it for studies/<study_name>-weights")
 
 
 def _check_budget(config: Config) -> None:

@@ -137,10 +137,11 @@ def get_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
 
 
 def rebuild_trial(
-    study: optuna.Study, trial: optuna.trial.FrozenTrial, config: Config, data: DeviceData
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, config: Config, data: DeviceData, weights: Path | None
 ) -> tuple[nn.Module, str]:
-    """The trial's model with the weights it was evaluated with, and where they came from."""
-    model = kept_model(study, trial, config, data)
+    """The trial's model with the weights it was evaluated with (kept in ``weights``, the study's weights folder,
+    or re-run), and where they came from."""
+    model = kept_model(trial, config, data, weights)
     if model is not None:
         return model, "weights kept with the study"
     path = Path(study.user_attrs.get("baseline_path", ""))
@@ -158,13 +159,14 @@ def rebuild_trial(
     return model, f"fine-tune re-run from seed {seed}"
 
 
-def kept_model(study: optuna.Study, trial: optuna.trial.FrozenTrial, config: Config, data: DeviceData):
-    """The trial's model from its kept weights, or None when none were kept or they are damaged (said in a line:
+def kept_model(trial: optuna.trial.FrozenTrial, config: Config, data: DeviceData, weights: Path | None):
+    """The trial's model from its weights kept in ``weights`` (the folder ``study.weights_folder`` derives from the
+    storage, never the path the study records), or None when none were kept or they are damaged (said in a line:
     the fine-tune is then re-run)."""
-    if "weights_dir" not in study.user_attrs:
+    if weights is None:
         return None
     try:
-        state = WeightsStore(study.user_attrs["weights_dir"]).load(trial)
+        state = WeightsStore(weights).load(trial)
         if state is None:
             return None
         return decomposed_from_state_dict(new_model(config), state).to(data.device)
@@ -392,11 +394,12 @@ def _scores(model: nn.Module, data: DeviceData, config: Config) -> dict[str, flo
 def export_trial(
     study: optuna.Study, trial: optuna.trial.FrozenTrial, data_dir: str | None, device: torch.device,
     paths: dict[str, Path], finetune_epochs: int = 0, recipe: RefineRecipe | None = None,
-    from_scratch_check: bool = False,
+    from_scratch_check: bool = False, weights: Path | None = None,
 ) -> dict[str, Path]:  # fmt: skip
-    """Rebuild and verify ``trial``'s model, optionally refine it ``finetune_epochs`` epochs by ``recipe`` (resuming
-    a killed export's checkpoint) and compare it with its architecture trained from scratch, and write it to
-    ``paths`` (format -> file, from ``check_out``). ``recipe``: default ``RefineRecipe()``."""
+    """Rebuild and verify ``trial``'s model (from its weights kept in the folder ``weights``, or re-run), optionally
+    refine it ``finetune_epochs`` epochs by ``recipe`` (resuming a killed export's checkpoint) and compare it with its
+    architecture trained from scratch, and write it to ``paths`` (format -> file, from ``check_out``). ``recipe``:
+    default ``RefineRecipe()``."""
     config, recipe = study_config(study), recipe or RefineRecipe()
     distilled = finetune_epochs > 0 and recipe.distill_weight > 0
     teacher = study_teacher(study, config, device) if distilled else None
@@ -405,7 +408,7 @@ def export_trial(
         raise UserError("the study does not record its data: pass --data-dir")
     data = device_data(dataclasses.replace(config, data_dir=data_dir, download=False), device)
     check_data(study, data.identity)
-    model, source = rebuild_trial(study, trial, config, data)
+    model, source = rebuild_trial(study, trial, config, data, weights)
     verify(model, trial, config, data)
     scores = _scores(model, data, config)
     print(f"trial {trial.number} rebuilt ({source}): val {scores['val_accuracy']:.2%} "

@@ -220,7 +220,7 @@ def prepare_run(config: Config, worker: Worker | None = None) -> tuple[optuna.St
     device = resolve_device(config.device)
     existing = find_study(config)
     check_latency_device(existing, latency_where(config, device, worker))
-    check_writable(config.weights_path(), "weights_dir")
+    check_writable(config.weights_path(), "weights folder")
     data = device_data(config, device)
     check_data(existing, data.identity)
     return existing, data, ensure_baseline(config, data, quiet=worker is not None)  # the parent said it once

@@ -17,7 +17,7 @@ import optuna
 import sqlalchemy.exc
 
 from . import __version__
-from .config import Config, search_fields
+from .config import Config, check_study_name, search_fields
 from .errors import UserError, first_line, shown_url, without_secrets
 from .files import check_writable
 from .objectives import directions, metric_names
@@ -38,6 +38,19 @@ def study_metric_names(config: Config) -> list[str]:
 def sqlite_path(storage_url: str) -> Path | None:
     """The database file of a SQLite URL, None for other storages."""
     return Path(storage_url.removeprefix(SQLITE_PREFIX)) if storage_url.startswith(SQLITE_PREFIX) else None
+
+
+def weights_folder(storage_url: str, study_name: str, server_folder: str | None = None) -> Path:
+    """Where the kept weights of study ``study_name`` live, derived from the storage's own location and never from a
+    path stored in the database (a copied or foreign database must not reach another study's files): beside a
+    SQLite database, ``<its folder>/<study_name>-weights``; for a server storage (PostgreSQL), which has no folder,
+    ``server_folder`` (the config's ``weights_dir``, ``--weights-dir``), default ``studies/<study_name>-weights`` in
+    the working folder. UserError for a study name that is no name (it would reach outside the folder)."""
+    check_study_name(study_name)
+    path = sqlite_path(storage_url)
+    if path is not None:
+        return path.parent / f"{study_name}-weights"
+    return Path(server_folder or f"studies/{study_name}-weights")
 
 
 OPTUNA_TABLES = {"studies", "trials", "version_info"}  # what marks a SQLite file as Optuna's
@@ -197,6 +210,39 @@ def open_storage(url: str, heartbeat_seconds: int | None = None) -> optuna.stora
 
 def _study_names(storage: optuna.storages.BaseStorage) -> list[str]:
     return sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+
+
+_NOT_FOUND = "Record does not exist."  # Optuna's KeyError for a study or trial the storage no longer holds
+
+
+def _missing_record(error: BaseException) -> bool:
+    """Whether Optuna's KeyError for a missing study or trial record is ``error`` or in its chain."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyError) and _NOT_FOUND in str(error):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def deleted_study_is_one_line(storage_url: str, study_name: str):
+    """A study deleted while this process works on it (optuna-dashboard's delete, ``optuna.delete_study``) ends the
+    body with one UserError instead of Optuna's chained KeyErrors (from a trial's attrs, its tell or a callback)."""
+    try:
+        yield
+    except Exception as error:
+        if not _missing_record(error):
+            raise
+        try:
+            gone = study_name not in _study_names(open_storage(storage_url))
+        except UserError:
+            gone = False
+        if not gone:
+            raise
+        raise UserError(f"study {study_name!r} was deleted while this run worked on it (from optuna-dashboard or "
+                        "another program), with its trials; run again to start it anew") from None  # fmt: skip
 
 
 def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:

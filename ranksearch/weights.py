@@ -5,6 +5,7 @@ from the recorded seed instead. Several workers may prune one study at once (see
 """
 
 import tempfile
+import uuid
 from pathlib import Path
 
 import optuna
@@ -17,6 +18,16 @@ from .attrs import WEIGHTS_ATTR
 from .objectives import dominated
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
+
+
+def is_weights_id(artifact_id: object) -> bool:
+    """Whether ``artifact_id`` has the form of the ids this store writes (a UUID, as ``upload_artifact`` makes it),
+    so that it names a file in the weights folder: an id from a study's records with a ``/``, ``..`` or an absolute
+    path in it is no weights file of ours."""
+    try:
+        return isinstance(artifact_id, str) and str(uuid.UUID(artifact_id)) == artifact_id
+    except ValueError:
+        return False
 
 
 class WeightsStore:
@@ -39,7 +50,7 @@ class WeightsStore:
     def load(self, trial: optuna.trial.FrozenTrial) -> dict[str, torch.Tensor] | None:
         """The trial's state_dict, or None when its weights were not kept."""
         artifact_id = trial.user_attrs.get(WEIGHTS_ATTR)
-        if artifact_id is None:
+        if not is_weights_id(artifact_id):
             return None
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "weights.pt"
@@ -65,7 +76,7 @@ class WeightsStore:
         trials = study.get_trials(deepcopy=False, states=(COMPLETE,))
         for trial in dominated(trials, study.directions):
             artifact_id = trial.user_attrs.get(WEIGHTS_ATTR)
-            if artifact_id is not None:
+            if is_weights_id(artifact_id):
                 try:
                     self.store.remove(artifact_id)
                 except ArtifactNotFound:

@@ -183,9 +183,9 @@ def weighted(tmp_path) -> tuple[str, dict[int, str]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["val_accuracy", "macs"])  # as run_search names them
-    study.set_user_attr("weights_dir", str(tmp_path / "weights"))
-    (tmp_path / "weights").mkdir()
-    store = FileSystemArtifactStore(tmp_path / "weights")
+    study.set_user_attr("weights_dir", str(tmp_path / "s-weights"))
+    (tmp_path / "s-weights").mkdir()
+    store = FileSystemArtifactStore(tmp_path / "s-weights")
     kept = dict([
         add_trial_with_weights(study, store, [8, 8, 4, 2, 2], [0.92, 50.0], tmp_path),  # dominates everything
         add_trial_with_weights(study, store, [1, 1, 1, 1, 2], [0.50, 900.0], tmp_path),
@@ -224,7 +224,7 @@ def test_objectives_are_named_and_ranks_read_as_text(weighted):
 
 
 def test_without_a_weights_folder_the_dashboard_has_no_artifacts(weighted, tmp_path):
-    (tmp_path / "weights").rename(tmp_path / "moved")
+    (tmp_path / "s-weights").rename(tmp_path / "moved")
     assert not get_json(make_app(weighted[0]), "/api/meta")["artifact_is_available"]
 
 
@@ -248,8 +248,8 @@ def test_after_a_prune_front_weights_download_and_pruned_ones_answer_404_with_th
     pruned trial still lists its weights, and downloading them says why they are gone."""
     url = f"sqlite:///{tmp_path}/s.db"
     study = hand_built_study(url)
-    study.set_user_attr("weights_dir", str(tmp_path / "weights"))
-    store = WeightsStore(tmp_path / "weights")
+    study.set_user_attr("weights_dir", str(tmp_path / "s-weights"))
+    store = WeightsStore(tmp_path / "s-weights")
     for ks, values in (([8, 8, 4, 2, 2], [0.92, 50.0]), ([1, 1, 1, 1, 2], [0.50, 900.0])):  # the first dominates all
         study.enqueue_trial(_params(ks))
         trial = study.ask({name: DIST for name in _params(ks)})
@@ -276,8 +276,8 @@ def test_deleting_a_study_whose_pruned_trial_lost_its_weights_deletes_it_whole(t
     weights were deleted and the study kept."""
     url = f"sqlite:///{tmp_path}/s.db"
     study = hand_built_study(url)
-    study.set_user_attr("weights_dir", str(tmp_path / "weights"))
-    store = WeightsStore(tmp_path / "weights")
+    study.set_user_attr("weights_dir", str(tmp_path / "s-weights"))
+    store = WeightsStore(tmp_path / "s-weights")
     for ks, values in (([8, 8, 4, 2, 2], [0.92, 50.0]), ([1, 1, 1, 1, 2], [0.50, 900.0])):
         study.enqueue_trial(_params(ks))
         trial = study.ask({name: DIST for name in _params(ks)})
@@ -292,4 +292,4 @@ def test_deleting_a_study_whose_pruned_trial_lost_its_weights_deletes_it_whole(t
     app(environ, lambda status, headers, exc_info=None: started.setdefault("status", status))
     assert started["status"].startswith("204") or started["status"].startswith("200"), started
     assert optuna.get_all_study_summaries(url) == []  # the study went too
-    assert [p for p in (tmp_path / "weights").rglob("*") if p.is_file()] == []  # and every weights file
+    assert [p for p in (tmp_path / "s-weights").rglob("*") if p.is_file()] == []  # and every weights file
