@@ -297,7 +297,7 @@ def _refine_recipe(args: argparse.Namespace):
     if given and args.finetune_epochs == 0:
         raise UserError("--refine-lr, --refine-warmup-epochs and --refine-distill need --finetune-epochs E > 0")
     checks = {
-        "lr": ("--refine-lr", lambda v: 0 < v <= REFINE_LR_MAX, f"a number > 0 and at most {REFINE_LR_MAX:g}"),
+        "lr": ("--refine-lr", lambda v: 0 < v <= REFINE_LR_MAX, f"a finite number > 0, at most {REFINE_LR_MAX:g}"),
         "warmup_epochs": ("--refine-warmup-epochs", lambda v: 0 <= v < args.finetune_epochs,
                           f"a finite number >= 0 and below --finetune-epochs {args.finetune_epochs}"),
         "distill_weight": ("--refine-distill", lambda v: 0 <= v <= 1, "a weight in [0, 1] (0 = no distillation)"),

@@ -103,8 +103,8 @@ def test_a_folder_where_the_refine_keeps_its_checkpoint_is_refused_before_any_wo
 
 
 @pytest.mark.parametrize("flags,message", [
-    (("--refine-lr", "1e9"), "--refine-lr must be a number > 0 and at most 10, got 1000000000.0"),
-    (("--refine-lr", "1e300"), "--refine-lr must be a number > 0 and at most 10"),
+    (("--refine-lr", "1e9"), "--refine-lr must be a finite number > 0, at most 10, got 1000000000.0"),
+    (("--refine-lr", "1e300"), "--refine-lr must be a finite number > 0, at most 10"),
     (("--refine-warmup-epochs", "50"), "--refine-warmup-epochs must be a finite number >= 0 and below "
                                        "--finetune-epochs 2, got 50.0"),
     (("--refine-warmup-epochs", "2"), "below --finetune-epochs 2"),
