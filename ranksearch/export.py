@@ -260,10 +260,6 @@ def pt_writer(model: nn.Module, metadata: dict) -> Callable[[Path], None]:
     return lambda partial: torch.save(payload, partial)
 
 
-def save_pt(model: nn.Module, path: Path, metadata: dict) -> None:
-    atomic_write(path, pt_writer(model, metadata))
-
-
 def onnx_writer(model: nn.Module, path: Path, input_shape: tuple[int, ...] = CIFAR10_SHAPE) -> Callable[[Path], float]:
     """What writes ONNX of ``model`` with its BatchNorms folded into its convs to a file it is given and checks it
     with onnxruntime on random images of ``input_shape`` (C, H, W: the data's), returning the largest output
