@@ -59,6 +59,7 @@ def sensitivity_study(url) -> str:
     return study.study_name
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # open_sensitivity's metric names
 @pytest.mark.parametrize("command", [
     ("report", "--out", "rep"), ("export", "--out", "s.pt"), ("export", "--trial", "best", "--out", "s.pt"),
     ("export", "--trial", "0", "--out", "s.pt"),
