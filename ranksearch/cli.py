@@ -37,7 +37,15 @@ def _choices(names, default: str) -> str:
     return " | ".join(f"{name} (default)" if name == default else name for name in names)
 
 
+def _out_path(text: str) -> Path:
+    """An ``--out`` path; an empty one is refused (it would be the current folder, unasked)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: give a folder or file name ('.' for the current folder)")
+    return Path(text)
+
+
 FINETUNE_EPOCHS_MAX = 1000  # export's refine: more is a typo (1e9 ran silently past any patience)
+REFINE_LR_MAX = 10.0  # export's refine: a larger peak rate per batch is a typo (1e300 overflowed SGD's float32)
 _DECOMPOSITION_HELP = f"what k x k convs become: {_choices(conv_decompositions(), Config.decomposition)}"
 
 
@@ -224,7 +232,7 @@ def cmd_ranks(args: argparse.Namespace) -> int:
 
 
 def _sensitivity_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, help="folder for sensitivity.png, .html and .csv (default "
+    parser.add_argument("--out", type=_out_path, help="folder for sensitivity.png, .html and .csv (default "
                         "studies/<study-name>-sensitivity)")  # fmt: skip
 
 
@@ -267,9 +275,18 @@ def _weights_folder(args: argparse.Namespace) -> Path:
 
 
 def _open_study(args: argparse.Namespace):
+    """The study ``--study-name`` names, made by ``run`` (a sensitivity study is refused in one line)."""
+    from .sensitivity import is_sensitivity_study
     from .study import load_existing_study
 
-    return load_existing_study(_storage_url(args), args.study_name)
+    study = load_existing_study(_storage_url(args), args.study_name)
+    if is_sensitivity_study(study):
+        raise UserError(
+            f"study {study.study_name!r} holds `ranksearch sensitivity`'s points (each module decomposed alone), not "
+            f"a search's trials: {args.command} reads a study made by `ranksearch run`; pass its --study-name (the "
+            "sensitivity's table and plots are in the folder its --out named)"
+        )
+    return study
 
 
 def _export_flags(parser: argparse.ArgumentParser) -> None:
@@ -277,10 +294,12 @@ def _export_flags(parser: argparse.ArgumentParser) -> None:
                         "with the lowest --objective within --max-drop of the baseline's val accuracy")  # fmt: skip
     parser.add_argument("--objective", help=f"the cost 'best' minimises: {', '.join(COSTS)} or a plugin's "
                         "(default: the study's first cost)")  # fmt: skip
-    parser.add_argument("--max-drop", type=float, default=1.0, help="percentage points of val accuracy (default 1.0)")
+    parser.add_argument("--max-drop", type=float, help="percentage points of val accuracy 'best' may lose "
+                        "(default 1.0)")  # fmt: skip
     parser.add_argument("--finetune-epochs", type=int, default=0, help="refine the chosen model E epochs: rate "
                         "rewound to --refine-lr, distilled from the baseline; a killed export resumes")  # fmt: skip
-    parser.add_argument("--refine-lr", type=float, help="peak learning rate of the refine (default 0.05)")
+    parser.add_argument("--refine-lr", type=float, help=f"peak learning rate of the refine (default 0.05, at most "
+                        f"{REFINE_LR_MAX:g})")  # fmt: skip
     parser.add_argument("--refine-warmup-epochs", type=float, help="epochs of linear warm-up from lr/10 to the "
                         "peak, then cosine to 0 (default 0.3)")  # fmt: skip
     parser.add_argument("--refine-distill", type=float, help="weight in [0, 1] of distillation from the study's "
@@ -289,7 +308,7 @@ def _export_flags(parser: argparse.ArgumentParser) -> None:
                         "new weights for as many steps (fine-tune + refine) and print both")  # fmt: skip
     parser.add_argument("--format", default="pt", help="pt, onnx, torchscript, comma-separated (the .pt, which "
                         "load_model reads, is always written)")  # fmt: skip
-    parser.add_argument("--out", required=True, type=Path, help="output file, e.g. exports/best.pt or best.onnx: "
+    parser.add_argument("--out", required=True, type=_out_path, help="output file, e.g. exports/best.pt or best.onnx: "
                         "each format is written with its own suffix in place of --out's")  # fmt: skip
     parser.add_argument("--data-dir", help="the study's data (default: the folder recorded in the study)")
     parser.add_argument("--device", help="auto | cpu | cuda (default: the device the trial ran on)")
@@ -307,8 +326,9 @@ def _refine_recipe(args: argparse.Namespace):
     if given and args.finetune_epochs == 0:
         raise UserError("--refine-lr, --refine-warmup-epochs and --refine-distill need --finetune-epochs E > 0")
     checks = {
-        "lr": ("--refine-lr", lambda v: v > 0, "a finite number > 0"),
-        "warmup_epochs": ("--refine-warmup-epochs", lambda v: v >= 0, "a finite number >= 0"),
+        "lr": ("--refine-lr", lambda v: 0 < v <= REFINE_LR_MAX, f"a finite number > 0, at most {REFINE_LR_MAX:g}"),
+        "warmup_epochs": ("--refine-warmup-epochs", lambda v: 0 <= v < args.finetune_epochs,
+                          f"a finite number >= 0 and below --finetune-epochs {args.finetune_epochs}"),
         "distill_weight": ("--refine-distill", lambda v: 0 <= v <= 1, "a weight in [0, 1] (0 = no distillation)"),
     }
     for field, value in given.items():
@@ -318,17 +338,37 @@ def _refine_recipe(args: argparse.Namespace):
     return dataclasses.replace(RefineRecipe(), **given)
 
 
+EXPORT_INTERRUPTED = ("ranksearch: export interrupted; its files are renamed into place together, so --out holds "
+                      "the earlier export's files or all of this one's, never a mix: run it again to export (a "
+                      "refine resumes at its last finished epoch)")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    """``export``: pick a trial, rebuild, verify (and refine) it, write its files; Ctrl-C and SIGTERM say what they
+    left (exit 130, 143)."""
+    from .interrupts import Terminated, sigterm_interrupts
+
+    try:
+        with sigterm_interrupts():
+            return _export(args)
+    except KeyboardInterrupt as stop:
+        print(EXPORT_INTERRUPTED, file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+
+
+def _export(args: argparse.Namespace) -> int:
     from .export import check_out, choose_trial, export_device, export_trial, parse_formats
 
     formats = parse_formats(args.format)
-    if args.finetune_epochs < 0 or args.max_drop < 0:
-        raise UserError("--finetune-epochs and --max-drop must be 0 or more")
+    if args.finetune_epochs < 0:
+        raise UserError("--finetune-epochs must be 0 or more")
+    if args.max_drop is not None and not (math.isfinite(args.max_drop) and args.max_drop >= 0):
+        raise UserError(f"--max-drop must be a finite number >= 0 (percentage points), got {args.max_drop}")
     if args.finetune_epochs > FINETUNE_EPOCHS_MAX:
         raise UserError(f"--finetune-epochs {args.finetune_epochs}: at most {FINETUNE_EPOCHS_MAX} (a refine, not a "
                         "training from scratch)")  # fmt: skip
     recipe = _refine_recipe(args)
-    paths = check_out(args.out, formats)
+    paths = check_out(args.out, formats, refine=args.finetune_epochs > 0)
     weights = _weights_folder(args)
     study = _open_study(args)
     trial = choose_trial(study, args.trial, args.max_drop, args.objective)
@@ -338,7 +378,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _report_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="folder for trials.csv, pareto.html, pareto.png")
+    parser.add_argument("--out", required=True, type=_out_path, help="folder for trials.csv, pareto.html, "
+                        "pareto.png")  # fmt: skip
 
 
 def cmd_report(args: argparse.Namespace) -> int:

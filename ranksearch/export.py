@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from .data import DeviceData, device_data
 from .decompose import decomposed_from_state_dict
 from .device import precision, resolve_device, use_deterministic_kernels
 from .errors import UserError, first_line
-from .files import atomic_save, atomic_write, check_writable, folder_lock
+from .files import atomic_write, atomic_write_set, check_writable, clear_stale_partials, folder_lock
 from .fold import fold_batchnorm
 from .inputs import CIFAR10_SHAPE
 from .load import FILE_KIND, FILE_VERSION
@@ -34,12 +35,13 @@ from .objectives import COSTS, DEFAULT_OBJECTIVES, cost, costs_text, study_objec
 from .plugins import load_plugins
 from .refine import RefineRecipe, from_scratch, refine
 from .study import check_data
-from .train import evaluate, steps_per_epoch
+from .train import TrainingDiverged, evaluate, steps_per_epoch
 from .trial import trial_bases, trial_model, trial_seed
 from .weights import WeightsStore
 
 FORMATS = ("pt", "onnx", "torchscript")
 SUFFIXES = {"pt": ".pt", "onnx": ".onnx", "torchscript": ".ts"}
+DEFAULT_MAX_DROP = 1.0  # --max-drop: percentage points of val accuracy below the baseline's that 'best' may lose
 ACCURACY_TOLERANCE = 0.001  # 0.1 percentage point, as a fraction
 OUTPUT_TOLERANCE = 1e-3  # an ONNX / TorchScript file's largest logit difference to PyTorch, times max(1, max |logit|)
 # Search fields that ranksearch's first release did not have, with what it did instead, so that a study made
@@ -86,6 +88,8 @@ def pick_best(study: optuna.Study, max_drop_pp: float, objective: str | None = N
     objective = objective or costs[0]
     if len(study.directions) == 1:  # a budget study: every trial meets its budget
         return best_in_budget(study, costs)
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise UserError(f"study {study.study_name!r} has no complete trial yet; run it first")
     floor = study.user_attrs["baseline"]["val_accuracy"] - max_drop_pp / 100
     front = study.best_trials
     check_measured(front, objective, costs)
@@ -246,7 +250,8 @@ def check_from_scratch(
 # ----- files -----------------------------------------------------------------------------------------------------
 
 
-def save_pt(model: nn.Module, path: Path, metadata: dict) -> None:
+def pt_writer(model: nn.Module, metadata: dict) -> Callable[[Path], None]:
+    """What writes the self-describing .pt of ``model`` to a file it is given."""
     payload = {
         "kind": FILE_KIND,
         "file_version": FILE_VERSION,
@@ -254,13 +259,14 @@ def save_pt(model: nn.Module, path: Path, metadata: dict) -> None:
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **metadata,
     }
-    atomic_save(payload, path)
+    return lambda partial: torch.save(payload, partial)
 
 
-def save_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...] = CIFAR10_SHAPE) -> float:
-    """Write ONNX of ``model`` with its BatchNorms folded into its convs and check it with onnxruntime on random
-    images of ``input_shape`` (C, H, W: the data's); returns the largest output difference to the unfolded PyTorch
-    model (so the check covers the folding too)."""
+def onnx_writer(model: nn.Module, path: Path, input_shape: tuple[int, ...] = CIFAR10_SHAPE) -> Callable[[Path], float]:
+    """What writes ONNX of ``model`` with its BatchNorms folded into its convs to a file it is given and checks it
+    with onnxruntime on random images of ``input_shape`` (C, H, W: the data's), returning the largest output
+    difference to the unfolded PyTorch model (so the check covers the folding too); ``path`` names the file in
+    messages."""
     require_onnx()
     import onnxruntime
 
@@ -279,14 +285,21 @@ def save_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...] = CIFAR
         with torch.no_grad():
             return check_outputs(torch.from_numpy(logits), model(images), f"ONNX file {path}")
 
-    return atomic_write(path, write)
+    return write
 
 
-def save_torchscript(model: nn.Module, path: Path, input_shape: tuple[int, ...] = CIFAR10_SHAPE) -> float:
-    """Write TorchScript (traced on random images of ``input_shape``, C, H, W: the data's) of ``model`` with its
-    BatchNorms folded into its convs; returns the largest output difference of the saved file to the unfolded
-    PyTorch model (so the check covers the folding too)."""
+def save_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...] = CIFAR10_SHAPE) -> float:
+    """Write and check ONNX of ``model`` at ``path`` (``onnx_writer``); returns the largest output difference."""
+    return atomic_write(path, onnx_writer(model, path, input_shape))
 
+
+def torchscript_writer(
+    model: nn.Module, path: Path, input_shape: tuple[int, ...] = CIFAR10_SHAPE
+) -> Callable[[Path], float]:
+    """What writes TorchScript (traced on random images of ``input_shape``, C, H, W: the data's) of ``model`` with
+    its BatchNorms folded into its convs to a file it is given, returning the largest output difference of the
+    saved file to the unfolded PyTorch model (so the check covers the folding too); ``path`` names the file in
+    messages."""
     model = model.cpu().eval()
     images = torch.randn(4, *input_shape)
 
@@ -296,7 +309,13 @@ def save_torchscript(model: nn.Module, path: Path, input_shape: tuple[int, ...] 
             torch.jit.trace(fold_batchnorm(model), images).save(str(partial))
             return check_outputs(torch.jit.load(str(partial))(images), model(images), f"TorchScript file {path}")
 
-    return atomic_write(path, write)
+    return write
+
+
+def save_torchscript(model: nn.Module, path: Path, input_shape: tuple[int, ...] = CIFAR10_SHAPE) -> float:
+    """Write and check TorchScript of ``model`` at ``path`` (``torchscript_writer``); returns the largest output
+    difference."""
+    return atomic_write(path, torchscript_writer(model, path, input_shape))
 
 
 def check_outputs(theirs: torch.Tensor, ours: torch.Tensor, what: str) -> float:
@@ -321,13 +340,26 @@ def output_paths(out: Path, formats: list[str]) -> dict[str, Path]:
     return {fmt: base.with_name(base.name + SUFFIXES[fmt]) for fmt in ["pt", *[f for f in formats if f != "pt"]]}
 
 
-def check_out(out: Path, formats: list[str]) -> dict[str, Path]:
-    """The output files of ``--out``, checked before any slow work: no folder in their place, a writable folder."""
-    for path in (out, *output_paths(out, formats).values()):
+def check_out(out: Path, formats: list[str], refine: bool = False) -> dict[str, Path]:
+    """The output files of ``--out``, checked before any slow work: a file name, no folder in their place (nor in
+    the refine's checkpoint's, with ``refine``), no file of another format at that name (it would stay beside
+    this export's files, of another trial), a writable folder."""
+    if not out.name or out.name == "..":
+        raise UserError(f"--out {str(out)!r} names no file; give a file name, such as {out / 'best.pt'}")
+    paths = output_paths(out, formats)
+    for path in (out, *paths.values()):
         if path.is_dir():
             raise UserError(f"--out {path} is a folder; give a file name, such as {path / 'best.pt'}")
+    if refine and refine_checkpoint(paths["pt"]).is_dir():
+        raise UserError(f"--out {out}: {refine_checkpoint(paths['pt'])}, where the refine keeps its checkpoint, is "
+                        "a folder; remove it or give another --out")  # fmt: skip
+    others = [path for fmt, path in sibling_paths(paths["pt"]).items() if fmt not in paths and path.exists()]
+    if others:
+        formats_text = ",".join(fmt for fmt, path in sibling_paths(paths["pt"]).items() if path in others)
+        raise UserError(f"--out {out}: {', '.join(map(str, others))} (an earlier export's?) would stay beside this "
+                        f"export's files, of another trial; add {formats_text} to --format, or remove it")  # fmt: skip
     check_writable(out.parent, "the --out folder")
-    return output_paths(out, formats)
+    return paths
 
 
 def parse_formats(text: str) -> list[str]:
@@ -355,15 +387,35 @@ def _describe(trial: optuna.trial.FrozenTrial, costs: list[str]) -> str:
     return f"trial {trial.number} (ranks {ranks}, val {trial.values[0]:.2%}, {costs_text(trial, costs)})"
 
 
+def trial_number(which: str, study: optuna.Study) -> int:
+    """``--trial``'s number; a one-line UserError for anything else (a number too long for ``int`` too)."""
+    if not (which.isascii() and which.isdigit()):  # "³" is a digit to str.isdigit, not to int()
+        raise UserError(f"--trial {which!r}: give a trial number or 'best'")
+    digits = which.lstrip("0") or "0"
+    if len(digits) > 18:  # no study holds 10**18 trials; int() refuses 4,300 digits and more
+        raise UserError(f"--trial {which[:12]}... ({len(digits):,} digits): study {study.study_name!r} has no such "
+                        "trial; see `ranksearch report`")  # fmt: skip
+    return int(digits)
+
+
 def choose_trial(
-    study: optuna.Study, which: str, max_drop_pp: float, objective: str | None = None
+    study: optuna.Study, which: str, max_drop_pp: float | None = None, objective: str | None = None
 ) -> optuna.trial.FrozenTrial:
-    """``which`` is "best" or a trial number; prints why a "best" trial was picked (the lowest ``objective``)."""
+    """``which`` is "best" or a trial number; prints why a "best" trial was picked (the lowest ``objective`` within
+    ``max_drop_pp``, default ``DEFAULT_MAX_DROP``). Either given where it has no say is refused."""
+    chooses = [flag for flag, value in (("--max-drop", max_drop_pp), ("--objective", objective)) if value is not None]
     if which != "best":
-        if not (which.isascii() and which.isdigit()):  # "³" is a digit to str.isdigit, not to int()
-            raise UserError(f"--trial {which!r}: give a trial number or 'best'")
-        return get_trial(study, int(which))
-    pick = pick_best(study, max_drop_pp, objective)
+        number = trial_number(which, study)
+        if chooses:
+            they = "they choose" if len(chooses) > 1 else "it chooses"
+            raise UserError(f"{' and '.join(chooses)}: {they} the 'best' trial, and do nothing with --trial {number}; "
+                            "drop it")  # fmt: skip
+        return get_trial(study, number)
+    if chooses and len(study.directions) == 1:
+        budget = study.user_attrs.get("config", {}).get("budget")
+        raise UserError(f"{' and '.join(chooses)}: study {study.study_name!r} is a budget study ({budget}), whose "
+                        "'best' trial is its best val accuracy within the budget; drop it")  # fmt: skip
+    pick = pick_best(study, DEFAULT_MAX_DROP if max_drop_pp is None else max_drop_pp, objective)
     costs = study_objectives(study)[1:]
     print(f"picked {_describe(pick.trial, costs)}: {pick.reason}")
     for alternative in pick.alternatives:
@@ -371,20 +423,41 @@ def choose_trial(
     return pick.trial
 
 
+def sibling_paths(pt: Path) -> dict[str, Path]:
+    """Every format's file of the export whose .pt is ``pt``: the set an export writes (some of) at one name."""
+    return output_paths(pt, list(FORMATS))
+
+
+def clear_litter(pt: Path) -> None:
+    """Remove the temporaries that exports to ``pt`` killed mid-write left (of every format, and of the refine's
+    checkpoint), saying so."""
+    removed = clear_stale_partials([*sibling_paths(pt).values(), refine_checkpoint(pt)])
+    if removed:
+        names = ", ".join(path.name for path in removed)
+        print(f"export: removed what a killed export left: {names}", file=sys.stderr)
+
+
 def write_files(model: nn.Module, paths: dict[str, Path], metadata: dict, shape: tuple[int, ...]) -> None:
-    """Each format's file (each written atomically); ``shape``: one input image's, for the ONNX and TorchScript
+    """Each format's file, as one set (``atomic_write_set``: each written and checked aside, then the earlier
+    export's files at this name removed, all of its formats, then these renamed into place): a reader, or a kill,
+    never finds one trial's .pt beside another's .onnx. ``shape``: one input image's, for the ONNX and TorchScript
     checks."""
-    save_pt(model, paths["pt"], metadata)
+    clear_litter(paths["pt"])
+    writers = {paths["pt"]: pt_writer(model, metadata)}
+    if "onnx" in paths:
+        writers[paths["onnx"]] = onnx_writer(model, paths["onnx"], shape)
+    if "torchscript" in paths:
+        writers[paths["torchscript"]] = torchscript_writer(model, paths["torchscript"], shape)
+    earlier = tuple(path for fmt, path in sibling_paths(paths["pt"]).items() if fmt not in paths)
+    differences = atomic_write_set(writers, earlier)
     print(f"wrote {paths['pt']}  (MACs {metadata['macs']:,} = {metadata['macs_ratio']:.3f}x, params "
           f"{metadata['params']:,})")  # fmt: skip
     if "onnx" in paths:
-        difference = save_onnx(model, paths["onnx"], shape)
-        print(f"wrote {paths['onnx']}  (onnxruntime vs PyTorch: max |diff| {difference:.2e}, within "
-              f"{OUTPUT_TOLERANCE:g} x max(1, max |logit|))")  # fmt: skip
+        print(f"wrote {paths['onnx']}  (onnxruntime vs PyTorch: max |diff| {differences[paths['onnx']]:.2e}, "
+              f"within {OUTPUT_TOLERANCE:g} x max(1, max |logit|))")  # fmt: skip
     if "torchscript" in paths:
-        difference = save_torchscript(model, paths["torchscript"], shape)
-        print(f"wrote {paths['torchscript']}  (max |diff| {difference:.2e}, within {OUTPUT_TOLERANCE:g} x max(1, "
-              "max |logit|))")  # fmt: skip
+        print(f"wrote {paths['torchscript']}  (max |diff| {differences[paths['torchscript']]:.2e}, within "
+              f"{OUTPUT_TOLERANCE:g} x max(1, max |logit|))")  # fmt: skip
 
 
 def _scores(model: nn.Module, data: DeviceData, config: Config) -> dict[str, float]:
@@ -416,7 +489,12 @@ def export_trial(
     before, seed, extra = dict(scores), trial_seed(config, trial.number) + 1, {}
     if finetune_epochs > 0:
         use_deterministic_kernels(data.device)  # so that a resumed refine is as close as the device allows
-        history = refine(model, data, config, finetune_epochs, seed, recipe, teacher, refine_checkpoint(paths["pt"]))
+        checkpoint = refine_checkpoint(paths["pt"])
+        try:
+            history = refine(model, data, config, finetune_epochs, seed, recipe, teacher, checkpoint)
+        except TrainingDiverged as error:
+            raise UserError(f"the refine diverged ({error}); nothing written: pass a --refine-lr below "
+                            f"{recipe.lr:g}") from None  # fmt: skip
         scores = _scores(model, data, config)
         print(f"after {finetune_epochs} epochs of refine (lr {recipe.lr:g}, warm-up {recipe.warmup_epochs:g} epochs, "
               f"distill {recipe.distill_weight:g}): val {before['val_accuracy']:.2%} -> {scores['val_accuracy']:.2%}, "

@@ -3,7 +3,10 @@ lock so that a file many processes need (baseline, channel bases, decode cache) 
 
 import contextlib
 import fcntl
+import glob
 import os
+import re
+import signal
 import sys
 import tempfile
 import uuid
@@ -46,16 +49,22 @@ def check_writable(folder: str | Path, what: str) -> None:
 T = TypeVar("T")
 
 
+def partial_path(path: Path) -> Path:
+    """A unique hidden temporary name beside ``path``: ``.<name>.<pid>-<hex>.partial`` (no glob of the real files
+    matches it)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+
+
 def atomic_write(path: Path, write: Callable[[Path], T]) -> T:
-    """``write(partial)`` to a unique hidden temporary name beside ``path`` (``.<name>.<pid>-<hex>.partial``: no
-    glob of the real files matches it; a writer that reads the format from the suffix must be told it), then rename
-    it into place; returns what ``write`` returned. Every file ranksearch writes
-    goes through here: a reader, or a second writer of the same name, never sees a half-written file, and a kill or
-    an error (also one ``write`` raises after checking what it wrote) leaves nothing under ``path``. OSError
+    """``write(partial)`` to a unique hidden temporary name beside ``path`` (``partial_path``; a writer that reads
+    the format from the suffix must be told it), then rename it into place; returns what ``write`` returned. Every
+    file ranksearch writes goes through here (or ``atomic_write_set``): a reader, or a second writer of the same
+    name, never sees a half-written file, and a kill or an error (also one ``write`` raises after checking what it
+    wrote) leaves nothing under ``path`` (a kill -9 leaves the temporary: ``clear_stale_partials``). OSError
     (RuntimeError from torch) goes to the caller."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    partial = partial_path(path)
     try:
         result = write(partial)
         os.replace(partial, path)
@@ -64,6 +73,74 @@ def atomic_write(path: Path, write: Callable[[Path], T]) -> T:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_set(writers: dict[Path, Callable[[Path], T]], earlier: tuple[Path, ...] = ()) -> dict[Path, T]:
+    """Write several files as one set (an export's .pt, .onnx and .ts): each ``writer(partial)`` to a temporary of
+    its own, as ``atomic_write`` does; once all are written, remove the files at their paths and at ``earlier``
+    (an earlier set's other members), then rename the temporaries into place. A reader, or a kill at any instant,
+    finds the earlier set's files (or some of them) or this set's (or some of them), never a mix; Ctrl-C and
+    SIGTERM wait for the few renames, so they leave one whole set. Returns each writer's result by path."""
+    partials: dict[Path, Path] = {}
+    results: dict[Path, T] = {}
+    try:
+        for path, write in writers.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partials[path] = partial_path(path)
+            results[path] = write(partials[path])
+        with _signals_held():
+            for path in (*earlier, *partials):  # the earlier set's files first: no rename lands beside one
+                path.unlink(missing_ok=True)
+            for path, partial in partials.items():
+                os.replace(partial, path)
+        return results
+    except BaseException:
+        for partial in partials.values():
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that come during the body are delivered after it (the body must be short)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+_PARTIAL = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)-[0-9a-f]{8}\.partial")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (this one counts: its own temporaries are in use)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # none, or a number no pid can be
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def clear_stale_partials(paths: list[Path]) -> list[Path]:
+    """Remove the temporaries (``partial_path``'s) of ``paths`` that a writer killed mid-write left: those whose
+    process no longer runs. Returns what it removed."""
+    removed = []
+    for path in paths:
+        if not path.parent.is_dir():
+            continue
+        for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+            found = _PARTIAL.fullmatch(candidate.name)
+            if found is None or found["name"] != path.name or _alive(int(found["pid"])):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
 
 
 def atomic_save(payload, path: Path) -> None:

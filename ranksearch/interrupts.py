@@ -6,6 +6,10 @@ wherever it landed could land inside a library callback (SQLAlchemy's, a ``__del
 "Exception ignored" and goes on, and the trial went on to the end as if nothing had been asked.
 """
 
+import contextlib
+import signal
+from collections.abc import Iterator
+
 
 class Signals:
     """Whether a trial is running in this process, and whether Ctrl-C / SIGTERM came (and was not acted on)."""
@@ -18,3 +22,22 @@ def interruption_point() -> None:
     """Inside a trial, after Ctrl-C / SIGTERM: stop it here (KeyboardInterrupt; it is recorded as interrupted)."""
     if Signals.pending and Signals.in_trial:
         raise KeyboardInterrupt
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where a command asked for it (``sigterm_interrupts``): an interrupt that exits 143."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """In the body, SIGTERM raises ``Terminated`` as Ctrl-C raises KeyboardInterrupt, so that a command that writes
+    nothing to a study (``export``) stops with its own message, not silently."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

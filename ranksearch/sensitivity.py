@@ -60,6 +60,13 @@ def sensitivity_name(config: Config, baseline: Baseline) -> str:
     return f"{config.model.replace(':', '-')}-sensitivity-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
+def is_sensitivity_study(study: optuna.Study) -> bool:
+    """Whether ``study`` holds sensitivity points (``open_sensitivity``'s): one objective, and a ranksearch config
+    without the search's fields (``NOT_MEASURED``; a budget study, the search's one-objective kind, has them)."""
+    config = study.user_attrs.get("config")
+    return len(study.directions) == 1 and isinstance(config, dict) and "budget" not in config
+
+
 def unchanged_at(table: CostTable, module: str, rank: float) -> bool:
     """True when no layer of ``module`` is decomposed at ``rank`` (its cost is its layers' own)."""
     index = table.modules.index(module)
