@@ -142,7 +142,7 @@ def unregistered(fields: dict, uses: tuple[str, ...] = ("model", "decomposition"
     """What a recorded config (a study's) names that nothing in this process registers, among its ``uses``:
     ``model 'x'``, ``decomposition 'y'`` (or its method), ``cost 'z'`` (its objectives'): a plugin's, not passed."""
     names = []
-    if "model" in uses:
+    if "model" in uses and "model" in fields:
         try:
             check_model_name(str(fields.get("model")))
         except ValueError:

@@ -171,8 +171,8 @@ def unmatched(owner: str, recorded: Sequence, passed: Sequence[str]) -> list:
         if namesake is not None:
             raise UserError(
                 f"plugin {plugin} is not the {record['name']} {owner} was made with: its content changed (sha256 "
-                f"{record['sha256'][:DIGEST_SHOWN]}, recorded {entries_text([namesake])}); pass the file it was "
-                "made with"
+                f"{record['sha256'][:DIGEST_SHOWN]}, recorded {str(_entry_digest(namesake))[:DIGEST_SHOWN]}); pass "
+                "the file it was made with"
             )
         if not recorded:
             raise UserError(f"plugin {plugin}: {owner} was made with no plugin; do not pass one")
@@ -196,8 +196,6 @@ def needs_plugins(
     """The one-line error of a command that needs plugins it was not given: what ``owner`` uses that nothing
     registers (``missing``), and how to pass those of its ``recorded`` plugins that were not passed (``left``)."""
     uses = ", ".join(missing)
-    if not recorded:
-        return UserError(f"{owner} uses {uses}, which nothing registers (it records no plugin)")
     if not left:
         return UserError(f"{owner} uses {uses}, which none of its plugins ({entries_text(recorded)}) registers")
     return UserError(
@@ -212,6 +210,8 @@ def load_recorded(owner: str, recorded, passed: Sequence[str], missing: Callable
     plugins; then a one-line UserError if what the command uses of ``owner`` is still unregistered (``missing()``,
     asked after the import: "model 'x'", ...). A recorded plugin is never imported from its record."""
     passed, recorded = [resolved(p) for p in passed], recorded_plugins(recorded)
+    if not (recorded or passed):
+        return  # nothing of it can come from a plugin: what it names that is unknown is for the command to say
     left = unmatched(owner, recorded, passed)
     load_plugins(passed)
     still = missing()
