@@ -90,7 +90,7 @@ def _rebuild(payload: dict, path: Path, plugins: Sequence[str]) -> nn.Module:
         raise UserError(f"{path}: {first_line(error)}; export it again") from None
 
 
-def load_model(path: str | Path, plugins: Sequence[str] = ()) -> nn.Module:
+def load_model(path: str | Path, plugins: Sequence[str | Path] = ()) -> nn.Module:
     """Rebuild an exported model (its decomposed form read from the saved tensors) with its weights, in eval mode.
 
     ``plugins``: the plugin files (or modules) the export was made with, imported first when its model or layers
@@ -103,7 +103,8 @@ def load_model(path: str | Path, plugins: Sequence[str] = ()) -> nn.Module:
     ``InputSpec.from_record(model.input_spec, model.classes)`` gives them as an ``InputSpec``.
     """
     payload = read_export(path)
-    model = _rebuild(payload, Path(path), plugins)
+    plugins = [plugins] if isinstance(plugins, str | Path) else plugins  # one plugin, not its characters
+    model = _rebuild(payload, Path(path), [str(plugin) for plugin in plugins])
     described = payload if payload["file_version"] > 1 else _version1_defaults(payload["config"])
     model.input_spec, model.classes = described["input"], described["classes"]
     return model.eval()
