@@ -49,10 +49,14 @@ REFINE_LR_MAX = 10.0  # export's refine: a larger peak rate per batch is a typo 
 _DECOMPOSITION_HELP = f"what k x k convs become: {_choices(conv_decompositions(), Config.decomposition)}"
 
 
+def _plugin_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--plugin", action="append", dest="plugins", metavar="FILE.py", help=help_text)
+
+
 def _config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--plugin", action="append", dest="plugins", metavar="FILE.py",
-                        help="a Python file (or module) to import first: it may register a model, a decomposition "
-                        "or a cost (see README, 'Extending'); repeat for more; recorded in the study")  # fmt: skip
+    _plugin_flag(parser, "a Python file (or module) to import first: it may register a model, a decomposition or a "
+                 "cost (see README, 'Extending'); repeat for more; recorded in the study by content (SHA-256), and "
+                 "imported by later commands only when passed again")  # fmt: skip
     parser.add_argument("--config", help="YAML config (default: the built-in full-size config, configs/default.yaml)")
     parser.add_argument("--data-dir", help="an ImageFolder tree with train/ and test/ (any image size, any classes), "
                         "or torchvision's CIFAR-10 folder")  # fmt: skip
@@ -274,10 +278,12 @@ def _weights_folder(args: argparse.Namespace) -> Path:
     return weights_folder(url, args.study_name, args.weights_dir)
 
 
-def _open_study(args: argparse.Namespace):
-    """The study ``--study-name`` names, made by ``run`` (a sensitivity study is refused in one line)."""
+def _open_study(args: argparse.Namespace, uses: tuple[str, ...]):
+    """The study ``--study-name`` names, made by ``run`` (a sensitivity study is refused in one line), with the
+    plugins passed (``--plugin``) imported when they are its own; a one-line error when what the command ``uses`` of
+    it (its "model", "decomposition", "costs") comes from a plugin not passed."""
     from .sensitivity import is_sensitivity_study
-    from .study import load_existing_study
+    from .study import load_existing_study, load_study_plugins
 
     study = load_existing_study(_storage_url(args), args.study_name)
     if is_sensitivity_study(study):
@@ -286,7 +292,13 @@ def _open_study(args: argparse.Namespace):
             f"a search's trials: {args.command} reads a study made by `ranksearch run`; pass its --study-name (the "
             "sensitivity's table and plots are in the folder its --out named)"
         )
+    load_study_plugins(study, args.plugins or [], uses)
     return study
+
+
+_STUDY_PLUGIN_HELP = ("a plugin the study was made with, checked against its record by content (it may lie elsewhere "
+                      "now); needed when the study's {} comes from one: a study's plugins are never imported unless "
+                      "passed; repeat for more")  # fmt: skip
 
 
 def _export_flags(parser: argparse.ArgumentParser) -> None:
@@ -313,6 +325,7 @@ def _export_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="the study's data (default: the folder recorded in the study)")
     parser.add_argument("--device", help="auto | cpu | cuda (default: the device the trial ran on)")
     parser.add_argument("--weights-dir", help=_WEIGHTS_DIR_HELP)
+    _plugin_flag(parser, _STUDY_PLUGIN_HELP.format("model, decomposition or a cost"))
 
 
 def _refine_recipe(args: argparse.Namespace):
@@ -370,7 +383,7 @@ def _export(args: argparse.Namespace) -> int:
     recipe = _refine_recipe(args)
     paths = check_out(args.out, formats, refine=args.finetune_epochs > 0)
     weights = _weights_folder(args)
-    study = _open_study(args)
+    study = _open_study(args, ("model", "decomposition", "costs"))  # it rebuilds, verifies and picks by cost
     trial = choose_trial(study, args.trial, args.max_drop, args.objective)
     export_trial(study, trial, args.data_dir, export_device(trial, args.device), paths, args.finetune_epochs,
                  recipe, args.from_scratch_check, weights)  # fmt: skip
@@ -380,6 +393,7 @@ def _export(args: argparse.Namespace) -> int:
 def _report_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=_out_path, help="folder for trials.csv, pareto.html, "
                         "pareto.png")  # fmt: skip
+    _plugin_flag(parser, _STUDY_PLUGIN_HELP.format("cost (an objective)"))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -387,7 +401,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import summary, write_report
 
     check_writable(args.out, "--out")
-    study = _open_study(args)
+    study = _open_study(args, ("costs",))  # its costs' labels and units; no model is built
     paths = write_report(study, args.out)
     print(summary(study))
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -16,8 +16,8 @@ from .decompose import conv_decompositions, factor_methods
 from .errors import UserError
 from .inputs import CIFAR10_CLASSES
 from .models import RANK_STEPS, SEARCH_SPACES, check_model_name, check_rank, check_width
-from .objectives import DEFAULT_OBJECTIVES, check_objectives
-from .plugins import load_plugins, resolved
+from .objectives import COSTS, DEFAULT_OBJECTIVES, check_objectives
+from .plugins import load_plugins, plugin_records, resolved
 
 
 def default_storage_url(study_name: str) -> str:
@@ -89,8 +89,8 @@ class Config:
     heartbeat_seconds: int = 60  # a trial whose worker is silent for 2x this is failed and retried (RDB storage)
     # extensions
     plugins: list[str] = field(default_factory=list)  # Python files (or modules) imported first, each registering
-    # a model, a decomposition or a cost (ranksearch.plugins); files are recorded by absolute path, and a study
-    # records its plugins (export and load_model import them again)
+    # a model, a decomposition or a cost (ranksearch.plugins); a study and an export record each by content
+    # ({"name": "x.py", "sha256": ...}), and later commands import one only when it is passed again
 
     def storage_url(self) -> str:
         return self.storage or default_storage_url(self.study_name)
@@ -136,8 +136,29 @@ CHOICES = {
 
 
 def search_fields(config: Config) -> dict:
-    """The config values that define a study: everything but run control."""
-    return {k: v for k, v in config.to_dict().items() if k not in RUN_CONTROL}
+    """The config values that define a study: everything but run control; plugins as their records (by content,
+    so that a plugin file moved elsewhere is the same study)."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in RUN_CONTROL}
+    return fields | {"plugins": plugin_records(config.plugins)}
+
+
+def unregistered(fields: dict, uses: tuple[str, ...] = ("model", "decomposition", "costs")) -> list[str]:
+    """What a recorded config (a study's) names that nothing in this process registers, among its ``uses``:
+    ``model 'x'``, ``decomposition 'y'`` (or its method), ``cost 'z'`` (its objectives'): a plugin's, not passed."""
+    names = []
+    if "model" in uses and "model" in fields:
+        try:
+            check_model_name(str(fields.get("model")))
+        except ValueError:
+            names.append(f"model {fields.get('model')!r}")
+    if "decomposition" in uses:
+        if fields.get("decomposition", "tucker2") not in conv_decompositions():
+            names.append(f"decomposition {fields.get('decomposition')!r}")
+        if fields.get("decompose_method", "hooi") not in factor_methods():
+            names.append(f"decompose method {fields.get('decompose_method')!r}")
+    if "costs" in uses:
+        names += [f"cost {name!r}" for name in fields.get("objectives", DEFAULT_OBJECTIVES)[1:] if name not in COSTS]
+    return names
 
 
 def baseline_key(config: Config, data_identity: dict) -> str:

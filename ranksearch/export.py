@@ -32,7 +32,6 @@ from .load import FILE_KIND, FILE_VERSION
 from .measure import count_macs
 from .models import ranks_text
 from .objectives import COSTS, DEFAULT_OBJECTIVES, cost, costs_text, study_objectives
-from .plugins import load_plugins
 from .refine import RefineRecipe, from_scratch, refine
 from .study import check_data
 from .train import TrainingDiverged, evaluate, steps_per_epoch
@@ -67,7 +66,6 @@ def study_config(study: optuna.Study) -> Config:
             f"study {study.study_name!r} was made by ranksearch {made_by} with config fields this version "
             f"({__version__}) does not know ({', '.join(unknown)}); upgrade ranksearch"
         )
-    load_plugins(fields.get("plugins", []))  # what registered its model, decomposition or costs
     return Config(**copy.deepcopy({**BEFORE_FIELD_EXISTED, **fields}))
 
 

@@ -3,6 +3,7 @@ with its weights, from the ``.pt`` that ``ranksearch export`` writes. Needs torc
 """
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -10,15 +11,17 @@ from torch import nn
 
 from . import __version__
 from .decompose import decomposed_from_state_dict
+from .decompose.layer import by_code
 from .errors import UserError, first_line
 from .inputs import CIFAR10_INPUT
-from .models import build_model
-from .plugins import load_plugins
+from .models import build_model, check_model_name
+from .plugins import load_recorded
 
 FILE_KIND = "ranksearch-model"
 # 1: ranksearch 0.1.0; 2: adds input, classes, device, eval_dtype, measured_with; 3 (0.5.0): each decomposed layer
 # records its method (a ``decomposition`` buffer: Tucker-2, CP or SVD), where 1 and 2 had Tucker-2 only; 4 (0.8.0):
 # ``input`` is the data's (any image size, its mean/std), ``config.plugins`` the files registering its model or layers
+# (0.8.0: their paths; later: {"name", "sha256"} records, the content the plugins passed to load_model must have)
 FILE_VERSION = 4
 # CIFAR-10's input (``inputs.InputSpec.record``: (uint8 pixel / 255 - mean) / std per RGB channel, NCHW, 3x32x32)
 # and classes: what a file written by 0.1.0, which recorded neither, takes. Later files record their data's.
@@ -62,9 +65,21 @@ def _check_contents(payload: dict, path: Path) -> None:
         raise UserError(f"{path} is a damaged ranksearch export ({', '.join(wrong)}: missing or wrong); export again")
 
 
-def _rebuild(payload: dict, path: Path) -> nn.Module:
+def _unregistered(payload: dict) -> list[str]:
+    """What the export names that nothing in this process registers: its model, its layers' decompositions."""
+    names = []
+    try:
+        check_model_name(str(payload["config"]["model"]))
+    except ValueError:
+        names.append(f"model {payload['config']['model']!r}")
+    records = [v for k, v in payload["state_dict"].items() if k.endswith(".decomposition") and v.numel() == 1]
+    codes = sorted({int(record) for record in records})
+    return names + [f"decomposition code {code}" for code in codes if by_code(code) is None]
+
+
+def _rebuild(payload: dict, path: Path, plugins: Sequence[str]) -> nn.Module:
     config = payload["config"]
-    load_plugins(config.get("plugins", []))  # a plugin's model or decomposition, registered again
+    load_recorded(str(path), config.get("plugins"), plugins, lambda: _unregistered(payload), api=True)
     try:
         model = build_model(config["model"], num_classes=config["num_classes"], width=config["width"])
     except (TypeError, ValueError, RuntimeError) as error:
@@ -75,8 +90,12 @@ def _rebuild(payload: dict, path: Path) -> nn.Module:
         raise UserError(f"{path}: {first_line(error)}; export it again") from None
 
 
-def load_model(path: str | Path) -> nn.Module:
+def load_model(path: str | Path, plugins: Sequence[str | Path] = ()) -> nn.Module:
     """Rebuild an exported model (its decomposed form read from the saved tensors) with its weights, in eval mode.
+
+    ``plugins``: the plugin files (or modules) the export was made with, imported first when its model or layers
+    come from them, each checked against the file's record by content (they may lie elsewhere now). A file's
+    recorded plugins are never imported unless passed: without them, a one-line UserError names what to pass.
 
     The model carries ``input_spec`` (how images become its input: the size, mean and std of the data it was
     trained on, as ``InputSpec.record`` writes them) and ``classes`` (the name of each output); CIFAR-10's
@@ -84,7 +103,8 @@ def load_model(path: str | Path) -> nn.Module:
     ``InputSpec.from_record(model.input_spec, model.classes)`` gives them as an ``InputSpec``.
     """
     payload = read_export(path)
-    model = _rebuild(payload, Path(path))
+    plugins = [plugins] if isinstance(plugins, str | Path) else plugins  # one plugin, not its characters
+    model = _rebuild(payload, Path(path), [str(plugin) for plugin in plugins])
     described = payload if payload["file_version"] > 1 else _version1_defaults(payload["config"])
     model.input_spec, model.classes = described["input"], described["classes"]
     return model.eval()

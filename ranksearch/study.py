@@ -11,17 +11,18 @@ import random
 import sqlite3
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
 
 from . import __version__
-from .config import Config, check_study_name, search_fields
+from .config import Config, check_study_name, search_fields, unregistered
 from .errors import UserError, first_line, shown_url, without_secrets
 from .files import check_writable
 from .objectives import directions, metric_names
-from .plugins import load_plugins
+from .plugins import entries_text, load_recorded, pass_hint, recorded_plugins, unmatched
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -258,9 +259,16 @@ def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
         raise UserError(
             f"no study {study_name!r} in {shown_url(storage_url)} (studies there: {known}); check --study-name"
         )
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    load_plugins(study.user_attrs.get("config", {}).get("plugins", []))  # its costs, model or decomposition
-    return study
+    return optuna.load_study(study_name=study_name, storage=storage)  # its plugins not imported: load_study_plugins
+
+
+def load_study_plugins(study: optuna.Study, passed: Sequence[str], uses: tuple[str, ...]) -> None:
+    """Import the plugins passed on this command (``--plugin``), each checked against the study's record by
+    content; then a one-line UserError, naming the study's plugins and how to pass them, when what the command
+    ``uses`` of the study (``config.unregistered``: its model, decomposition, costs) is still unregistered. A
+    study's plugins are never imported from its record."""
+    fields = study.user_attrs.get("config", {})
+    load_recorded(f"study {study.study_name!r}", fields.get("plugins"), passed, lambda: unregistered(fields, uses))
 
 
 def _check_sqlite_folder(config: Config, path: Path) -> None:
@@ -321,6 +329,8 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
             f"({__version__}) would not measure alike; use another --study-name (report and export still read it)"
         )
     stored, wanted = study.user_attrs.get("config", {}), search_fields(config)
+    _check_plugins(study.study_name, recorded_plugins(stored.get("plugins")), config.plugins)
+    stored, wanted = ({k: v for k, v in fields.items() if k != "plugins"} for fields in (stored, wanted))
     if stored != wanted:
         changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         details = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])
@@ -328,6 +338,15 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
             f"study {config.study_name!r} was made with another config ({details}); "
             "use another --study-name or the study's config"
         )
+
+
+def _check_plugins(study_name: str, recorded: list, passed: list[str]) -> None:
+    """A resumed study's trials measure with its plugins: each recorded one must be passed again (by content: a
+    moved file is the same plugin, a changed one is refused), and no other."""
+    left = unmatched(f"study {study_name!r}", recorded, passed)
+    if left:
+        raise UserError(f"study {study_name!r} was made with plugin(s) {entries_text(left)}: pass {pass_hint(left)} "
+                        "(or use another --study-name)")  # fmt: skip
 
 
 def check_data(study: optuna.Study | None, data_identity: dict) -> None:
