@@ -26,7 +26,16 @@ from .notes import TrialNotes, export_command, save_study_note, study_note
 from .objectives import COSTS, costs_text, study_objectives
 from .progress import LongRunNote, TrialProgress, trial_ranks_text
 from .sensitivity import model_table, sensitivity_allocations
-from .study import check_data, check_latency_device, create_or_load, find_study, record_setup
+from .study import (
+    check_compatible,
+    check_data,
+    check_latency_device,
+    claim_study,
+    create_or_load,
+    find_study,
+    record_setup,
+    release_claim,
+)
 from .trial import Objective, trial_bases
 from .warmstart import queue_warm_starts, ranks_argument
 from .weights import WeightsStore
@@ -227,10 +236,14 @@ def prepare_run(config: Config, worker: Worker | None = None) -> tuple[optuna.St
 
 
 def join_study(config: Config, existing: optuna.Study | None, data: DeviceData, baseline: Baseline) -> optuna.Study:
-    """The run's study, created when new, with what its trials are measured with recorded."""
+    """The run's study, created when new, claimed for this run's setup (``claim_study``: another run started at the
+    same instant with another config or heartbeat is refused here, before either asks for a trial), with what its
+    trials are measured with recorded. The caller releases the claim when the run ends (``release_claim``)."""
     if config.storage is None:
         Path("studies").mkdir(exist_ok=True)
     study = existing or create_or_load(config)
+    check_compatible(study, config)  # another process may have made it, or measured in it, since find_study
+    claim_study(study, config)
     record_setup(
         study, config, data=data.identity, baseline=baseline.metrics(),
         weights_dir=str(Path(config.weights_path()).resolve()), baseline_path=str(baseline.path.resolve()),
@@ -324,7 +337,21 @@ def run_search(
     process or, with ``config.workers`` > 1, by that many worker processes started with ``argv``.
 
     ``worker``: set in a worker started by a multi-worker run. Returns the study and the trials the run ran.
+    However it ends, the run leaves the study's claim (``release_claim``): a study it left with no trials may then
+    be re-configured.
     """
+    joined: list[optuna.Study] = []
+    try:
+        return _run_search(config, argv, worker, joined)
+    finally:
+        for study in joined:
+            release_claim(study)
+
+
+def _run_search(
+    config: Config, argv: list[str] | None, worker: Worker | None, joined: list[optuna.Study]
+) -> tuple[optuna.Study, list[optuna.trial.FrozenTrial]]:
+    """``run_search``'s work; the study it joins is appended to ``joined``."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by the progress lines instead
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if worker is not None and worker.threads:
@@ -336,6 +363,7 @@ def run_search(
     runs_trials = not (config.workers > 1 and worker is None)  # a parent of workers runs none itself
     objective = trial_objective(config, data, baseline) if runs_trials else None  # before the study is written too
     study = join_study(config, existing, data, baseline)
+    joined.append(study)
     run = worker or new_run(config.trials)
     gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
     where = latency_where(config, data.device, worker)

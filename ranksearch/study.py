@@ -6,8 +6,11 @@ with no trials yet may be re-configured.
 
 import contextlib
 import inspect
+import json
 import logging
+import os
 import random
+import socket
 import sqlite3
 import time
 import warnings
@@ -61,13 +64,28 @@ CONNECT_TIMEOUT = 30  # seconds a PostgreSQL server may take to accept a connect
 LOCK_TIMEOUT = 30
 
 
+def check_sqlite_form(url: str) -> None:
+    """Refuse a SQLite URL whose database is not the plain file it names: an in-memory one (``sqlite://``,
+    ``:memory:``, ``mode=memory``: every result is gone when the command ends), or one with query parameters or a
+    ``file:`` URI (SQLAlchemy may turn them into another file, such as one named ``NAME.db?mode=ro``, or a shared
+    in-memory database), so that no check reads one file while the run writes another."""
+    if not url.startswith("sqlite:"):
+        return
+    rest = url.removeprefix(SQLITE_PREFIX)
+    if not url.startswith(SQLITE_PREFIX) or ":memory:" in rest or "mode=memory" in rest:
+        raise UserError(f"--storage {url!r} is an in-memory database: every result would be gone when the command "
+                        "ends; pass a file, such as sqlite:///studies/NAME.db")  # fmt: skip
+    if "?" in rest or rest.startswith("file:"):
+        raise UserError(f"--storage {url!r}: a SQLite URL with query parameters or a file: URI is not supported (it "
+                        "may open another database than the file it names); pass a plain file, such as "
+                        "sqlite:///studies/NAME.db")  # fmt: skip
+
+
 def check_storage_url(url: str) -> None:
     """Refuse a storage that would lose or damage data: an in-memory SQLite database (every result is gone when the
     command ends), or a SQLite file that another program owns (Optuna would add its tables to it)."""
     shown = shown_url(url)
-    if url.startswith("sqlite:") and (not url.startswith(SQLITE_PREFIX) or url.endswith(":memory:")):
-        raise UserError(f"--storage {shown!r} is an in-memory database: every result would be gone when the command "
-                        "ends; pass a file, such as sqlite:///studies/NAME.db")  # fmt: skip
+    check_sqlite_form(url)
     path = sqlite_path(url)
     if path is not None and path.is_dir():
         raise UserError(f"--storage {shown!r} names a folder; name a file in it, such as "
@@ -185,6 +203,7 @@ def open_storage(url: str, heartbeat_seconds: int | None = None) -> optuna.stora
     retried; without it (read-only commands), a plain storage. Any number of processes may open the same fresh
     storage at once: creating the tables is retried after a short random sleep when they race.
     """
+    check_sqlite_form(url)
     for attempt in range(CREATE_ATTEMPTS):
         try:
             with warnings.catch_warnings():  # the heartbeat and its retry callback are "experimental" in Optuna
@@ -248,6 +267,7 @@ def deleted_study_is_one_line(storage_url: str, study_name: str):
 
 def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
     """A study that must already exist (for export, report, dashboard); a clear error otherwise."""
+    check_sqlite_form(storage_url)
     path = sqlite_path(storage_url)
     if path is not None and not path.is_file():
         raise UserError(f"no study database {path}; check --study-name / --storage")
@@ -304,7 +324,8 @@ def find_study(config: Config) -> optuna.Study | None:
 def check_compatible(study: optuna.Study, config: Config) -> None:
     """Refuse to add trials to a study made with other directions, another ranksearch or another config.
 
-    A study without trials may be re-configured: nothing in it was measured yet.
+    A study without trials may be re-configured: nothing in it was measured yet (``claim_study`` decides whether
+    another run is about to measure it).
     """
     made, wanted = [d.name.lower() for d in study.directions], study_directions(config)
     if made != wanted:
@@ -313,31 +334,36 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
             f"study {study.study_name!r} exists with directions ({', '.join(made)}), not the ({', '.join(wanted)}) of "
             f"{what}; use another --study-name"
         )
-    beat = study.user_attrs.get("heartbeat_seconds")
+    problem = setup_mismatch(study.study_name, study.user_attrs, config, measured=bool(study.trials))
+    if problem is not None:
+        raise UserError(problem)
+
+
+def setup_mismatch(study_name: str, recorded: dict, config: Config, measured: bool = True) -> str | None:
+    """Why ``config`` may not add trials to a study whose setup is ``recorded`` (its user attrs, or a claim:
+    ``heartbeat_seconds``, ``ranksearch_version``, ``config``), or None. The heartbeat always counts; the version
+    and the config only when ``measured`` (the study has trials, or a live run claimed it)."""
+    beat = recorded.get("heartbeat_seconds")
     if beat is not None and beat != config.heartbeat_seconds:
-        raise UserError(
-            f"study {study.study_name!r} runs with --heartbeat-seconds {beat}; a run with {config.heartbeat_seconds} "
-            f"would judge its other runs' live trials by another clock (and fail them as dead); pass "
-            f"--heartbeat-seconds {beat}"
-        )
-    if not study.trials:
-        return
-    made_by = study.user_attrs.get("ranksearch_version", "unknown")
+        return (f"study {study_name!r} runs with --heartbeat-seconds {beat}; a run with {config.heartbeat_seconds} "
+                f"would judge its other runs' live trials by another clock (and fail them as dead); pass "
+                f"--heartbeat-seconds {beat}")  # fmt: skip
+    if not measured:
+        return None
+    made_by = recorded.get("ranksearch_version", "unknown")
     if made_by != __version__:
-        raise UserError(
-            f"study {study.study_name!r} was made by ranksearch {made_by}, whose trials this version "
-            f"({__version__}) would not measure alike; use another --study-name (report and export still read it)"
-        )
-    stored, wanted = study.user_attrs.get("config", {}), search_fields(config)
-    _check_plugins(study.study_name, recorded_plugins(stored.get("plugins")), config.plugins)
+        return (f"study {study_name!r} was made by ranksearch {made_by}, whose trials this version "
+                f"({__version__}) would not measure alike; use another --study-name (report and export still read "
+                "it)")  # fmt: skip
+    stored, wanted = recorded.get("config", {}), search_fields(config)
+    _check_plugins(study_name, recorded_plugins(stored.get("plugins")), config.plugins)
     stored, wanted = ({k: v for k, v in fields.items() if k != "plugins"} for fields in (stored, wanted))
     if stored != wanted:
         changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         details = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])
-        raise UserError(
-            f"study {config.study_name!r} was made with another config ({details}); "
-            "use another --study-name or the study's config"
-        )
+        return (f"study {study_name!r} was made with another config ({details}); "
+                "use another --study-name or the study's config")  # fmt: skip
+    return None
 
 
 def _check_plugins(study_name: str, recorded: list, passed: list[str]) -> None:
@@ -397,3 +423,133 @@ def record_setup(study: optuna.Study, config: Config, **attrs) -> None:
     study.set_user_attr("heartbeat_seconds", config.heartbeat_seconds)  # every run on it must use the same
     for key, value in attrs.items():
         study.set_user_attr(key, value)
+
+
+CLAIM = "setup_claim"  # the study user attr a run claims the study with: its setup and the processes on it
+CLAIM_ATTEMPTS = 20  # compare-and-swap tries when other runs join or re-configure the same study at once
+
+
+def _setup(config: Config) -> dict:
+    """What every run adding trials to a study must share (``record_setup`` writes it as attrs too)."""
+    return {"config": search_fields(config), "heartbeat_seconds": config.heartbeat_seconds,
+            "ranksearch_version": __version__}  # fmt: skip
+
+
+def _this_process() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _alive(owner: dict) -> bool:
+    """Whether a claim's process may still run: True unless it ran on this host and is gone (another host's
+    processes cannot be seen from here)."""
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return True
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError), or a pid out of range
+        return True
+    return True
+
+
+def _rdb(study: optuna.Study) -> optuna.storages.RDBStorage:
+    """The RDBStorage under ``study`` (Optuna wraps it in a cache)."""
+    return getattr(study._storage, "_backend", study._storage)
+
+
+def _attr_table():
+    from optuna.storages._rdb.models import StudyUserAttributeModel
+
+    return StudyUserAttributeModel.__table__
+
+
+def _insert_claim(engine, study_id: int, value: str) -> str | None:
+    """Insert the claim row in one transaction; None when it is ours, else the claim already there. The table's
+    unique (study_id, key) makes two inserts at once end as one row on SQLite and PostgreSQL alike."""
+    table = _attr_table()
+    try:
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.insert(table).values(study_id=study_id, key=CLAIM, value_json=value))
+        return None
+    except sqlalchemy.exc.IntegrityError:
+        return _read_claim(engine, study_id)
+
+
+def _read_claim(engine, study_id: int) -> str:
+    """The study's claim as stored; "" when it has none (or it was deleted meanwhile)."""
+    table = _attr_table()
+    with engine.connect() as connection:
+        query = sqlalchemy.select(table.c.value_json).where(table.c.study_id == study_id, table.c.key == CLAIM)
+        row = connection.execute(query).first()
+    return row[0] if row is not None else ""
+
+
+def _swap_claim(engine, study_id: int, old: str, new: str) -> bool:
+    """Replace the claim ``old`` by ``new`` if nobody changed it since it was read (compare-and-swap)."""
+    table = _attr_table()
+    with engine.begin() as connection:
+        changed = connection.execute(
+            sqlalchemy.update(table)
+            .where(table.c.study_id == study_id, table.c.key == CLAIM, table.c.value_json == old)
+            .values(value_json=new)
+        )
+    return changed.rowcount == 1
+
+
+def claim_study(study: optuna.Study, config: Config) -> None:
+    """Claim ``study`` for ``config``'s setup (config, heartbeat, version) before any trial is asked for, atomically:
+    of runs started at the same instant with other setups, exactly one claims it and the others get a one-line
+    UserError, before they could fail a live trial (Optuna fails stale trials only when a trial is asked for).
+
+    A run with the claimed setup joins it (and, while there are no trials, adds itself to the claim's processes).
+    A claim with no trials whose processes are all gone (a run that stopped before its first trial) may be
+    re-configured; one with trials, or with a process that may still run, may not.
+    """
+    engine = _rdb(study).engine
+    study_id = _rdb(study).get_study_id_from_name(study.study_name)
+    mine = _setup(config)
+    for _ in range(CLAIM_ATTEMPTS):
+        claimed_text = _insert_claim(engine, study_id, json.dumps(mine | {"processes": [_this_process()]}))
+        if claimed_text is None:
+            return
+        if not claimed_text:  # gone meanwhile: try again
+            continue
+        claimed = json.loads(claimed_text)
+        processes = claimed.get("processes", [])
+        measured = bool(study.get_trials(deepcopy=False))
+        problem = setup_mismatch(study.study_name, claimed, config)
+        if problem is None:
+            if measured:
+                return
+            joined = claimed | {"processes": [*processes, _this_process()]}
+        elif measured or any(_alive(p) for p in processes):
+            raise UserError(problem)
+        else:
+            joined = mine | {"processes": [_this_process()]}  # the run that claimed it ended before any trial
+        if _swap_claim(engine, study_id, claimed_text, json.dumps(joined)):
+            return
+    raise UserError(f"study {study.study_name!r}: other runs kept changing its claim; run again")
+
+
+def release_claim(study: optuna.Study) -> None:
+    """This process leaves the study's claim (a run ends): a claim with no trials and no process left may be
+    re-configured. Best effort: a storage that fails here leaves the entry of a process that is about to end, which
+    ``claim_study`` tells is gone on this host."""
+    me = _this_process()
+    try:
+        engine = _rdb(study).engine
+        study_id = _rdb(study).get_study_id_from_name(study.study_name)
+        for _ in range(CLAIM_ATTEMPTS):
+            claimed_text = _read_claim(engine, study_id)
+            if not claimed_text:
+                return
+            claimed = json.loads(claimed_text)
+            processes = claimed.get("processes", [])
+            left = [p for p in processes if p != me]
+            if left == processes or _swap_claim(
+                engine, study_id, claimed_text, json.dumps(claimed | {"processes": left})
+            ):
+                return
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, KeyError):
+        return
