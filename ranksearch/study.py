@@ -16,6 +16,7 @@ import optuna
 import sqlalchemy.exc
 
 from . import __version__
+from .budget import canonical_budget
 from .config import Config, search_fields
 from .errors import UserError, first_line
 from .files import check_writable
@@ -218,7 +219,7 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
             f"study {study.study_name!r} was made by ranksearch {made_by}, whose trials this version "
             f"({__version__}) would not measure alike; use another --study-name (report and export still read it)"
         )
-    stored, wanted = study.user_attrs.get("config", {}), search_fields(config)
+    stored, wanted = recorded_config(study), search_fields(config)
     if stored != wanted:
         changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         details = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])
@@ -226,6 +227,16 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
             f"study {config.study_name!r} was made with another config ({details}); "
             "use another --study-name or the study's config"
         )
+
+
+def recorded_config(study: optuna.Study) -> dict:
+    """The search fields the study records, its budget in ``canonical_budget``'s spelling (earlier studies recorded
+    the user's text: their ``macs=.3`` is the ``macs=0.3`` of a resume)."""
+    stored = dict(study.user_attrs.get("config", {}))
+    if isinstance(stored.get("budget"), str):
+        with contextlib.suppress(UserError):
+            stored["budget"] = canonical_budget(stored["budget"])
+    return stored
 
 
 def check_data(study: optuna.Study | None, data_identity: dict) -> None:
