@@ -114,8 +114,8 @@ def train_baseline(config: Config, data: DeviceData) -> Baseline:
     try:
         pretrain(model, data, config, progress=progress)
     except TrainingDiverged as error:  # the config's rates: a user's choice, one line
-        raise UserError(f"baseline pretraining diverged: {error}; pretrain_lr {config.pretrain_lr}, weight_decay "
-                        f"{config.weight_decay}: lower them") from None  # fmt: skip
+        raise UserError(f"baseline pretraining diverged: {error}; pretrain_lr is {config.pretrain_lr} "
+                        f"(weight_decay {config.weight_decay})") from None  # fmt: skip
     finally:
         progress.close()
     seconds = time.perf_counter() - start
