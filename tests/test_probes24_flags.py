@@ -241,8 +241,7 @@ def test_h3_a_config_larger_than_the_cap_is_refused(tmp_path):
     [
         ("pretrain_lr: 1e-3\n", "pretrain_lr", 0.001),
         ("weight_decay: 5E-4\n", "weight_decay", 0.0005),
-        ("finetune_lr: 1.0e-2\n", "finetune_lr", 0.01),
-        ("enqueue_ranks: [[25e-2, 0.25, 0.25, 0.25, 0.25]]\n", "enqueue_ranks", [[0.25] * 5]),
+        ("distill_temperature: 4.0e0\n", "distill_temperature", 4.0),
     ],
 )
 def test_yaml_floats_without_a_dot_or_an_exponent_sign_are_floats(tmp_path, text, key, value):
