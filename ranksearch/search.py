@@ -110,8 +110,8 @@ def sampler_seed(seed: int, trial_number: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
 
-def check_enqueued(modules: list[str], rank_vectors: list[list[float]], source: str = "--ranks") -> None:
-    """Each enqueued vector has a rank per module; ``source`` names where the vectors came from in the error."""
+def check_enqueued(modules: list[str], rank_vectors: list[list[float]], source: str) -> None:
+    """Each enqueued vector has a rank per module; ``source`` (``--ranks`` or the config key) names them in errors."""
     for ranks in rank_vectors:
         if len(ranks) != len(modules):
             raise UserError(f"{source} needs {len(modules)} values per rank vector (one per module: "
@@ -197,7 +197,7 @@ def rank_space(config: Config, modules: list[str]) -> dict[str, optuna.distribut
 
 def check_budget(config: Config, baseline: Baseline, table: CostTable, modules: list[str]) -> None:
     """Before the study is written: the budget can be met, and every ``--ranks`` vector meets it (MACs and params;
-    latency is measured by the trials)."""
+    a latency budget is checked by ``check_latency_budget`` once the trials' meter exists)."""
     if config.budget is None or config.budget_cost() not in TABLE_COSTS:
         return
     fit = budget_fit(config, budget_ratio_of(config, baseline, table, None, None))
