@@ -58,6 +58,14 @@ def test_w4_a_latency_budget_below_every_model_is_refused_before_the_study_is_wr
     assert not (workdir / "studies" / "smoke-weights").exists()
 
 
+def test_w4_the_parent_of_workers_checks_it_too(workdir, tiny_imagefolder):
+    """``run --workers 2``: the parent runs no trial (no meter of the trials), but writes the study."""
+    result = run_cli("run", *SMOKE, "--data-dir", str(tiny_imagefolder), "--budget", "latency=0.05", "--trials", "2",
+                     "--workers", "2", cwd=workdir, subprocess=True)  # fmt: skip
+    one_line_error(result, "budget latency=0.05 is below the cheapest model's latency", after_baseline=True)
+    assert not (workdir / "studies" / "smoke.db").exists()
+
+
 # ----- W5: budgets compared by value ------------------------------------------------------------------------------
 
 
