@@ -17,7 +17,7 @@ from .files import atomic_save, check_writable, keyed_cache, lock_path, read_or_
 from .measure import count_macs
 from .models import build_model
 from .steps import step_progress
-from .train import evaluate, prepare, pretrain, steps_per_epoch
+from .train import TrainingDiverged, evaluate, prepare, pretrain, steps_per_epoch
 
 
 @dataclass
@@ -113,6 +113,9 @@ def train_baseline(config: Config, data: DeviceData) -> Baseline:
     progress = step_progress("baseline: pretraining", total)  # a bar on a terminal, else a line every 30 s
     try:
         pretrain(model, data, config, progress=progress)
+    except TrainingDiverged as error:  # the config's rates: a user's choice, one line
+        raise UserError(f"baseline pretraining diverged: {error}; pretrain_lr is {config.pretrain_lr} "
+                        f"(weight_decay {config.weight_decay})") from None  # fmt: skip
     finally:
         progress.close()
     seconds = time.perf_counter() - start

@@ -80,6 +80,13 @@ def parse_budget(text: str) -> tuple[str, float]:
     return name.strip(), ratio
 
 
+def canonical_budget(text: str) -> str:
+    """The budget ``text`` in one spelling per value: ``macs=.3``, ``macs=0.30`` and `` macs=0.3`` as ``macs=0.3``
+    (a study records it; resuming it compares budgets by value)."""
+    cost, ratio = parse_budget(text)
+    return f"{cost}={ratio!r}"
+
+
 class BudgetSampler(optuna.samplers.BaseSampler):
     """A sampler whose every draw meets the budget: ``base`` proposes a rank vector (its joint sample, or one value
     per module where it has none), ``fit`` scales it to the budget's boundary (``fit_to_budget``)."""

@@ -235,9 +235,28 @@ def cmd_ranks(args: argparse.Namespace) -> int:
     return 0
 
 
+# `run`'s flags that `sensitivity` does not use: it measures a fixed ladder of points (no sampler, pruner or trial
+# count of the user's, no latency). Parsed all the same, since the workers of `run --warm-start sensitivity` get
+# run's command line, but refused when typed and hidden from --help.
+_NOT_SENSITIVITY = {"trials": "--trials", "ranks": "--ranks", "warm_start": "--warm-start", "sampler": "--sampler",
+                    "pruner": "--pruner", "latency_batch": "--latency-batch"}  # fmt: skip
+
+
 def _sensitivity_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=_out_path, help="folder for sensitivity.png, .html and .csv (default "
                         "studies/<study-name>-sensitivity)")  # fmt: skip
+    for action in parser._actions:
+        if action.dest in _NOT_SENSITIVITY:
+            action.help = argparse.SUPPRESS
+
+
+def _check_sensitivity_flags(args: argparse.Namespace) -> None:
+    """Refuse a `run` flag that `sensitivity` would ignore (see ``_NOT_SENSITIVITY``); a worker's are run's own."""
+    given = [flag for dest, flag in _NOT_SENSITIVITY.items() if getattr(args, dest) is not None]
+    if given and args.worker is None:
+        them = "them (flags of `run`)" if len(given) > 1 else "it (a flag of `run`)"
+        raise UserError(f"sensitivity does not use {', '.join(given)}: it measures every module alone at a fixed "
+                        f"ladder of ranks; drop {them}")  # fmt: skip
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
@@ -245,6 +264,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from .sensitivity import run_sensitivity
     from .workers import Worker
 
+    _check_sensitivity_flags(args)
     config = _resolve(args)
     worker = Worker.parse(args.worker) if args.worker else None
     out = args.out or Path("studies") / f"{config.study_name}-sensitivity"

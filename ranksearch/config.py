@@ -6,12 +6,13 @@ import json
 import math
 import re
 import reprlib
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .budget import parse_budget
+from .budget import canonical_budget, parse_budget
 from .decompose import conv_decompositions, factor_methods
 from .errors import UserError
 from .inputs import CIFAR10_CLASSES
@@ -91,6 +92,7 @@ class Config:
     plugins: list[str] = field(default_factory=list)  # Python files (or modules) imported first, each registering
     # a model, a decomposition or a cost (ranksearch.plugins); a study and an export record each by content
     # ({"name": "x.py", "sha256": ...}), and later commands import one only when it is passed again
+    ranks_source = "config key enqueue_ranks"  # not a field: what set enqueue_ranks, as errors name it ("--ranks")
 
     def storage_url(self) -> str:
         return self.storage or default_storage_url(self.study_name)
@@ -189,33 +191,83 @@ def _coerce(name: str, value, kind):
         except (TypeError, ValueError, OverflowError):
             raise UserError(f"config key {name!r} must hold numbers, got {reprlib.repr(value)}") from None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"config key {name!r} must be {what}, got {reprlib.repr(value)}")
+        quoted = " (text: write the number without quotes)" if kind in (int, float) and isinstance(value, str) else ""
+        raise UserError(f"config key {name!r} must be {what}, got {reprlib.repr(value)}{quoted}")
     return value
+
+
+CONFIG_MAX_BYTES = 1 << 20  # a config is a few dozen lines; a larger file is not one (/dev/zero filled the memory)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats (``1e30``, ``1e-3``: PyYAML's YAML 1.1 reads a float without a
+    dot as text) and duplicate keys refused (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_lines: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    seen = first_lines.get(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if seen is not None:
+                    where = f"line {line}" if seen == line else f"lines {seen} and {line}"
+                    raise DuplicateKey(f"key {reprlib.repr(key)} is set twice ({where}); keep one")
+                first_lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")  # 1e30, 1.0e30
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A mapping that sets one key twice."""
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The mapping in the YAML file ``path``: a regular file of at most ``CONFIG_MAX_BYTES``, UTF-8, each key once;
+    a one-line UserError otherwise."""
+    try:
+        status = Path(path).stat()
+        if not stat.S_ISREG(status.st_mode):
+            raise UserError(f"config {path} is not a regular file; pass a YAML file")
+        if status.st_size > CONFIG_MAX_BYTES:
+            raise UserError(f"config {path} has {status.st_size:,} bytes, over the {CONFIG_MAX_BYTES:,} a config may "
+                            "have; pass a YAML file of keys and values")  # fmt: skip
+        with open(path, "rb") as file:
+            text = file.read(CONFIG_MAX_BYTES + 1).decode("utf-8-sig")
+        values = yaml.load(text, Loader=_ConfigLoader) or {}
+    except OSError as error:
+        raise UserError(f"cannot read config {path}: {error.strerror}; pass an existing --config file") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"config {path} is not UTF-8 text (byte {error.start}); pass a YAML file") from None
+    except yaml.YAMLError as error:
+        first_line = str(error).partition("\n")[0]
+        raise UserError(f"config {path} is not valid YAML: {first_line}") from None
+    except RecursionError:
+        raise UserError(f"config {path} nests too deeply; pass a flat YAML mapping of keys to values") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config {path} must be a mapping of keys to values")
+    return values
 
 
 def load_config(path: str | Path | None, overrides: dict | None = None) -> Config:
     """Config from a YAML file (or the defaults), then ``overrides`` (flags set on the command line)."""
-    values: dict = {}
-    if path is not None:
-        try:
-            values = yaml.safe_load(Path(path).read_bytes().decode("utf-8-sig")) or {}
-        except OSError as error:
-            raise UserError(f"cannot read config {path}: {error.strerror}; pass an existing --config file") from None
-        except UnicodeDecodeError as error:
-            raise UserError(f"config {path} is not UTF-8 text (byte {error.start}); pass a YAML file") from None
-        except yaml.YAMLError as error:
-            first_line = str(error).partition("\n")[0]
-            raise UserError(f"config {path} is not valid YAML: {first_line}") from None
-        except RecursionError:
-            raise UserError(f"config {path} nests too deeply; pass a flat YAML mapping of keys to values") from None
-        if not isinstance(values, dict):
-            raise UserError(f"config {path} must be a mapping of keys to values")
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values = read_config_file(path) if path is not None else {}
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(flags)
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
     unknown = sorted(reprlib.repr(k) for k in values if k not in fields)  # quoted: a YAML key may be any text
     if unknown:
         raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
     config = Config(**{k: _coerce(k, v, fields[k]) for k, v in values.items()})
+    if "enqueue_ranks" in flags:
+        config.ranks_source = "--ranks"
     config.plugins = [resolved(p) for p in config.plugins]
     load_plugins(config.plugins)  # before the checks: a plugin's model, decomposition or cost is a valid choice
     classes = data_class_names(config.data_dir)
@@ -224,7 +276,24 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Confi
     if "num_classes" not in values:  # the data's (an explicit num_classes is checked against the data instead)
         config.num_classes = len(classes)
     validate(config)
+    _check_given(config, set(values), set(flags))
     return config
+
+
+def _given_as(key: str, flags: set[str]) -> str:
+    """How the user set ``key``: its flag, or its config file key."""
+    return f"--{key.replace('_', '-')}" if key in flags else f"config key {key}"
+
+
+def _check_given(config: Config, given: set[str], flags: set[str]) -> None:
+    """Refuse a key the user set (by flag or config file) that this config does not use: a study records it, and it
+    would refuse every later run without it."""
+    if "pruner" in given and config.budget is None:
+        raise UserError(f"{_given_as('pruner', flags)} applies to budget mode only (--budget COST=FRACTION); "
+                        "drop it or set a budget")  # fmt: skip
+    if "latency_batch" in given and "latency" not in config.objectives:
+        raise UserError(f"{_given_as('latency_batch', flags)} applies when latency is measured (--objectives "
+                        "accuracy,latency or --budget latency=FRACTION); drop it or measure latency")  # fmt: skip
 
 
 def data_class_names(data_dir: str) -> list[str]:
@@ -253,6 +322,9 @@ def _on_grid(name: str, value: float) -> float:
 SEED_MAX = 2**32 - 1  # numpy and Optuna's samplers take seeds in 0..2**32-1
 COUNT_MAX = 2**31 - 1  # a larger size or count is a typo (and overflows 32-bit indices)
 LATENCY_BATCH_MAX = 4096  # images per timed forward pass: more times the memory, not the deployment
+LR_MAX = 10.0  # a learning rate above is a typo: SGD diverges far below it (and 1e30 overflowed into a traceback)
+WEIGHT_DECAY_MAX = 1.0  # at 1, each step at lr 0.1 shrinks every weight by a tenth; 1e300 overflowed float32
+TEMPERATURE_MAX = 100.0  # softmax temperature: above, every softened output is uniform and T^2 scales the loss up
 
 
 @dataclass(frozen=True)
@@ -283,18 +355,18 @@ RANGES = {
     "batch_size": Interval(1, COUNT_MAX),
     "eval_batch_size": Interval(1, COUNT_MAX),
     "pretrain_epochs": Interval(0, COUNT_MAX),
-    "pretrain_lr": Interval(0, low_open=True),
+    "pretrain_lr": Interval(0, LR_MAX, low_open=True),
     "momentum": Interval(0, 1, high_open=True),
-    "weight_decay": Interval(0),
+    "weight_decay": Interval(0, WEIGHT_DECAY_MAX),
     "label_smoothing": Interval(0, 1, high_open=True),
     "finetune_steps": Interval(0, COUNT_MAX),
-    "finetune_lr": Interval(0, low_open=True),
+    "finetune_lr": Interval(0, LR_MAX, low_open=True),
     "refine_iters": Interval(0, COUNT_MAX),
     "activation_images": Interval(1, COUNT_MAX),
     "bn_recalibration_batches": Interval(0, COUNT_MAX),
     "latency_batch": Interval(1, LATENCY_BATCH_MAX),
     "distill_weight": Interval(0, 1),
-    "distill_temperature": Interval(0, low_open=True),
+    "distill_temperature": Interval(0, TEMPERATURE_MAX, low_open=True),
     "seed": Interval(0, SEED_MAX),
     "trials": Interval(1, COUNT_MAX),
     "workers": Interval(1, 256),
@@ -341,7 +413,7 @@ def validate(config: Config) -> None:
     config.rank_max = _on_grid("rank_max", config.rank_max)
     if config.rank_min > config.rank_max:
         raise UserError(f"rank_min {config.rank_min} is above rank_max {config.rank_max}")
-    config.enqueue_ranks = [[_on_grid("enqueued rank", r) for r in ranks] for ranks in config.enqueue_ranks]
+    config.enqueue_ranks = [[_on_grid(config.ranks_source, r) for r in ranks] for ranks in config.enqueue_ranks]
     _check_warm_start(config)
     _check_budget(config)
 
@@ -362,6 +434,7 @@ def _check_budget(config: Config) -> None:
     """A budget names a cost and a fraction (checked); its cost is measured, so it joins the objectives."""
     if config.budget is None:
         return
+    config.budget = canonical_budget(config.budget)
     cost = config.budget_cost()
     if cost not in config.objectives:
         if len(config.objectives) == 3:

@@ -36,7 +36,7 @@ from .study import (
     record_setup,
     release_claim,
 )
-from .trial import Objective, trial_bases
+from .trial import LatencyMeter, Objective, trial_bases
 from .warmstart import queue_warm_starts, ranks_argument
 from .weights import WeightsStore
 from .workers import (
@@ -119,10 +119,12 @@ def sampler_seed(seed: int, trial_number: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
 
-def check_enqueued(modules: list[str], rank_vectors: list[list[float]]) -> None:
+def check_enqueued(modules: list[str], rank_vectors: list[list[float]], source: str) -> None:
+    """Each enqueued vector has a rank per module; ``source`` (``--ranks`` or the config key) names them in errors."""
     for ranks in rank_vectors:
         if len(ranks) != len(modules):
-            raise UserError(f"--ranks needs {len(modules)} values (one per module: {', '.join(modules)})")
+            raise UserError(f"{source} needs {len(modules)} values per rank vector (one per module: "
+                            f"{', '.join(modules)}), got {len(ranks)}")  # fmt: skip
 
 
 def budget_summary(study: optuna.Study, config: Config, modules: list[str]) -> str:
@@ -154,11 +156,11 @@ def pareto_summary(study: optuna.Study, modules: list[str]) -> str:
     return "\n".join(lines)
 
 
-def budget_ratio_of(config: Config, baseline: Baseline, table: CostTable, objective: Objective | None,
+def budget_ratio_of(config: Config, baseline: Baseline, table: CostTable, meter: LatencyMeter | None,
                     study: optuna.Study | None) -> Callable[[list[float]], float]:  # fmt: skip
     """A rank vector's cost as a ratio to the baseline's, for the budget's cost: from the cost table (MACs,
-    params), or measured by the trials' latency meter on the vector's architecture (random weights: latency does
-    not depend on them)."""
+    params), or measured by the trials' latency ``meter`` on the vector's architecture (random weights: latency
+    does not depend on them), or read from ``study``'s trials that measured it."""
     cost = config.budget_cost()
     if cost in TABLE_COSTS:
         return lambda ranks: table.ratio(cost, ranks)
@@ -169,8 +171,8 @@ def budget_ratio_of(config: Config, baseline: Baseline, table: CostTable, object
         if tuple(ranks) not in known:
             model = set_ranks(copy.deepcopy(baseline.model), ranks, space=config.search_space)
             shaped = decompose(model, inplace=True, factorize=False, decomposition=config.decomposition)
-            milliseconds, _ = objective.latency.latency(shaped, study)
-            known[tuple(ranks)] = milliseconds / objective.latency.baseline_ms
+            milliseconds, _ = meter.latency(shaped, study)
+            known[tuple(ranks)] = milliseconds / meter.baseline_ms
         return known[tuple(ranks)]
 
     return latency_ratio
@@ -182,12 +184,18 @@ def budget_fit(config: Config, ratio_of: Callable[[list[float]], float]) -> Call
     def fit(shares: list[float]) -> list[float]:
         ranks = fit_to_budget(shares, ratio_of, config.budget_ratio(), config.rank_min, config.rank_max)
         if ranks is None:
-            cheapest = ratio_of([config.rank_min] * len(shares))
-            raise UserError(f"budget {config.budget} is below the cheapest model's {config.budget_cost()} "
-                            f"({cheapest:.3f}x, every module at rank_min); raise it")  # fmt: skip
+            check_reachable(config, ratio_of, len(shares))
         return ranks
 
     return fit
+
+
+def check_reachable(config: Config, ratio_of: Callable[[list[float]], float], modules: int) -> None:
+    """A UserError when the budget is below the cheapest model's cost (every module at rank_min)."""
+    cheapest = ratio_of([config.rank_min] * modules)
+    if cheapest > config.budget_ratio():
+        raise UserError(f"budget {config.budget} is below the cheapest model's {config.budget_cost()} "
+                        f"({cheapest:.3f}x, every module at rank_min); raise it")  # fmt: skip
 
 
 def rank_space(config: Config, modules: list[str]) -> dict[str, optuna.distributions.FloatDistribution]:
@@ -198,7 +206,7 @@ def rank_space(config: Config, modules: list[str]) -> dict[str, optuna.distribut
 
 def check_budget(config: Config, baseline: Baseline, table: CostTable, modules: list[str]) -> None:
     """Before the study is written: the budget can be met, and every ``--ranks`` vector meets it (MACs and params;
-    latency is measured by the trials)."""
+    a latency budget is checked by ``check_latency_budget`` once the trials' meter exists)."""
     if config.budget is None or config.budget_cost() not in TABLE_COSTS:
         return
     fit = budget_fit(config, budget_ratio_of(config, baseline, table, None, None))
@@ -206,8 +214,20 @@ def check_budget(config: Config, baseline: Baseline, table: CostTable, modules: 
     for ranks in config.enqueue_ranks:
         ratio = table.ratio(config.budget_cost(), ranks)
         if ratio > config.budget_ratio() + 1e-12:
-            raise UserError(f"--ranks {ranks_argument(ranks)} costs {ratio:.3f}x {config.budget_cost()}, over the "
-                            f"budget {config.budget}")  # fmt: skip
+            raise UserError(f"{config.ranks_source} vector {ranks_argument(ranks)} costs {ratio:.3f}x "
+                            f"{config.budget_cost()}, over the budget {config.budget}")  # fmt: skip
+
+
+def check_latency_budget(config: Config, data: DeviceData, baseline: Baseline, modules: list[str],
+                         objective: Objective | None, study: optuna.Study | None) -> None:  # fmt: skip
+    """Before the study is written: a latency budget is above the cheapest model's latency, timed as the trials time
+    it (by the trials' meter, whose fits then reuse the measure; a parent of workers times with a meter of its own).
+    On a small model the factor convs' overhead can keep every decomposed model above a tight budget."""
+    if config.budget is None or config.budget_cost() != "latency":
+        return
+    meter = objective.latency if objective is not None else None
+    meter = meter or LatencyMeter(config, data.device, baseline.model, data.spec.shape())
+    check_reachable(config, budget_ratio_of(config, baseline, None, meter, study), len(modules))
 
 
 def latency_where(config: Config, device: torch.device, worker: Worker | None) -> dict | None:
@@ -225,7 +245,7 @@ def prepare_run(config: Config, worker: Worker | None = None) -> tuple[optuna.St
     """Everything a run needs before its study may be written: the study it resumes (checked, not created),
     the data (checked against that study), the baseline (cached or pretrained). A failure here writes no study."""
     modules = list(rank_modules(new_model(config), config.search_space))
-    check_enqueued(modules, config.enqueue_ranks)
+    check_enqueued(modules, config.enqueue_ranks, config.ranks_source)
     device = resolve_device(config.device)
     existing = find_study(config)
     check_latency_device(existing, latency_where(config, device, worker))
@@ -312,7 +332,7 @@ def run_trials(
     if config.budget is None:
         study.sampler = make_sampler(config)
     else:
-        fit = budget_fit(config, budget_ratio_of(config, baseline, table, objective, study))
+        fit = budget_fit(config, budget_ratio_of(config, baseline, table, objective.latency, study))
         study.sampler = make_sampler(config, fit, rank_space(config, modules))
         study.pruner = make_pruner(config.pruner, config.finetune_steps)
     if objective.latency is not None and "baseline_latency_ms" not in study.user_attrs:
@@ -362,6 +382,8 @@ def _run_search(
     check_budget(config, baseline, table, modules)  # before the study is written
     runs_trials = not (config.workers > 1 and worker is None)  # a parent of workers runs none itself
     objective = trial_objective(config, data, baseline) if runs_trials else None  # before the study is written too
+    if worker is None:  # its parent checked it
+        check_latency_budget(config, data, baseline, modules, objective, existing)
     study = join_study(config, existing, data, baseline)
     joined.append(study)
     run = worker or new_run(config.trials)

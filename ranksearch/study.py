@@ -21,6 +21,7 @@ import optuna
 import sqlalchemy.exc
 
 from . import __version__
+from .budget import canonical_budget
 from .config import Config, check_study_name, search_fields, unregistered
 from .errors import UserError, first_line, shown_url, without_secrets
 from .files import check_writable
@@ -355,7 +356,7 @@ def setup_mismatch(study_name: str, recorded: dict, config: Config, measured: bo
         return (f"study {study_name!r} was made by ranksearch {made_by}, whose trials this version "
                 f"({__version__}) would not measure alike; use another --study-name (report and export still read "
                 "it)")  # fmt: skip
-    stored, wanted = recorded.get("config", {}), search_fields(config)
+    stored, wanted = recorded_config(recorded.get("config", {})), search_fields(config)
     _check_plugins(study_name, recorded_plugins(stored.get("plugins")), config.plugins)
     stored, wanted = ({k: v for k, v in fields.items() if k != "plugins"} for fields in (stored, wanted))
     if stored != wanted:
@@ -373,6 +374,16 @@ def _check_plugins(study_name: str, recorded: list, passed: list[str]) -> None:
     if left:
         raise UserError(f"study {study_name!r} was made with plugin(s) {entries_text(left)}: pass {pass_hint(left)} "
                         "(or use another --study-name)")  # fmt: skip
+
+
+def recorded_config(fields: dict) -> dict:
+    """The search fields a study records (``fields``), its budget in ``canonical_budget``'s spelling (earlier
+    studies recorded the user's text: their ``macs=.3`` is the ``macs=0.3`` of a resume)."""
+    stored = dict(fields)
+    if isinstance(stored.get("budget"), str):
+        with contextlib.suppress(UserError):
+            stored["budget"] = canonical_budget(stored["budget"])
+    return stored
 
 
 def check_data(study: optuna.Study | None, data_identity: dict) -> None:

@@ -142,8 +142,11 @@ def architecture(model: nn.Module, decomposition: str = "tucker2") -> str:
     return json.dumps([integer_ranks, kept], sort_keys=True)
 
 
-def recorded_latency(study: optuna.Study, key: str) -> float | None:
-    """The latency a COMPLETE trial of ``study`` measured for the architecture ``key``, or None."""
+def recorded_latency(study: optuna.Study | None, key: str) -> float | None:
+    """The latency a COMPLETE trial of ``study`` (None: a study not written yet) measured for the architecture
+    ``key``, or None."""
+    if study is None:
+        return None
     for t in study.get_trials(deepcopy=False, states=(COMPLETE,)):
         if "latency_ms" in t.user_attrs and "conv_ranks" in t.user_attrs:
             if json.dumps([t.user_attrs["conv_ranks"], t.user_attrs["kept_convs"]], sort_keys=True) == key:

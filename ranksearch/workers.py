@@ -43,8 +43,16 @@ class Worker:
 
     @classmethod
     def parse(cls, text: str) -> "Worker":
-        run_id, index, total, threads = text.split(":")
-        return cls(run_id, int(index), int(total), int(threads))
+        """``text()``'s RUN:INDEX:TOTAL:THREADS (what `run --workers N` passes its workers); a UserError otherwise."""
+        try:
+            run_id, index, total, threads = text.split(":")
+            worker = cls(run_id, int(index), int(total), int(threads))
+        except ValueError:
+            worker = None
+        if worker is None or not worker.run_id or min(worker.index, worker.total, worker.threads) < 0:
+            raise UserError(f"--worker {text!r} is internal to `run --workers N` (RUN:INDEX:TOTAL:THREADS); "
+                            "drop it and pass --workers N")  # fmt: skip
+        return worker
 
 
 def new_run(total: int) -> Worker:

@@ -183,12 +183,12 @@ def test_a_latency_budget_measures_each_candidate_architecture_with_the_trials_m
     meter = types.SimpleNamespace(latency=latency, baseline_ms=table.base["macs"] / 1e6)
     config = Config(budget="latency=0.3", objectives=["accuracy", "latency"])
     baseline = types.SimpleNamespace(model=model)
-    fit = budget_fit(config, budget_ratio_of(config, baseline, table, types.SimpleNamespace(latency=meter), None))
+    fit = budget_fit(config, budget_ratio_of(config, baseline, table, meter, None))
     ranks = fit([0.5, 0.5, 0.25, 0.25, 0.25])
     assert table.ratio("macs", ranks) <= 0.3 < table.ratio("macs", [min(1.0, r + 1 / 32) for r in ranks])
     assert 3 <= len(asked) <= 12  # a bisection over the candidates, not a sweep
     with pytest.raises(UserError, match="below the cheapest model's latency"):
         budget_fit(
             dataclasses.replace(config, budget="latency=0.001"),
-            budget_ratio_of(config, baseline, table, types.SimpleNamespace(latency=meter), None),
+            budget_ratio_of(config, baseline, table, meter, None),
         )([0.5] * 5)

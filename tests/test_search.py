@@ -65,8 +65,16 @@ def test_other_config_is_refused_and_the_study_left_intact(tmp_path, tiny_imagef
     assert len(load(tmp_path).trials) == 1
 
 
-def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, tiny_imagefolder):
-    config = yaml.safe_load(SMOKE_CONFIG.read_text()) | {"finetune_lr": 1e12, "study_name": "diverges"}
+def diverge(*args, **kwargs):
+    """A fine-tune whose loss became NaN (a finetune_lr of 1e12 did it before rates were bounded to 10)."""
+    from ranksearch.train import TrainingDiverged
+
+    raise TrainingDiverged("training loss became nan (try a lower learning rate)")
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, tiny_imagefolder, monkeypatch):
+    monkeypatch.setattr("ranksearch.trial.finetune", diverge)
+    config = yaml.safe_load(SMOKE_CONFIG.read_text()) | {"study_name": "diverges"}
     (tmp_path / "diverges.yaml").write_text(yaml.safe_dump(config))
     result = run_cli("run", "--config", "diverges.yaml", "--data-dir", str(tiny_imagefolder), cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr

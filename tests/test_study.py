@@ -111,8 +111,11 @@ def test_a_corrupt_image_is_named(tmp_path):
     assert_one_line_error(run(tmp_path, data), "cannot be decoded", "class7/0002.jpg")
 
 
-def test_the_exit_code_judges_the_enqueued_trials_too(workdir, tiny_imagefolder):
-    config = yaml.safe_load(SMOKE_CONFIG.read_text()) | {"finetune_lr": 1e12}
+def test_the_exit_code_judges_the_enqueued_trials_too(workdir, tiny_imagefolder, monkeypatch):
+    from test_search import diverge
+
+    monkeypatch.setattr("ranksearch.trial.finetune", diverge)
+    config = yaml.safe_load(SMOKE_CONFIG.read_text())
     (workdir / "diverges.yaml").write_text(yaml.safe_dump(config))
     result = run_cli(
         "run", "--config", "diverges.yaml", "--data-dir", str(tiny_imagefolder), "--trials", "1",
