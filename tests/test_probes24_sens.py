@@ -172,22 +172,23 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc (Linux)")
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
 def test_no_sensitivity_worker_outlives_its_parent(signum, workdir, tiny_imagefolder):
     """H4: SIGTERM to the parent of `sensitivity --workers 2` reaches both workers (each records its point as
     interrupted); kill -9 of the parent too (the kernel tells them, on Linux). Nothing is left RUNNING."""
     config = _config(workdir, "slow.yaml", TWO_RANKS + "finetune_steps: 400\n")  # seconds per point
     process, log = _start(workdir, "sensitivity", "--config", config, "--data-dir", str(tiny_imagefolder),
                           "--workers", "2", "--out", "sens", log="parent.log")  # fmt: skip
+    workers: set[int] = set()
     try:
-        workers = _wait_for(lambda: len(_children(process.pid)) == 2 and _children(process.pid), 120, "2 workers")
+        workers |= _wait_for(lambda: len(_children(process.pid)) == 2 and _children(process.pid), 120, "2 workers")
         _wait_for(lambda: "sensitivity: measuring" in log.read_text() and any(
             t.state.name == "RUNNING" for t in _points_study(workdir).get_trials()), 120, "point running")  # fmt: skip
         process.send_signal(signum)
         process.wait(timeout=60)
         _wait_for(lambda: not any(_alive(pid) for pid in workers), 30, "end of the workers")
     finally:
-        for pid in [process.pid, *_children(process.pid)]:
+        for pid in {process.pid, *workers, *_children(process.pid)}:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
     if signum == signal.SIGTERM:
