@@ -55,7 +55,6 @@ COMPLETE = optuna.trial.TrialState.COMPLETE
 RUNNING = optuna.trial.TrialState.RUNNING
 WAITING = optuna.trial.TrialState.WAITING
 FAIL = optuna.trial.TrialState.FAIL
-PRUNED = optuna.trial.TrialState.PRUNED
 DUPLICATE_OF = "duplicate_of"  # user attr of a point's copy not measured: the trial that counts for the point
 
 

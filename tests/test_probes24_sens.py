@@ -136,6 +136,26 @@ def test_a_point_that_failed_is_named_with_its_reason_no_allocations_then_a_reru
     assert len(_csv_points(workdir / "sens" / "sensitivity.csv")) == 5
 
 
+def test_of_two_copies_of_a_point_started_together_one_yields():
+    """W7: two processes that queued one point at the same instant each start a copy; the later-started copy
+    yields to the earlier one (whichever checks first), and any copy yields to a measured one."""
+    from ranksearch.sensitivity import counted_elsewhere
+
+    study = optuna.create_study(direction="maximize")
+    for _ in range(2):
+        study.enqueue_trial({"module": "block1", "rank": 0.5})
+    first, second = study.ask(), study.ask()
+    for trial in (first, second):
+        trial.suggest_categorical("module", ["block1"]), trial.suggest_float("rank", 0.5, 0.5)
+    assert counted_elsewhere(second, ("block1", 0.5)).number == first.number
+    assert counted_elsewhere(first, ("block1", 0.5)) is None
+    assert counted_elsewhere(first, ("block2", 0.5)) is None
+    study.tell(first, 0.3)
+    study.enqueue_trial({"module": "block1", "rank": 0.5})
+    third = study.ask()
+    assert counted_elsewhere(third, ("block1", 0.5)).number == first.number
+
+
 @pytest.mark.slow
 def test_two_sensitivity_processes_on_one_study_count_each_point_once(workdir, tiny_imagefolder):
     """W7: two processes started together share the points: one COMPLETE per point, both CSVs hold every point."""
