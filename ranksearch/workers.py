@@ -239,11 +239,11 @@ def run_workers(argv: list[str], parent: Worker, workers: int, gpus: int, owed: 
     when they have ended (a worker died or crashed, or two told one queued trial), one more worker runs them: after
     ``grace_seconds`` when a worker died, so that the heartbeat has failed its trial and enqueued it again.
 
-    Ctrl-C and SIGTERM (taken as Ctrl-C here, whoever called) send SIGTERM to every worker, wait for them, then
-    raise KeyboardInterrupt."""
+    Ctrl-C and SIGTERM (both raise KeyboardInterrupt here, whatever handlers the caller had set) send SIGTERM to
+    every worker, wait for them, then raise KeyboardInterrupt."""
     threads = worker_threads(workers, gpus)
     team = [Worker(parent.run_id, i, parent.total, threads) for i in range(workers)]
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     processes: list[subprocess.Popen] = []
     try:
         for w, quota in zip(team, shares(parent.total, workers), strict=False):
@@ -269,4 +269,5 @@ def run_workers(argv: list[str], parent: Worker, workers: int, gpus: int, owed: 
             process.wait()
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
