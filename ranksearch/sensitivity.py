@@ -323,7 +323,7 @@ def check_complete(study: optuna.Study, config: Config, table: CostTable, measur
     details = "; ".join(f"{m} {rank_text(r)}: {why_missing(trials.get((m, r), []), config.heartbeat_seconds)}"
                         for m, r in lost[:4]) + ("; ..." if len(lost) > 4 else "")  # fmt: skip
     raise UserError(f"{len(lost)} of {len(wanted_points(config, table))} sensitivity points are not measured "
-                    f"({details}); no allocations from an incomplete set: run sensitivity again to measure them "
+                    f"({details}); no allocations from an incomplete set: run the command again to measure them "
                     f"(study {study.study_name!r})")  # fmt: skip
 
 
