@@ -6,7 +6,11 @@ layers decomposed at that rank (the config's decomposition and method), BatchNor
 the config's proxy, then its val accuracy. Points are the trials of a single-objective study of their own, in the
 run's storage, named after everything a point depends on (``sensitivity_name``): a re-run, ``run --warm-start
 sensitivity`` and another worker (``sensitivity --workers N``, or processes on other machines on one PostgreSQL
-storage) find the points measured, take the queued ones, and run a crashed worker's point again as trials are.
+storage) find the points measured, take the queued ones, and run a crashed worker's point again as trials are: its
+heartbeat stops, and 2 x ``heartbeat_seconds`` later any process fails it and measures it again. A point is
+counted once: a process that queued a point another queued at the same instant measures its copy only when no
+other copy was told or started first (``counted_elsewhere``). A process ends only when every point is measured or
+failed, waiting for those another process holds; allocations come from a complete set of points only.
 
 An **allocation** for a budget (a fraction of the baseline's MACs or params) is the rank vector, one ladder rank
 per module, that loses the least val accuracy under the additive model (the sum of the modules' single drops)
@@ -27,19 +31,20 @@ import torch
 from torch import nn
 
 from . import __version__
-from .attrs import FAIL_REASON
+from .attrs import FAIL_REASON, INTERRUPTED, RETRY_OF
 from .baseline import Baseline
 from .config import Config, search_fields
 from .costs import TABLE_COSTS, CostTable, cost_table
 from .data import DeviceData
-from .errors import shown_url
+from .errors import UserError, shown_url
 from .files import atomic_write, check_writable
+from .interrupts import Signals
 from .models import RANK_STEPS, rank_modules, rank_text
 from .steps import clock_text
 from .study import open_storage
 from .train import evaluate
 from .trial import trial_model
-from .workers import Worker, new_run, optimize_share, requeue_interrupted, run_workers
+from .workers import Worker, new_run, optimize_share, run_workers
 
 LADDER_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24)  # the ranks k/32 each module is measured at (then rank_max)
 BUDGETS = (0.5, 0.33, 0.2, 0.14, 0.1, 0.07)  # the warm start's budgets, as fractions of the baseline's cost
@@ -47,6 +52,10 @@ BUDGETS = (0.5, 0.33, 0.2, 0.14, 0.1, 0.07)  # the warm start's budgets, as frac
 NOT_MEASURED = ("objectives", "latency_batch", "sampler", "rank_min", "rank_max", "budget", "pruner")
 POINT_VERSION = 1  # raise it when what a point measures changes: earlier points are then measured again
 COMPLETE = optuna.trial.TrialState.COMPLETE
+RUNNING = optuna.trial.TrialState.RUNNING
+WAITING = optuna.trial.TrialState.WAITING
+FAIL = optuna.trial.TrialState.FAIL
+DUPLICATE_OF = "duplicate_of"  # user attr of a point's copy not measured: the trial that counts for the point
 
 
 def sensitivity_fields(config: Config) -> dict:
@@ -113,6 +122,8 @@ class PointObjective:
     def __call__(self, trial: optuna.Trial) -> float:
         try:
             return self._measure(trial)
+        except optuna.TrialPruned:
+            raise
         except Exception as error:
             trial.set_user_attr(FAIL_REASON, f"{type(error).__name__}: {error}")
             raise
@@ -121,8 +132,12 @@ class PointObjective:
         config, table = self.config, self.table
         module = trial.suggest_categorical("module", table.modules)
         rank = trial.suggest_float("rank", 1 / RANK_STEPS, 1.0, step=1 / RANK_STEPS)
-        seed = point_seed(config, table.modules.index(module), rank)
         trial.set_user_attr("ranks", f"{module} {rank_text(rank)}")
+        other = counted_elsewhere(trial, (module, rank))
+        if other is not None:
+            trial.set_user_attr(DUPLICATE_OF, other.number)
+            raise optuna.TrialPruned(f"trial {other.number} measures this point")
+        seed = point_seed(config, table.modules.index(module), rank)
         model, seconds = trial_model(self.baseline.model, {module: rank}, config, self.data, seed, self.bases,
                                      only=self.layers[module])  # fmt: skip
         accuracy = evaluate(model, self.data, "val", config.eval_batch_size)
@@ -149,16 +164,50 @@ def open_sensitivity(config: Config, baseline: Baseline) -> optuna.Study:
     return study
 
 
+def counted_elsewhere(trial: optuna.Trial, point: tuple[str, float]) -> optuna.trial.FrozenTrial | None:
+    """Another trial of ``point`` that counts instead of ``trial``: a COMPLETE one, or a RUNNING one that started
+    first (by start time, then number). Two processes that queued one point at the same instant each hold a copy;
+    each copy is started (RUNNING) before this check, so of two copies started together one yields to the other."""
+    started = trial.datetime_start
+    for other in trial.study.get_trials(deepcopy=False, states=(COMPLETE, RUNNING)):
+        if other.number != trial.number and point_of(other) == point:
+            first = (other.datetime_start or started, other.number) < (started, trial.number)
+            if other.state == COMPLETE or first:
+                return other
+    return None
+
+
+def fail_dead_points(study: optuna.Study) -> None:
+    """Fail the points whose worker stopped sending heartbeats 2 x ``heartbeat_seconds`` ago (killed, or its
+    machine gone): the storage's retry queues each again with the same point (3 times at most)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def by_point(study: optuna.Study) -> dict[tuple[str, float], list[optuna.trial.FrozenTrial]]:
+    """The study's trials of each point, in the order they were made."""
+    found: dict[tuple[str, float], list[optuna.trial.FrozenTrial]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        point = point_of(trial)
+        if point is not None:
+            found.setdefault(point, []).append(trial)
+    return found
+
+
 def queue_missing(study: optuna.Study, config: Config, table: CostTable) -> int:
-    """Queue every wanted point the study holds in no state (a failed point stays failed; an interrupted one is
-    queued again); returns how many points are queued now."""
-    requeue_interrupted(study)
-    held = {point_of(t) for t in study.get_trials(deepcopy=False)}
+    """Queue every wanted point the study holds no trial of that is measured, running or queued: a new point, and
+    one that failed, was interrupted or whose worker died (failed here first, when its heartbeat is old enough);
+    returns how many points are queued now."""
+    fail_dead_points(study)
+    trials = by_point(study)
+    live = (COMPLETE, RUNNING, WAITING)
     for module, rank in wanted_points(config, table):
-        if (module, rank) not in held:
-            study.enqueue_trial({"module": module, "rank": rank}, skip_if_exists=True)
-    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-    return len(waiting)
+        held = trials.get((module, rank), [])
+        if not any(t.state in live for t in held):
+            again = {RETRY_OF: held[-1].number} if held else None
+            study.enqueue_trial({"module": module, "rank": rank}, user_attrs=again)
+    return len(study.get_trials(deepcopy=False, states=(WAITING,)))
 
 
 class PointProgress:
@@ -172,6 +221,8 @@ class PointProgress:
         prefix = f"{self.label} " if self.label else ""
         if trial.state == COMPLETE:
             result = f"val {trial.value:.2%}  MACs {trial.user_attrs.get('macs_ratio', float('nan')):.3f}x"
+        elif DUPLICATE_OF in trial.user_attrs:
+            result = f"measured by trial {trial.user_attrs[DUPLICATE_OF]} (another process queued it too); skipped"
         else:
             result = f"{trial.state.name}: {trial.user_attrs.get('fail_reason', 'no reason recorded')}"
         elapsed = time.monotonic() - self.start
@@ -182,13 +233,13 @@ class PointProgress:
 
 def _stop_when_queue_is_empty(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
     """Optuna callback: points are queued trials only (a sampled trial would be an arbitrary point)."""
-    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+    if not study.get_trials(deepcopy=False, states=(WAITING,)):
         study.stop()
 
 
 def measure_points(study: optuna.Study, objective: PointObjective, worker: Worker, count: int, label: str = ""):
     """Measure up to ``count`` of the queued points in this process (fewer when other workers took the rest)."""
-    if count > 0 and study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+    if count > 0 and study.get_trials(deepcopy=False, states=(WAITING,)):
         callbacks = [PointProgress(count, label), _stop_when_queue_is_empty]
         optimize_share(study, objective, worker, count, callbacks=callbacks)
 
@@ -209,6 +260,78 @@ def curves(study: optuna.Study, modules: Sequence[str]) -> dict[str, list[Point]
 def missing(config: Config, table: CostTable, measured: dict[str, list[Point]]) -> list[tuple[str, float]]:
     have = {(p.module, p.rank) for points in measured.values() for p in points}
     return [point for point in wanted_points(config, table) if point not in have]
+
+
+def held_elsewhere(study: optuna.Study, config: Config, table: CostTable) -> list[tuple[str, float]]:
+    """The wanted points not measured yet that a process is measuring (or was, until it died: its heartbeat is
+    not old enough yet for the point to be failed)."""
+    trials = by_point(study)
+    return [point for point in wanted_points(config, table)
+            if not any(t.state == COMPLETE for t in trials.get(point, []))
+            and any(t.state == RUNNING for t in trials.get(point, []))]  # fmt: skip
+
+
+def _pause(seconds: float) -> None:
+    """Sleep ``seconds``; Ctrl-C or SIGTERM (taken as a flag once a measure ran here) ends it at once."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if Signals.pending:
+            raise KeyboardInterrupt
+        time.sleep(min(0.2, max(end - time.monotonic(), 0)))
+
+
+def settle_points(study: optuna.Study, objective: "PointObjective", config: Config, table: CostTable,
+                  run: Worker) -> None:  # fmt: skip
+    """Measure here every queued point, then wait for the points another process holds: each is told there, or,
+    when that process died, failed once its heartbeat is 2 x ``heartbeat_seconds`` old and measured here."""
+    said: list[tuple[str, float]] = []
+    while True:
+        fail_dead_points(study)
+        waiting = len(study.get_trials(deepcopy=False, states=(WAITING,)))
+        if waiting:
+            measure_points(study, objective, run, waiting)
+            continue
+        held = held_elsewhere(study, config, table)
+        if not held:
+            return
+        if held != said:
+            names = ", ".join(f"{m} {rank_text(r)}" for m, r in held[:4]) + (", ..." if len(held) > 4 else "")
+            print(f"sensitivity: waiting for {len(held)} point(s) another process is measuring ({names}); a dead "
+                  f"process's point is measured here once its heartbeat is {2 * config.heartbeat_seconds} s old",
+                  flush=True)  # fmt: skip
+            said = held
+        _pause(min(config.heartbeat_seconds, 5))
+
+
+def why_missing(trials: list[optuna.trial.FrozenTrial], heartbeat_seconds: int) -> str:
+    """Why a point has no measure, from its latest trial."""
+    if not trials:
+        return "not measured"
+    last = trials[-1]
+    if any(t.state == RUNNING for t in trials):
+        return "another process is measuring it"
+    reason = last.user_attrs.get(FAIL_REASON)
+    if last.state == FAIL and reason == INTERRUPTED:
+        return "interrupted"
+    if last.state == FAIL and reason:
+        return f"failed: {reason}"
+    if last.state == FAIL:
+        return f"its worker died (no heartbeat for {2 * heartbeat_seconds} s)"
+    return f"{last.state.name.lower()}, not measured"
+
+
+def check_complete(study: optuna.Study, config: Config, table: CostTable, measured: dict[str, list[Point]]) -> None:
+    """Refuse to go on from an incomplete set of points (allocations from it would differ): one line naming each
+    missing point and why."""
+    lost = missing(config, table, measured)
+    if not lost:
+        return
+    trials = by_point(study)
+    details = "; ".join(f"{m} {rank_text(r)}: {why_missing(trials.get((m, r), []), config.heartbeat_seconds)}"
+                        for m, r in lost[:4]) + ("; ..." if len(lost) > 4 else "")  # fmt: skip
+    raise UserError(f"{len(lost)} of {len(wanted_points(config, table))} sensitivity points are not measured "
+                    f"({details}); no allocations from an incomplete set: run the command again to measure them "
+                    f"(study {study.study_name!r})")  # fmt: skip
 
 
 # ----- allocation ------------------------------------------------------------------------------------------------
@@ -368,24 +491,23 @@ def sensitivity_argv(argv: list[str]) -> list[str]:
 def ensure_points(config: Config, data: DeviceData, baseline: Baseline, bases, table: CostTable,
                   argv: list[str] | None = None, worker: Worker | None = None) -> optuna.Study:  # fmt: skip
     """The points' study with every wanted point measured (or failed): by this process, or by ``config.workers``
-    processes started with ``argv``. A ``worker`` (started so) measures its share of the queued points."""
+    processes started with ``argv``, and the points other processes hold waited for. A ``worker`` (started so)
+    measures its share of the queued points."""
     study = open_sensitivity(config, baseline)
     objective = PointObjective(config, data, baseline, bases, table)
     if worker is not None:
         measure_points(study, objective, worker, config.trials, label=f"w{worker.index}")
         return study
     queued = queue_missing(study, config, table)
-    if queued == 0:
-        return study
-    print(f"sensitivity: measuring {queued} of {len(wanted_points(config, table))} points (study "
-          f"{study.study_name!r} in {shown_url(config.storage_url())})", flush=True)  # fmt: skip
+    if queued:
+        print(f"sensitivity: measuring {queued} of {len(wanted_points(config, table))} points (study "
+              f"{study.study_name!r} in {shown_url(config.storage_url())})", flush=True)  # fmt: skip
     if config.workers > 1 and queued > 1 and argv:
         gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
-        waiting = lambda: len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))  # noqa: E731
+        waiting = lambda: len(study.get_trials(deepcopy=False, states=(WAITING,)))  # noqa: E731
         run_workers(sensitivity_argv(argv), new_run(queued), config.workers, gpus, waiting,
                     grace_seconds=2 * config.heartbeat_seconds + 1)  # fmt: skip
-    else:
-        measure_points(study, objective, new_run(queued), queued)
+    settle_points(study, objective, config, table, new_run(queued))
     return study
 
 
@@ -399,10 +521,7 @@ def report_allocations(config: Config, baseline: Baseline, table: CostTable, stu
     measured = curves(study, table.modules)
     cost = allocation_cost(config)
     print(table_text(measured, baseline.val_accuracy, cost), flush=True)
-    lost = missing(config, table, measured)
-    if lost:
-        print(f"sensitivity: {len(lost)} point(s) failed (see the study's fail_reason attrs): "
-              + ", ".join(f"{m} {rank_text(r)}" for m, r in lost), flush=True)  # fmt: skip
+    check_complete(study, config, table, measured)
     allocations = allocate(config, table, measured, baseline.val_accuracy, cost, budgets_of(config))
     print(allocations_text(allocations, cost), flush=True)
     return allocations

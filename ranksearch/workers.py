@@ -7,9 +7,11 @@ that a crash or a signal cut short are run again.
   2 x ``heartbeat_seconds`` and Optuna's retry callback enqueues it again with the same ranks. The parent of
   `run --workers N` then starts a replacement for the trials still owed.
 - Ctrl-C or SIGTERM records the running trial as FAIL with reason ``interrupted``; the next `run` enqueues it
-  again (``requeue_interrupted``).
+  again (``requeue_interrupted``). A parent of workers passes SIGTERM on to each (``run_workers``), and on Linux a
+  worker whose parent dies (kill -9 included) gets SIGTERM from the kernel: no worker runs on orphaned.
 """
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -192,10 +194,33 @@ def _env(worker: Worker, gpus: int) -> dict[str, str]:
     return env
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal the kernel sends this process when its parent dies
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """Linux: a ``preexec_fn`` after which the kernel sends the worker SIGTERM when the parent dies, however it
+    dies (kill -9 included; the worker then records its trial as interrupted); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded before the fork: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def follow() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before prctl: no signal will come
+            os._exit(128 + signal.SIGTERM)
+
+    return follow
+
+
 def _start(argv: list[str], worker: Worker, quota: int, gpus: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "ranksearch", *argv, "--workers", "1", "--trials", str(quota),
                "--worker", worker.text()]  # fmt: skip
-    return subprocess.Popen(command, env=_env(worker, gpus), start_new_session=True)  # Ctrl-C reaches the parent only
+    return subprocess.Popen(command, env=_env(worker, gpus), start_new_session=True,  # Ctrl-C reaches the parent only
+                            preexec_fn=_die_with_parent())  # fmt: skip
 
 
 def _died(process: subprocess.Popen) -> bool:
@@ -208,11 +233,17 @@ def run_workers(argv: list[str], parent: Worker, workers: int, gpus: int, owed: 
                 grace_seconds: float) -> None:  # fmt: skip
     """Start ``workers`` processes sharing the run's trials and wait for them. While trials are still ``owed()``
     when they have ended (a worker died or crashed, or two told one queued trial), one more worker runs them: after
-    ``grace_seconds`` when a worker died, so that the heartbeat has failed its trial and enqueued it again."""
+    ``grace_seconds`` when a worker died, so that the heartbeat has failed its trial and enqueued it again.
+
+    Ctrl-C and SIGTERM (both raise KeyboardInterrupt here, whatever handlers the caller had set) send SIGTERM to
+    every worker, wait for them, then raise KeyboardInterrupt."""
     threads = worker_threads(workers, gpus)
     team = [Worker(parent.run_id, i, parent.total, threads) for i in range(workers)]
-    processes = [_start(argv, w, quota, gpus) for w, quota in zip(team, shares(parent.total, workers), strict=False)]
+    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    processes: list[subprocess.Popen] = []
     try:
+        for w, quota in zip(team, shares(parent.total, workers), strict=False):
+            processes.append(_start(argv, w, quota, gpus))
         for _ in range(workers + 1):  # at most one round of replacements per worker, and the first round
             for process in processes:
                 process.wait()
@@ -233,3 +264,6 @@ def run_workers(argv: list[str], parent: Worker, workers: int, gpus: int, owed: 
         for process in processes:
             process.wait()
         raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
