@@ -7,6 +7,7 @@ INTERRUPTED = "interrupted"  # the fail reason of a trial cut short by Ctrl-C or
 RETRY_OF = "retry_of"  # user attr of a trial enqueued to re-run an interrupted one
 COPIED_FROM = "copied_from"  # user attr of a copied trial: the number of the trial it copied
 WEIGHTS_ATTR = "weights_artifact_id"  # user attr of a trial whose weights are kept: their artifact's id
+WEIGHTS_NOT_KEPT = "weights_not_kept"  # user attr of a COMPLETE trial whose weights could not be saved: why
 
 
 def param_name(module: str) -> str:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import optuna
 
-from .attrs import COPIED_FROM, FAIL_REASON, RETRY_OF, WEIGHTS_ATTR, param_name
+from .attrs import COPIED_FROM, FAIL_REASON, RETRY_OF, WEIGHTS_ATTR, WEIGHTS_NOT_KEPT, param_name
 from .config import default_storage_url
 from .models import rank_text
 from .objectives import COSTS
@@ -50,7 +50,9 @@ def _weights_line(trial: optuna.trial.FrozenTrial, export: str) -> str:
         return f"- weights: kept while on the Pareto front (see Artifacts); to export them:{command}"
     if trial.state == optuna.trial.TrialState.COMPLETE:
         seed = trial.user_attrs.get("seed")
-        return f"- weights: not kept; to export the trial, re-running its fine-tune (seed {seed}):{command}"
+        why = trial.user_attrs.get(WEIGHTS_NOT_KEPT)
+        why = "" if why is None else f" (the weights folder could not be written: {why})"
+        return f"- weights: not kept{why}; to export the trial, re-running its fine-tune (seed {seed}):{command}"
     return "- weights: none"
 
 
