@@ -14,6 +14,7 @@ from .data import DeviceData
 from .decompose import Bases, model_bases
 from .errors import UserError, first_line
 from .files import atomic_save, check_writable, keyed_cache, lock_path, read_or_make
+from .interrupts import Interrupted
 from .measure import count_macs
 from .models import build_model
 from .steps import step_progress
@@ -113,6 +114,9 @@ def train_baseline(config: Config, data: DeviceData) -> Baseline:
     progress = step_progress("baseline: pretraining", total)  # a bar on a terminal, else a line every 30 s
     try:
         pretrain(model, data, config, progress=progress)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted while pretraining the baseline: it is not saved, and no trial ran; the next "
+                          "command that needs it pretrains it again from the first epoch") from None  # fmt: skip
     finally:
         progress.close()
     seconds = time.perf_counter() - start
