@@ -165,3 +165,33 @@ def test_ctrl_c_during_pretraining_says_what_was_lost_and_leaves_no_lock(tmp_pat
     assert "ranksearch: interrupted while pretraining the baseline: it is not saved, and no trial ran" in stderr
     assert "finished trials are saved" not in stderr and "Traceback" not in stderr, stderr
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no lock, no partial checkpoint, no study
+
+
+def _take_turns(path, holder, rounds: int, barrier, clashes) -> None:
+    """``rounds`` times: hold ``path``'s lock, write this process's id into ``holder``, read it back."""
+    from ranksearch.files import file_lock
+
+    barrier.wait()
+    for _ in range(rounds):
+        with file_lock(path):
+            holder.write_text(str(os.getpid()))
+            os.sched_yield()
+            if holder.read_text() != str(os.getpid()):
+                clashes.put(os.getpid())
+
+
+def test_a_lock_file_removed_as_it_is_let_go_still_excludes(tmp_path):
+    """The lock file is removed when let go (no litter); a process that was waiting on the removed file takes the
+    lock again on the new one, so that two processes never hold it at once."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    barrier, clashes = context.Barrier(4), context.Queue()
+    path, holder = tmp_path / "baseline.pt", tmp_path / "holder"
+    processes = [context.Process(target=_take_turns, args=(path, holder, 200, barrier, clashes)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    assert clashes.empty() and sorted(p.name for p in tmp_path.iterdir()) == ["holder"]
