@@ -114,9 +114,6 @@ def train_baseline(config: Config, data: DeviceData) -> Baseline:
     progress = step_progress("baseline: pretraining", total)  # a bar on a terminal, else a line every 30 s
     try:
         pretrain(model, data, config, progress=progress)
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted while pretraining the baseline: it is not saved, and no trial ran; the next "
-                          "command that needs it pretrains it again from the first epoch") from None  # fmt: skip
     finally:
         progress.close()
     seconds = time.perf_counter() - start
@@ -152,6 +149,10 @@ def cached_bases(model: nn.Module, checkpoint: Path) -> dict[str, Bases]:
     )  # fmt: skip
 
 
+PRETRAINING_INTERRUPTED = ("interrupted while pretraining the baseline: it is not saved, and no trial ran; the next "
+                           "command that needs it pretrains it again from the first epoch")
+
+
 def ensure_baseline(config: Config, data: DeviceData, quiet: bool = False) -> Baseline:
     """The cached baseline for ``config`` and ``data``, pretraining it first when there is none; ``quiet``: no
     lines about it (a worker, whose parent said them).
@@ -170,15 +171,21 @@ def ensure_baseline(config: Config, data: DeviceData, quiet: bool = False) -> Ba
             print(f"baseline: {path} (cached)", file=sys.stderr)
         return baseline
 
-    def make() -> Baseline:
-        check_writable(path.parent, "baseline_dir")
-        baseline = train_baseline(config, data)
+    def save(baseline: Baseline) -> None:
         try:
             _save(path, baseline, config, data.identity)
         except (OSError, RuntimeError) as error:
             raise UserError(
                 f"cannot save the baseline to {path} ({first_line(error)}); free space or fix baseline_dir"
             ) from None
+
+    def make() -> Baseline:
+        check_writable(path.parent, "baseline_dir")
+        try:
+            baseline = train_baseline(config, data)
+            save(baseline)
+        except KeyboardInterrupt:  # from its first line on (a Ctrl-C just after it was said too)
+            raise Interrupted(PRETRAINING_INTERRUPTED) from None
         baseline.path = path
         print(f"baseline: pretrained in {baseline.pretrain_seconds:.0f} s, saved to {path}", file=sys.stderr)
         return baseline
