@@ -2,11 +2,13 @@
 module writes or reads (a trial's costs are named by their specs, in ``ranksearch.objectives``)."""
 
 RANK_PREFIX = "rank_"  # a trial's parameter per module: rank_block1, rank_stage2.0.conv1
-FAIL_REASON = "fail_reason"  # user attr of a FAIL trial: why ("ValueError: ...", or INTERRUPTED)
+FAIL_REASON = "fail_reason"  # user attr of a FAIL trial: why ("ValueError: ...", INTERRUPTED, HEARTBEAT_FAILED ...)
 INTERRUPTED = "interrupted"  # the fail reason of a trial cut short by Ctrl-C or SIGTERM
-RETRY_OF = "retry_of"  # user attr of a trial enqueued to re-run an interrupted one
+HEARTBEAT_FAILED = "heartbeat:"  # how the fail reason of a trial whose worker died (no heartbeat) starts
+RETRY_OF = "retry_of"  # user attr of a trial enqueued to re-run an interrupted or heartbeat-failed one
 COPIED_FROM = "copied_from"  # user attr of a copied trial: the number of the trial it copied
 WEIGHTS_ATTR = "weights_artifact_id"  # user attr of a trial whose weights are kept: their artifact's id
+WEIGHTS_NOT_KEPT = "weights_not_kept"  # user attr of a COMPLETE trial whose weights could not be saved: why
 
 
 def param_name(module: str) -> str:

@@ -14,6 +14,7 @@ from .data import DeviceData
 from .decompose import Bases, model_bases
 from .errors import UserError, first_line
 from .files import atomic_save, check_writable, keyed_cache, lock_path, read_or_make
+from .interrupts import Interrupted
 from .measure import count_macs
 from .models import build_model
 from .steps import step_progress
@@ -151,6 +152,10 @@ def cached_bases(model: nn.Module, checkpoint: Path) -> dict[str, Bases]:
     )  # fmt: skip
 
 
+PRETRAINING_INTERRUPTED = ("interrupted while pretraining the baseline: it is not saved, and no trial ran; the next "
+                           "command that needs it pretrains it again from the first epoch")
+
+
 def ensure_baseline(config: Config, data: DeviceData, quiet: bool = False) -> Baseline:
     """The cached baseline for ``config`` and ``data``, pretraining it first when there is none; ``quiet``: no
     lines about it (a worker, whose parent said them).
@@ -169,15 +174,21 @@ def ensure_baseline(config: Config, data: DeviceData, quiet: bool = False) -> Ba
             print(f"baseline: {path} (cached)", file=sys.stderr)
         return baseline
 
-    def make() -> Baseline:
-        check_writable(path.parent, "baseline_dir")
-        baseline = train_baseline(config, data)
+    def save(baseline: Baseline) -> None:
         try:
             _save(path, baseline, config, data.identity)
         except (OSError, RuntimeError) as error:
             raise UserError(
                 f"cannot save the baseline to {path} ({first_line(error)}); free space or fix baseline_dir"
             ) from None
+
+    def make() -> Baseline:
+        check_writable(path.parent, "baseline_dir")
+        try:
+            baseline = train_baseline(config, data)
+            save(baseline)
+        except KeyboardInterrupt:  # from its first line on (a Ctrl-C just after it was said too)
+            raise Interrupted(PRETRAINING_INTERRUPTED) from None
         baseline.path = path
         print(f"baseline: pretrained in {baseline.pretrain_seconds:.0f} s, saved to {path}", file=sys.stderr)
         return baseline

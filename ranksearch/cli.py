@@ -11,6 +11,7 @@ from .attrs import FAIL_REASON
 from .config import SAMPLERS, Config, default_storage_url, load_config
 from .decompose import conv_decompositions, factor_methods
 from .errors import MASK, UserError, shown_url
+from .interrupts import interrupted_line
 from .models import model_names
 from .objectives import COSTS, parse_objectives
 
@@ -494,8 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"ranksearch: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ranksearch: interrupted; finished trials are saved: run again to resume", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"ranksearch: {interrupted_line(interrupt)}", file=sys.stderr)
         return 130
     except Exception as error:  # a storage that failed (killed, blocked by a lock) is one line, the storage's own
         from .study import storage_failure

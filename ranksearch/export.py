@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .attrs import module_of
+from .attrs import WEIGHTS_NOT_KEPT, module_of
 from .baseline import load_baseline, new_model
 from .config import Config
 from .data import DeviceData, device_data
@@ -36,7 +36,7 @@ from .refine import RefineRecipe, from_scratch, refine
 from .study import check_data
 from .train import TrainingDiverged, evaluate, steps_per_epoch
 from .trial import trial_bases, trial_model, trial_seed
-from .weights import WeightsStore
+from .weights import DamagedWeights, WeightsStore
 
 FORMATS = ("pt", "onnx", "torchscript")
 SUFFIXES = {"pt": ".pt", "onnx": ".onnx", "torchscript": ".ts"}
@@ -148,8 +148,10 @@ def rebuild_trial(
         return model, "weights kept with the study"
     path = Path(study.user_attrs.get("baseline_path", ""))
     if not path.is_file():
+        why = "its weights folder could not be written" if WEIGHTS_NOT_KEPT in trial.user_attrs else (
+            "it left the Pareto front")  # fmt: skip
         raise UserError(
-            f"trial {trial.number}'s weights were not kept (it left the Pareto front) and the baseline {path} "
+            f"trial {trial.number}'s weights were not kept ({why}) and the baseline {path} "
             "needed to re-run its fine-tune is gone; pick a Pareto trial"
         )
     baseline = load_baseline(path, config, data.device)
@@ -173,8 +175,9 @@ def kept_model(trial: optuna.trial.FrozenTrial, config: Config, data: DeviceData
             return None
         return decomposed_from_state_dict(new_model(config), state).to(data.device)
     except Exception as error:  # unreadable, not a state_dict, or not this trial's shapes
-        print(f"note: trial {trial.number}'s kept weights are damaged ({type(error).__name__}: {first_line(error)}); "
-              "re-running its fine-tune instead", file=sys.stderr)  # fmt: skip
+        why = str(error) if isinstance(error, DamagedWeights) else f"{type(error).__name__}: {first_line(error)}"
+        print(f"note: trial {trial.number}'s kept weights are damaged ({why}); re-running its fine-tune instead",
+              file=sys.stderr)  # fmt: skip
         return None
 
 

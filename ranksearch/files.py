@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-import filelock
 import torch
 
 from .errors import UserError, first_line
@@ -156,29 +155,61 @@ def lock_path(path: Path) -> Path:
 
 @contextlib.contextmanager
 def file_lock(path: Path, waiting: str = "") -> Iterator[bool]:
-    """Hold ``<path>.lock`` (an OS lock: released when its process ends, however it ends) for the body.
+    """Hold ``<path>.lock`` (an OS lock: released when its process ends, however it ends) for the body; the lock
+    file is removed as the body ends (also on Ctrl-C or an error), so none is left among the user's files.
 
     Yields True when another process held it first (and so may have just made ``path``), after printing
     ``waiting`` to stderr. Where the lock file cannot be created (a read-only folder) there is no lock: yields
-    False, and the caller's own notes about the unwritable folder are all the user sees.
+    False, and the caller's own notes about the unwritable folder are all the user sees. A kill -9 leaves the file:
+    the next holder takes it over and removes it.
     """
-    lock = filelock.FileLock(lock_path(path))
-    try:
-        lock.acquire(timeout=0)
-        waited = False
-    except filelock.Timeout:
-        if waiting:
-            print(waiting, file=sys.stderr, flush=True)
-        lock.acquire()
-        waited = True
-    except OSError:
-        lock = None  # read-only folder: nothing to coordinate through
-        waited = False
+    lock = lock_path(path)
+    descriptor, waited = _hold(lock, waiting)
     try:
         yield waited
     finally:
-        if lock is not None:
-            lock.release()
+        if descriptor is not None:
+            with contextlib.suppress(OSError):
+                lock.unlink()  # while still held: a process waiting on this file sees it gone and locks a new one
+            os.close(descriptor)  # releases the lock
+
+
+def _hold(lock: Path, waiting: str) -> tuple[int | None, bool]:
+    """An exclusive flock on the file ``lock`` (created when missing, never through a symlink): its descriptor (None
+    where it cannot be created) and whether another process held it first. A holder removes the file before it lets
+    go, so a lock taken on a removed file is let go and taken again on the file now there."""
+    waited = False
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError:
+            return None, waited  # read-only folder: nothing to coordinate through
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting and not waited:
+                    print(waiting, file=sys.stderr, flush=True)
+                waited = True
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks
+            os.close(descriptor)
+            return None, waited
+        except BaseException:  # Ctrl-C while waiting
+            os.close(descriptor)
+            raise
+        if _same_file(descriptor, lock):
+            return descriptor, waited
+        os.close(descriptor)
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(descriptor), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:

@@ -41,3 +41,13 @@ def sigterm_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C where "finished trials are saved" (the command line's default line) is not what happened: its text
+    says what was lost and what the next command does (``cli.main`` prints it)."""
+
+
+def interrupted_line(interrupt: KeyboardInterrupt) -> str:
+    """What the command line says after Ctrl-C: an ``Interrupted``'s own text, else the search's default."""
+    return str(interrupt) or "interrupted; finished trials are saved: run again to resume"

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import optuna
 
-from .attrs import COPIED_FROM, FAIL_REASON, RETRY_OF, WEIGHTS_ATTR, param_name
+from .attrs import COPIED_FROM, FAIL_REASON, RETRY_OF, WEIGHTS_ATTR, WEIGHTS_NOT_KEPT, param_name
 from .config import default_storage_url
 from .errors import shown_url
 from .models import rank_text
@@ -74,7 +74,9 @@ def _weights_line(trial: optuna.trial.FrozenTrial, export: str) -> str:
         return f"- weights: kept while on the Pareto front (see Artifacts); to export them:{command}"
     if trial.state == optuna.trial.TrialState.COMPLETE:
         seed = markdown_text(trial.user_attrs.get("seed"))
-        return f"- weights: not kept; to export the trial, re-running its fine-tune (seed {seed}):{command}"
+        why = trial.user_attrs.get(WEIGHTS_NOT_KEPT)
+        why = "" if why is None else f" (the weights folder could not be written: {markdown_text(why)})"
+        return f"- weights: not kept{why}; to export the trial, re-running its fine-tune (seed {seed}):{command}"
     return "- weights: none"
 
 

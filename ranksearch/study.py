@@ -5,6 +5,7 @@ with no trials yet may be re-configured.
 """
 
 import contextlib
+import copy
 import inspect
 import json
 import logging
@@ -21,6 +22,7 @@ import optuna
 import sqlalchemy.exc
 
 from . import __version__
+from .attrs import FAIL_REASON, HEARTBEAT_FAILED, RETRY_OF
 from .budget import canonical_budget
 from .config import Config, check_study_name, search_fields, unregistered
 from .errors import UserError, first_line, shown_url, without_secrets
@@ -163,14 +165,51 @@ def _with_lock_hint(text: str) -> str:
     return f"{text}: another session held a lock on the study's tables for over {LOCK_TIMEOUT} s"
 
 
-def _heartbeat_kwargs(seconds: int) -> dict:
-    """RDBStorage's heartbeat: a trial whose worker is silent for 2x ``seconds`` is failed and retried (3 times at
-    most, with the same parameters). Optuna 4.9 renamed the callback; both spellings are accepted."""
+def _retry_callback() -> tuple[type, str]:
+    """Optuna's callback that enqueues a stale trial again, and the RDBStorage argument that takes it (Optuna 4.9
+    renamed both; both spellings are accepted)."""
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
     name = "heartbeat_stale_trial_callback"
     if retry is None or name not in inspect.signature(optuna.storages.RDBStorage).parameters:
         retry, name = optuna.storages.RetryFailedTrialCallback, "failed_trial_callback"
-    return {"heartbeat_interval": seconds, "grace_period": 2 * seconds, name: retry(max_retry=3)}
+    return retry, name
+
+
+def stale_reason(grace_seconds: int) -> str:
+    """The ``fail_reason`` of a trial the heartbeat failed (``attrs.HEARTBEAT_FAILED`` starts it)."""
+    return f"{HEARTBEAT_FAILED} its worker was silent for over {grace_seconds} s (killed, or hung)"
+
+
+class HeartbeatStorage(optuna.storages.RDBStorage):
+    """RDBStorage with the heartbeat: a trial whose worker is silent for 2x ``seconds`` is failed, with its
+    ``fail_reason`` (``stale_reason``), and retried (3 times at most, with the same parameters) by a trial whose
+    ``retry_of`` names it.
+
+    Optuna fails the trial first and then calls back, and a finished trial takes no attrs: the callback's one write
+    of ``fail_reason`` to the trial this process has just failed is let through (``check_trial_is_updatable``).
+    """
+
+    def __init__(self, url: str, engine_kwargs: dict, seconds: int):
+        retry, name = _retry_callback()
+        self.retry, self.grace_seconds = retry(max_retry=3), 2 * seconds
+        self.recording: int | None = None  # the trial whose fail_reason the callback is writing
+        super().__init__(url, engine_kwargs=engine_kwargs, heartbeat_interval=seconds,
+                         grace_period=self.grace_seconds, **{name: self.failed_stale})  # fmt: skip
+
+    def failed_stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Optuna's callback for a trial this process failed by the heartbeat."""
+        self.recording = trial._trial_id
+        try:
+            self.set_trial_user_attr(trial._trial_id, FAIL_REASON, stale_reason(self.grace_seconds))
+        finally:
+            self.recording = None
+        again = copy.deepcopy(trial)
+        again.user_attrs = {RETRY_OF: trial.number}  # not the dead trial's half-measured attrs, nor its reason
+        self.retry(study, again)
+
+    def check_trial_is_updatable(self, trial_id: int, trial_state: optuna.trial.TrialState) -> None:
+        if trial_id != self.recording:
+            super().check_trial_is_updatable(trial_id, trial_state)
 
 
 # What the database says when another process creates the same tables at the same instant.
@@ -209,8 +248,9 @@ def open_storage(url: str, heartbeat_seconds: int | None = None) -> optuna.stora
         try:
             with warnings.catch_warnings():  # the heartbeat and its retry callback are "experimental" in Optuna
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                kwargs = _heartbeat_kwargs(heartbeat_seconds) if heartbeat_seconds is not None else {}
-                return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+                if heartbeat_seconds is not None:
+                    return HeartbeatStorage(url, _engine_kwargs(url), heartbeat_seconds)
+                return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
         except Exception as error:
             if _is_creation_race(error) and attempt + 1 < CREATE_ATTEMPTS:
                 time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))  # jittered: the racers spread out

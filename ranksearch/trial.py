@@ -7,6 +7,7 @@ Export re-runs a trial through the same functions (``trial_model``, ``trial_seed
 import copy
 import json
 import math
+import sys
 import time
 
 import optuna
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from .activations import cached_statistics
-from .attrs import COPIED_FROM, FAIL_REASON, WEIGHTS_ATTR, param_name
+from .attrs import COPIED_FROM, FAIL_REASON, WEIGHTS_ATTR, WEIGHTS_NOT_KEPT, param_name
 from .baseline import Baseline, cached_bases
 from .budget import CHECKPOINT_IMAGES, checkpoints
 from .config import Config
@@ -35,7 +36,7 @@ COMPLETE = optuna.trial.TrialState.COMPLETE
 # exist exactly while both are on the Pareto front, having the same values); not timings, nor the tags a run sets.
 COPIED_ATTRS = (
     "ranks", "macs", "params", "macs_ratio", "params_ratio", "latency_ms", "latency_ratio", "conv_ranks",
-    "kept_convs", "seed", "device", "device_name", "eval_dtype", "torch_version", WEIGHTS_ATTR,
+    "kept_convs", "seed", "device", "device_name", "eval_dtype", "torch_version", WEIGHTS_ATTR, WEIGHTS_NOT_KEPT,
 )  # fmt: skip
 
 
@@ -245,6 +246,7 @@ class Objective:
         self.registered_baseline = {m.name: self.measure_cost(m, baseline.model) for m in self.registered}
         prunes = config.budget is not None and config.pruner != "none"
         self.prune_marks = checkpoints(config.finetune_steps) if prunes else []
+        self.told_weights_not_kept = False  # ``keep_weights`` says it once per process
 
     def measure_cost(self, metric: Metric, model: nn.Module) -> float:
         """A registered cost's value for ``model`` (in eval mode, without gradients)."""
@@ -253,6 +255,20 @@ class Objective:
             value = float(metric.measure(model.eval(), self.example))
         model.train(training)
         return value
+
+    def keep_weights(self, trial: optuna.Trial, model: nn.Module) -> None:
+        """Save the trial's fine-tuned weights; when they cannot be (the weights folder became unwritable or full),
+        the trial is still recorded with its values, with ``WEIGHTS_NOT_KEPT`` saying why (its note says it;
+        export re-runs its fine-tune), and the run says so in one line, the first time only."""
+        reason = self.weights.save(trial, model)
+        if reason is None:
+            return
+        trial.set_user_attr(WEIGHTS_NOT_KEPT, reason)
+        if not self.told_weights_not_kept:
+            self.told_weights_not_kept = True
+            print(f"note: cannot keep trial {trial.number}'s weights in {self.weights.directory} ({reason}): trials "
+                  "go on and are recorded without their weights (export re-runs their fine-tune); make the folder "
+                  "writable to keep those of later trials", file=sys.stderr, flush=True)  # fmt: skip
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         try:
@@ -318,7 +334,7 @@ class Objective:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if self.weights is not None:
-            self.weights.save(trial, model)
+            self.keep_weights(trial, model)
         if config.budget is not None:  # a single objective; the costs are the attrs above
             return [accuracy]
         measured = {**costs, "macs": float(macs), "params": float(params)}

@@ -4,8 +4,10 @@ Dominated trials lose their weights (200 trials must not fill the disk); export 
 from the recorded seed instead. Several workers may prune one study at once (see ``WeightsStore.prune``).
 """
 
+import pickle
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 
 import optuna
@@ -15,6 +17,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from torch import nn
 
 from .attrs import WEIGHTS_ATTR
+from .errors import first_line
 from .objectives import dominated
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
@@ -30,25 +33,50 @@ def is_weights_id(artifact_id: object) -> bool:
         return False
 
 
+class DamagedWeights(Exception):
+    """Kept weights that cannot be loaded as plain tensors; the message says so in our words (torch's own text
+    advises ``weights_only=False``, which would run whatever a planted file holds: never)."""
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load(path, weights_only=True)``; ``DamagedWeights`` when the file is not a torch file of tensors."""
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": a planted pickle, refused just below
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DamagedWeights("not a file of plain tensors (it holds other objects, or is no torch file); nothing "
+                             "in it was run") from None  # fmt: skip
+    except (RuntimeError, EOFError, OSError) as error:
+        raise DamagedWeights(f"truncated or no torch file ({type(error).__name__})") from None
+
+
 class WeightsStore:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory).resolve()  # created by the first save: reading creates nothing
         self.store = FileSystemArtifactStore(self.directory)
 
-    def save(self, trial: optuna.Trial, model: nn.Module) -> None:
-        """Upload the trial's state_dict and record its artifact id in a user attr."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / f"trial-{trial.number}.pt"
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-            artifact_id = upload_artifact(
-                artifact_store=self.store, file_path=str(path), study_or_trial=trial,
-                mimetype="application/octet-stream",  # a torch file; guessing from ".pt" says "page table"
-            )  # fmt: skip
+    def save(self, trial: optuna.Trial, model: nn.Module) -> str | None:
+        """Upload the trial's state_dict and record its artifact id in a user attr. Returns None, or why the
+        weights could not be kept (the folder became unwritable or full: "Permission denied"): the trial's
+        measured values are worth more than its weights, which export can make again (``trial.keep_weights``)."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / f"trial-{trial.number}.pt"
+                torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+                artifact_id = upload_artifact(
+                    artifact_store=self.store, file_path=str(path), study_or_trial=trial,
+                    mimetype="application/octet-stream",  # a torch file; guessing from ".pt" says "page table"
+                )  # fmt: skip
+        except (OSError, RuntimeError) as error:  # RuntimeError: torch.save's failed write
+            return first_line(error)
         trial.set_user_attr(WEIGHTS_ATTR, artifact_id)
+        return None
 
     def load(self, trial: optuna.trial.FrozenTrial) -> dict[str, torch.Tensor] | None:
-        """The trial's state_dict, or None when its weights were not kept."""
+        """The trial's state_dict, or None when its weights were not kept; ``DamagedWeights`` when the file is
+        not one torch loads with ``weights_only``."""
         artifact_id = trial.user_attrs.get(WEIGHTS_ATTR)
         if not is_weights_id(artifact_id):
             return None
@@ -58,7 +86,7 @@ class WeightsStore:
                 download_artifact(artifact_store=self.store, file_path=str(path), artifact_id=artifact_id)
             except ArtifactNotFound:
                 return None
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return load_tensors(path)
 
     def prune(self, study: optuna.Study) -> None:
         """Delete the weights of every complete trial that is not on the Pareto front.
@@ -81,3 +109,5 @@ class WeightsStore:
                     self.store.remove(artifact_id)
                 except ArtifactNotFound:
                     pass  # removed earlier, by this worker or another
+                except OSError:
+                    pass  # an unwritable folder (the run said so when a save failed): a later prune removes them

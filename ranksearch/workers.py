@@ -4,7 +4,8 @@ that a crash or a signal cut short are run again.
 - A `run` is one run id; each of its processes is a worker (index 0..N-1, then replacements). Every trial it
   starts is tagged with both, so the run knows how many of its asked trials are done, whichever worker did them.
 - A worker killed outright (kill -9) leaves its trial RUNNING; the storage's heartbeat fails it after
-  2 x ``heartbeat_seconds`` and Optuna's retry callback enqueues it again with the same ranks. The parent of
+  2 x ``heartbeat_seconds`` (its ``fail_reason`` says so) and Optuna's retry callback enqueues it again with the
+  same ranks (``retry_of``; ``study.HeartbeatStorage``). The parent of
   `run --workers N` then starts a replacement for the trials still owed.
 - Ctrl-C or SIGTERM records the running trial as FAIL with reason ``interrupted``; the next `run` enqueues it
   again (``requeue_interrupted``). A parent of workers passes SIGTERM on to each (``run_workers``), and on Linux a
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import optuna
 
-from .attrs import FAIL_REASON, INTERRUPTED, RETRY_OF
+from .attrs import FAIL_REASON, HEARTBEAT_FAILED, INTERRUPTED, RETRY_OF
 from .errors import UserError
 from .interrupts import Signals as _Signals
 from .study import storage_failure
@@ -157,10 +158,15 @@ def done_in_run(trials: list[optuna.trial.FrozenTrial], run_id: str) -> list[opt
     return [
         t
         for t in trials
-        if t.state in (COMPLETE, FAIL, PRUNED)
-        and t.user_attrs.get("run_id") == run_id
-        and (t.state != FAIL or t.user_attrs.get(FAIL_REASON, INTERRUPTED) != INTERRUPTED)
+        if t.state in (COMPLETE, FAIL, PRUNED) and t.user_attrs.get("run_id") == run_id and not _runs_again(t)
     ]
+
+
+def _runs_again(trial: optuna.trial.FrozenTrial) -> bool:
+    """A FAIL trial that is run again: interrupted, or failed by the heartbeat (recorded with a reason that says so,
+    or none: another process may read the trial between its failing and its reason)."""
+    reason = trial.user_attrs.get(FAIL_REASON, INTERRUPTED)
+    return trial.state == FAIL and (reason == INTERRUPTED or reason.startswith(HEARTBEAT_FAILED))
 
 
 def _interrupted(trial: optuna.trial.FrozenTrial) -> bool:

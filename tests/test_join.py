@@ -77,7 +77,8 @@ def test_the_heartbeat_is_on_only_when_asked(tmp_path):
     storage = open_storage(url, heartbeat_seconds=7)
     assert storage.get_heartbeat_interval() == 7 and storage.grace_period == 14
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)
-    assert isinstance(storage.heartbeat_stale_trial_callback, retry)
+    assert isinstance(storage.retry, retry)  # called by the storage's own callback, which records fail_reason first
+    assert storage.heartbeat_stale_trial_callback == storage.failed_stale
 
 
 def test_a_missing_postgres_driver_is_one_line(monkeypatch):
