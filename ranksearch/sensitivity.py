@@ -98,6 +98,12 @@ def point_of(trial: optuna.trial.FrozenTrial) -> tuple[str, float] | None:
     return (params["module"], float(params["rank"])) if {"module", "rank"} <= set(params) else None
 
 
+def _is_queued(trial: optuna.Trial) -> bool:
+    """Whether ``trial`` is a queued point (its module and rank fixed), not a draw of the sampler's."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    return point_of(frozen) is not None
+
+
 def point_seed(config: Config, module_index: int, rank: float) -> int:
     """A point's fine-tune seed: fixed by the point, whoever measures it and in what order."""
     return config.seed * 1_000_003 + 1000 * module_index + round(rank * RANK_STEPS)
@@ -130,6 +136,8 @@ class PointObjective:
 
     def _measure(self, trial: optuna.Trial) -> float:
         config, table = self.config, self.table
+        if not _is_queued(trial):  # another process took the last queued point between this one's check and ask
+            raise optuna.TrialPruned("no queued point left: another process took the last one")
         module = trial.suggest_categorical("module", table.modules)
         rank = trial.suggest_float("rank", 1 / RANK_STEPS, 1.0, step=1 / RANK_STEPS)
         trial.set_user_attr("ranks", f"{module} {rank_text(rank)}")

@@ -22,8 +22,11 @@ ONE_RANK = "rank_min: 0.75\nrank_max: 0.75\n"
 
 
 def _config(workdir: Path, name: str, extra: str) -> str:
+    """The smoke config with the keys of ``extra`` (YAML lines) set to its values (a key set twice is refused)."""
+    keys = {line.partition(":")[0] for line in extra.splitlines()}
+    kept = [line for line in SMOKE_CONFIG.read_text().splitlines() if line.partition(":")[0] not in keys]
     path = workdir / name
-    path.write_text(SMOKE_CONFIG.read_text() + extra)
+    path.write_text("\n".join(kept) + "\n" + extra)
     return str(path)
 
 
@@ -216,3 +219,21 @@ def test_no_sensitivity_worker_outlives_its_parent(signum, workdir, tiny_imagefo
     trials = _points_study(workdir).get_trials()
     assert not [t.number for t in trials if t.state.name == "RUNNING"]
     assert any(t.user_attrs.get("fail_reason") == "interrupted" for t in trials)
+
+
+def test_a_trial_that_is_no_queued_point_is_pruned_before_it_measures():
+    """W7 (seen on the merged code): when another process took the last queued point between this one's check and
+    its ask, the sampler drew a trial with an arbitrary module and rank (off the ladder), which was measured and
+    counted as a point."""
+    from ranksearch.sensitivity import PointObjective
+
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"module": "block1", "rank": 0.5})
+    objective = PointObjective.__new__(PointObjective)  # nothing it holds is reached before the check
+    objective.config = objective.table = None
+    queued = study.ask()
+    drawn = study.ask()
+    with pytest.raises(optuna.TrialPruned, match="no queued point"):
+        objective._measure(drawn)
+    with pytest.raises(AttributeError):  # a queued point goes on to measure (and here finds no table)
+        objective._measure(queued)
