@@ -20,9 +20,10 @@ from .plugins import load_recorded
 FILE_KIND = "ranksearch-model"
 # 1: ranksearch 0.1.0; 2: adds input, classes, device, eval_dtype, measured_with; 3 (0.5.0): each decomposed layer
 # records its method (a ``decomposition`` buffer: Tucker-2, CP or SVD), where 1 and 2 had Tucker-2 only; 4 (0.8.0):
-# ``input`` is the data's (any image size, its mean/std), ``config.plugins`` the files registering its model or layers
-# (0.8.0: their paths; later: {"name", "sha256"} records, the content the plugins passed to load_model must have)
-FILE_VERSION = 4
+# ``input`` is the data's (any image size, its mean/std), ``config.plugins`` the paths of the files registering its
+# model or layers; 5 (0.9.0): ``config.plugins`` as {"name", "sha256"} records, the content that the plugins passed to
+# load_model must have (a 0.8.0 reader would have taken them for paths to import)
+FILE_VERSION = 5
 # CIFAR-10's input (``inputs.InputSpec.record``: (uint8 pixel / 255 - mean) / std per RGB channel, NCHW, 3x32x32)
 # and classes: what a file written by 0.1.0, which recorded neither, takes. Later files record their data's.
 INPUT_SPEC = CIFAR10_INPUT.record()

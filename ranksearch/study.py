@@ -380,6 +380,11 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
         raise UserError(problem)
 
 
+# Earlier versions whose trials this one measures alike, so that their studies resume: 0.9.0 changed where weights
+# live, how plugins are recorded and what a failure records, not what a trial measures.
+MEASURES_ALIKE = ("0.8.0",)
+
+
 def setup_mismatch(study_name: str, recorded: dict, config: Config, measured: bool = True) -> str | None:
     """Why ``config`` may not add trials to a study whose setup is ``recorded`` (its user attrs, or a claim:
     ``heartbeat_seconds``, ``ranksearch_version``, ``config``), or None. The heartbeat always counts; the version
@@ -392,7 +397,7 @@ def setup_mismatch(study_name: str, recorded: dict, config: Config, measured: bo
     if not measured:
         return None
     made_by = recorded.get("ranksearch_version", "unknown")
-    if made_by != __version__:
+    if made_by != __version__ and made_by not in MEASURES_ALIKE:
         return (f"study {study_name!r} was made by ranksearch {made_by}, whose trials this version "
                 f"({__version__}) would not measure alike; use another --study-name (report and export still read "
                 "it)")  # fmt: skip

@@ -101,7 +101,7 @@ def test_exported_model_is_the_trials_model(smoke_study, tiny_imagefolder):
     assert (payload["macs"], payload["params"]) == (trial.values[1], trial.user_attrs["params"])
     assert val_accuracy(model, tiny_imagefolder) == pytest.approx(trial.values[0], abs=0.001)
     assert payload["study_name"] == "smoke" and payload["config"]["width"] == 0.0625
-    assert payload["file_version"] == 4 and (payload["device"], payload["eval_dtype"]) == ("cpu", "fp32")
+    assert payload["file_version"] == 5 and (payload["device"], payload["eval_dtype"]) == ("cpu", "fp32")
     records = {int(v) for k, v in payload["state_dict"].items() if k.endswith(".decomposition")}
     assert records == {Tucker2Conv.code}  # each decomposed layer records its method
     assert payload["measured_with"]["device"] == "cpu"
@@ -187,8 +187,8 @@ def _save(tmp_path, payload: dict) -> Path:
 
 
 def test_a_file_from_a_newer_release_asks_for_an_upgrade(tmp_path):
-    path = _save(tmp_path, _payload(file_version=5, ranksearch_version="0.9.0"))
-    with pytest.raises(UserError, match=r"written by ranksearch 0.9.0 \(file version 5\); upgrade ranksearch"):
+    path = _save(tmp_path, _payload(file_version=6, ranksearch_version="0.10.0"))
+    with pytest.raises(UserError, match=r"written by ranksearch 0.10.0 \(file version 6\); upgrade ranksearch"):
         load_model(path)
 
 
@@ -319,8 +319,8 @@ def test_every_field_added_since_the_first_release_has_its_old_value():
 
 def test_a_study_with_config_fields_from_a_newer_release_asks_for_an_upgrade():
     study = _study_with_config({"model": "vgg16", "prune_ratio": 0.5})
-    study.set_user_attr("ranksearch_version", "0.9.0")
-    with pytest.raises(UserError, match=r"made by ranksearch 0.9.0 with config fields .*\(prune_ratio\); upgrade"):
+    study.set_user_attr("ranksearch_version", "0.10.0")
+    with pytest.raises(UserError, match=r"made by ranksearch 0.10.0 with config fields .*\(prune_ratio\); upgrade"):
         study_config(study)
 
 

@@ -259,3 +259,17 @@ def test_two_runs_started_together_with_other_setups_leave_one_setup(flags, work
     recorded = (study.user_attrs["config"]["finetune_steps"], study.user_attrs["heartbeat_seconds"])
     expected = {"--finetune-steps": (5, 60), "--heartbeat-seconds": (3, 1)}[flags[0]] if winner else (3, 60)
     assert recorded == expected
+
+
+def test_a_study_of_the_release_before_resumes_and_an_older_ones_does_not():
+    """0.9.0 changed where weights live and how plugins are recorded, not what a trial measures: a 0.8.0 study
+    (plugins recorded by path) resumes; one of 0.1.0 is refused as before."""
+    from ranksearch import __version__
+    from ranksearch.config import Config, search_fields
+    from ranksearch.study import setup_mismatch
+
+    config = Config()
+    recorded = {"heartbeat_seconds": config.heartbeat_seconds, "config": search_fields(config) | {"plugins": []}}
+    assert setup_mismatch("s", recorded | {"ranksearch_version": "0.8.0"}, config) is None
+    assert setup_mismatch("s", recorded | {"ranksearch_version": __version__}, config) is None
+    assert "made by ranksearch 0.1.0" in setup_mismatch("s", recorded | {"ranksearch_version": "0.1.0"}, config)
