@@ -41,7 +41,7 @@ from .files import atomic_write, check_writable
 from .interrupts import Signals
 from .models import RANK_STEPS, rank_modules, rank_text
 from .steps import clock_text
-from .study import open_storage
+from .study import check_storage_url, open_storage
 from .train import evaluate
 from .trial import trial_model
 from .workers import Worker, new_run, optimize_share, run_workers
@@ -554,6 +554,7 @@ def run_sensitivity(config: Config, out: Path, argv: list[str] | None = None, wo
     if worker is not None and worker.threads:
         torch.set_num_threads(worker.threads)
     if worker is None:
+        check_storage_url(config.storage_url())  # before any pretraining: an in-memory or query-string SQLite URL
         check_writable(out, "--out")
     data = device_data(config, resolve_device(config.device))
     baseline = ensure_baseline(config, data, quiet=worker is not None)  # the parent said it once

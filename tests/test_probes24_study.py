@@ -273,3 +273,12 @@ def test_a_study_of_the_release_before_resumes_and_an_older_ones_does_not():
     assert setup_mismatch("s", recorded | {"ranksearch_version": "0.8.0"}, config) is None
     assert setup_mismatch("s", recorded | {"ranksearch_version": __version__}, config) is None
     assert "made by ranksearch 0.1.0" in setup_mismatch("s", recorded | {"ranksearch_version": "0.1.0"}, config)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///file:mem1?mode=memory&uri=true", "sqlite:///studies/st5.db?mode=ro"])
+def test_sensitivity_refuses_a_sqlite_url_that_is_not_a_plain_file_before_any_work(url, tmp_path, tiny_imagefolder):
+    """``sensitivity`` refused these URLs only once it opened the storage, after pretraining the baseline."""
+    result = run_cli("sensitivity", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--storage",
+                     url, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert list(tmp_path.iterdir()) == []  # no baseline, no study, no --out folder

@@ -96,7 +96,8 @@ def check_model_name(name: str) -> str:
         return name
     found = _family(name)
     if found is None:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}, or pass the plugin that "
+                         "registers it (--plugin FILE.py)")  # fmt: skip
     family, variant = found
     valid = family.variants()
     if variant not in valid:
