@@ -299,4 +299,6 @@ def test_postgresql_killed_mid_run_is_one_line_with_the_servers_own_error(own_po
     assert run.returncode == 2, err
     assert err.strip().splitlines()[-1].startswith("ranksearch: error: cannot write to the study's storage any more (")
     assert "Traceback" not in err and "exceeding max length" not in err and SECRET not in out + err
-    assert "server closed the connection" in err or "Connection refused" in err, err
+    # the server's own words, whichever moment of its shutdown the run met
+    said = ("server closed the connection", "Connection refused", "the database system is shutting down")
+    assert any(text in err for text in said), err

@@ -161,7 +161,9 @@ def test_ctrl_c_during_pretraining_says_what_was_lost_and_leaves_no_lock(tmp_pat
         if process.poll() is None:
             process.kill()
             process.communicate()
-    assert process.returncode == 130, stderr
+    # 130, or killed by SIGINT (-2), which a shell shows as 130 too: CPython ends a process by SIGINT when a Ctrl-C
+    # passed through a C-level PyRun call on its way to cli.main's handler (seen once in CI); the line is the same
+    assert process.returncode in (130, -signal.SIGINT), stderr
     assert "ranksearch: interrupted while pretraining the baseline: it is not saved, and no trial ran" in stderr
     assert "finished trials are saved" not in stderr and "Traceback" not in stderr, stderr
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no lock, no partial checkpoint, no study
