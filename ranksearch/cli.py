@@ -2,13 +2,14 @@
 
 import argparse
 import math
+import os
 import sys
 from fractions import Fraction
 from pathlib import Path
 
 from . import __version__
 from .attrs import FAIL_REASON
-from .config import SAMPLERS, Config, default_storage_url, load_config
+from .config import SAMPLERS, WORKER_STORAGE_ENV, Config, default_storage_url, load_config
 from .decompose import conv_decompositions, factor_methods
 from .errors import MASK, UserError, shown_url
 from .interrupts import interrupted_line
@@ -111,6 +112,8 @@ _NOT_CONFIG = ("command", "config", "ranks", "worker", "argv", "vbmf", "weakenin
 
 
 def _resolve(args: argparse.Namespace) -> Config:
+    if getattr(args, "worker", None) and os.environ.get(WORKER_STORAGE_ENV):
+        args.storage = os.environ[WORKER_STORAGE_ENV]  # a worker's storage, kept off its command line by its parent
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     if getattr(args, "ranks", None):
         overrides["enqueue_ranks"] = [_parse_ranks(text) for text in args.ranks]

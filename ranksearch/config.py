@@ -20,6 +20,8 @@ from .models import RANK_STEPS, SEARCH_SPACES, check_model_name, check_rank, che
 from .objectives import COSTS, DEFAULT_OBJECTIVES, check_objectives
 from .plugins import load_plugins, plugin_records, resolved
 
+WORKER_STORAGE_ENV = "RANKSEARCH_WORKER_STORAGE"  # a worker's --storage, set by its parent off its command line (ps)
+
 
 def default_storage_url(study_name: str) -> str:
     """Where a study lives unless --storage says otherwise."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import optuna
 
 from .attrs import FAIL_REASON, HEARTBEAT_FAILED, INTERRUPTED, RETRY_OF
+from .config import WORKER_STORAGE_ENV
 from .errors import UserError
 from .interrupts import Signals as _Signals
 from .study import storage_failure
@@ -222,10 +223,25 @@ def _die_with_parent() -> Callable[[], None] | None:
     return follow
 
 
+def storage_aside(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``argv`` without its ``--storage URL`` and the environment that carries the URL instead: a command line is
+    visible to every user of the machine (``ps``), and the URL may hold a password."""
+    kept, env, args = [], {}, iter(argv)
+    for arg in args:
+        if arg == "--storage":
+            env[WORKER_STORAGE_ENV] = next(args, "")
+        elif arg.startswith("--storage="):
+            env[WORKER_STORAGE_ENV] = arg.removeprefix("--storage=")
+        else:
+            kept.append(arg)
+    return kept, env
+
+
 def _start(argv: list[str], worker: Worker, quota: int, gpus: int) -> subprocess.Popen:
+    argv, storage = storage_aside(argv)
     command = [sys.executable, "-m", "ranksearch", *argv, "--workers", "1", "--trials", str(quota),
                "--worker", worker.text()]  # fmt: skip
-    return subprocess.Popen(command, env=_env(worker, gpus), start_new_session=True,  # Ctrl-C reaches the parent only
+    return subprocess.Popen(command, env=_env(worker, gpus) | storage, start_new_session=True,  # Ctrl-C: the parent
                             preexec_fn=_die_with_parent())  # fmt: skip
 
 

@@ -1,10 +1,17 @@
 """Probes from issue 24's hostile review (secrets, markup, a blocked or killed storage, pixel formats, long latency
 timing): each misbehaved before its fix."""
 
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import optuna
 import pytest
 
-from conftest import SMOKE_CONFIG, run_cli
+from conftest import REPO, SMOKE_CONFIG, run_cli
 from ranksearch.attrs import FAIL_REASON
 from ranksearch.errors import UserError, shown_url
 
@@ -302,3 +309,41 @@ def test_postgresql_killed_mid_run_is_one_line_with_the_servers_own_error(own_po
     # the server's own words, whichever moment of its shutdown the run met
     said = ("server closed the connection", "Connection refused", "the database system is shutting down")
     assert any(text in err for text in said), err
+
+
+def test_storage_aside_takes_the_url_off_the_command_line():
+    from ranksearch.config import WORKER_STORAGE_ENV
+    from ranksearch.workers import storage_aside
+
+    url = "postgresql+psycopg://rs:secretpw@db/studies"
+    for argv in (["run", "--storage", url, "--trials", "4"], ["run", f"--storage={url}", "--trials", "4"]):
+        kept, env = storage_aside(argv)
+        assert kept == ["run", "--trials", "4"] and env == {WORKER_STORAGE_ENV: url}
+    assert storage_aside(["run", "--trials", "4"]) == (["run", "--trials", "4"], {})
+
+
+def test_workers_get_the_storage_off_their_command_line(postgres_url, workdir, tiny_imagefolder):
+    """``run --workers 2 --storage URL`` started its workers with the URL, password included, on their command
+    lines, which every user of the machine can read (``ps``, /proc/PID/cmdline)."""
+    url = _with_password(postgres_url)
+    config = workdir / "slow.yaml"
+    config.write_text(SMOKE_CONFIG.read_text().replace("finetune_steps: 3", "finetune_steps: 60"))
+    command = [sys.executable, "-m", "ranksearch", "run", "--config", str(config), "--data-dir",
+               str(tiny_imagefolder), "--trials", "4", "--workers", "2", "--storage", url]  # fmt: skip
+    parent = subprocess.Popen(command, cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    seen: dict[int, bytes] = {}
+    while parent.poll() is None:
+        for task in Path(f"/proc/{parent.pid}/task").glob("*/children"):
+            for child in task.read_text().split() if task.exists() else []:
+                with contextlib.suppress(OSError):
+                    line = Path(f"/proc/{child}/cmdline").read_bytes()  # empty while it starts or once it ended
+                    seen |= {int(child): line} if line else {}
+        time.sleep(0.05)
+    out, err = parent.communicate()
+    assert parent.returncode == 0, err
+    assert seen and all(b"--worker" in line for line in seen.values()), seen  # the workers were looked at
+    assert not any(SECRET.encode() in line or b"--storage" in line for line in seen.values()), seen
+    study = optuna.load_study(study_name="smoke", storage=url)  # the workers wrote there, not to a default file
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 4
+    assert not (workdir / "studies" / "smoke.db").exists()
