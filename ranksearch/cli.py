@@ -12,7 +12,7 @@ from .attrs import FAIL_REASON
 from .config import SAMPLERS, WORKER_STORAGE_ENV, Config, default_storage_url, load_config
 from .decompose import conv_decompositions, factor_methods
 from .errors import MASK, UserError, shown_url
-from .interrupts import interrupted_line
+from .interrupts import Terminated, interrupted_line
 from .models import model_names
 from .objectives import COSTS, parse_objectives
 
@@ -290,16 +290,11 @@ _WEIGHTS_DIR_HELP = ("server storages (PostgreSQL) only: the study's weights fol
 
 
 def _weights_folder(args: argparse.Namespace) -> Path:
-    """The study's kept weights folder (``study.weights_folder``); ``--weights-dir`` is refused for SQLite, whose
-    studies keep them beside the database."""
+    """The study's kept weights folder (``study.weights_folder``; ``--weights-dir`` is refused for SQLite, whose
+    studies keep them beside the database)."""
     from .study import weights_folder
 
-    url = _storage_url(args)
-    if args.weights_dir is not None and url.startswith("sqlite"):
-        beside = weights_folder(url, args.study_name)
-        raise UserError(f"--weights-dir is for server storages (PostgreSQL): a SQLite study keeps its weights beside "
-                        f"its database ({beside})")  # fmt: skip
-    return weights_folder(url, args.study_name, args.weights_dir)
+    return weights_folder(_storage_url(args), args.study_name, args.weights_dir, given_as="--weights-dir")
 
 
 def _open_study(args: argparse.Namespace, uses: tuple[str, ...]):
@@ -375,22 +370,21 @@ def _refine_recipe(args: argparse.Namespace):
     return dataclasses.replace(RefineRecipe(), **given)
 
 
-EXPORT_INTERRUPTED = ("ranksearch: export interrupted; its files are renamed into place together, so --out holds "
-                      "the earlier export's files or all of this one's, never a mix: run it again to export (a "
-                      "refine resumes at its last finished epoch)")
+EXPORT_INTERRUPTED = ("export interrupted; its files are renamed into place together, so --out holds the earlier "
+                      "export's files or all of this one's, never a mix: run it again to export (a refine resumes at "
+                      "its last finished epoch)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``export``: pick a trial, rebuild, verify (and refine) it, write its files; Ctrl-C and SIGTERM say what they
-    left (exit 130, 143)."""
-    from .interrupts import Terminated, sigterm_interrupts
+    left (``main`` prints it: exit 130, 143)."""
+    from .interrupts import Interrupted, Terminated, sigterm_interrupts
 
     try:
         with sigterm_interrupts():
             return _export(args)
     except KeyboardInterrupt as stop:
-        print(EXPORT_INTERRUPTED, file=sys.stderr)
-        return 143 if isinstance(stop, Terminated) else 130
+        raise (Terminated if isinstance(stop, Terminated) else Interrupted)(EXPORT_INTERRUPTED) from None
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -500,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as interrupt:
         print(f"ranksearch: {interrupted_line(interrupt)}", file=sys.stderr)
-        return 130
+        return 143 if isinstance(interrupt, Terminated) else 130
     except Exception as error:  # a storage that failed (killed, blocked by a lock) is one line, the storage's own
         from .study import storage_failure
 

@@ -391,7 +391,8 @@ def check_study_name(name: str) -> str:
 
 def validate(config: Config) -> None:
     check_study_name(config.study_name)
-    _check_weights_dir(config)
+    if config.weights_dir is not None:
+        config.weights_path()  # a weights_dir is for server storages only (study.weights_folder refuses it)
     for name, choices in CHOICES.items():
         choices = choices() if callable(choices) else choices
         if getattr(config, name) not in choices:
@@ -418,18 +419,6 @@ def validate(config: Config) -> None:
     config.enqueue_ranks = [[_on_grid(config.ranks_source, r) for r in ranks] for ranks in config.enqueue_ranks]
     _check_warm_start(config)
     _check_budget(config)
-
-
-def _check_weights_dir(config: Config) -> None:
-    """``weights_dir`` names the weights folder of a server storage; a SQLite study's is beside its database."""
-    if config.weights_dir is None:
-        return
-    if config.storage_url().startswith("sqlite"):
-        beside = dataclasses.replace(config, weights_dir=None).weights_path()
-        raise UserError(f"weights_dir {reprlib.repr(config.weights_dir)}: a SQLite study keeps its weights beside "
-                        f"its database ({beside}); weights_dir is for server storages (PostgreSQL)")  # fmt: skip
-    if not config.weights_dir.strip():
-        raise UserError("weights_dir is empty; name a folder, or remove it for studies/<study_name>-weights")
 
 
 def _check_budget(config: Config) -> None:

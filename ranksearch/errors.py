@@ -8,6 +8,15 @@ class UserError(Exception):
     """A mistake the user can fix; its message says how."""
 
 
+def causes(error: BaseException | None):
+    """``error`` and the exceptions behind it (its ``__cause__``, else its ``__context__``), each once."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        yield error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+
+
 def first_line(error: BaseException) -> str:
     """What went wrong, in one line: an OS error's text (no errno, no path), else the message's first line, else
     the exception's type."""

@@ -114,8 +114,11 @@ def _signals_held() -> Iterator[None]:
 _PARTIAL = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)-[0-9a-f]{8}\.partial")
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this machine (this one counts: its own temporaries are in use)."""
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (this one counts: its own temporaries are in use); a pid of
+    0 or below (a process group to ``kill``) names none."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):  # none, or a number no pid can be
@@ -134,7 +137,7 @@ def clear_stale_partials(paths: list[Path]) -> list[Path]:
             continue
         for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
             found = _PARTIAL.fullmatch(candidate.name)
-            if found is None or found["name"] != path.name or _alive(int(found["pid"])):
+            if found is None or found["name"] != path.name or process_alive(int(found["pid"])):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 candidate.unlink()

@@ -25,7 +25,8 @@ def interruption_point() -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where a command asked for it (``sigterm_interrupts``): an interrupt that exits 143."""
+    """SIGTERM, raised where a command asked for it (``sigterm_interrupts``): an interrupt that exits 143 (its text,
+    if any, is the line the command line prints, as an ``Interrupted``'s)."""
 
 
 def _terminate(signum, frame) -> None:
@@ -49,5 +50,6 @@ class Interrupted(KeyboardInterrupt):
 
 
 def interrupted_line(interrupt: KeyboardInterrupt) -> str:
-    """What the command line says after Ctrl-C: an ``Interrupted``'s own text, else the search's default."""
+    """What the command line says after Ctrl-C or SIGTERM: an ``Interrupted``'s (or ``Terminated``'s) own text,
+    else the search's default."""
     return str(interrupt) or "interrupted; finished trials are saved: run again to resume"

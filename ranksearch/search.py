@@ -1,5 +1,6 @@
 """The main job: prepare data and baseline, open the study, and run trials in it (see ``trial`` for one trial)."""
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -42,7 +43,6 @@ from .weights import WeightsStore
 from .workers import (
     Worker,
     done_in_run,
-    forward_sigterm,
     new_run,
     optimize_share,
     requeue_interrupted,
@@ -360,18 +360,14 @@ def run_search(
     However it ends, the run leaves the study's claim (``release_claim``): a study it left with no trials may then
     be re-configured.
     """
-    joined: list[optuna.Study] = []
-    try:
-        return _run_search(config, argv, worker, joined)
-    finally:
-        for study in joined:
-            release_claim(study)
+    with contextlib.ExitStack() as on_exit:
+        return _run_search(config, argv, worker, on_exit)
 
 
 def _run_search(
-    config: Config, argv: list[str] | None, worker: Worker | None, joined: list[optuna.Study]
+    config: Config, argv: list[str] | None, worker: Worker | None, on_exit: contextlib.ExitStack
 ) -> tuple[optuna.Study, list[optuna.trial.FrozenTrial]]:
-    """``run_search``'s work; the study it joins is appended to ``joined``."""
+    """``run_search``'s work; leaving the study's claim is left to ``on_exit``."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by the progress lines instead
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if worker is not None and worker.threads:
@@ -385,7 +381,7 @@ def _run_search(
     if worker is None:  # its parent checked it
         check_latency_budget(config, data, baseline, modules, objective, existing)
     study = join_study(config, existing, data, baseline)
-    joined.append(study)
+    on_exit.callback(release_claim, study)
     run = worker or new_run(config.trials)
     gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
     where = latency_where(config, data.device, worker)
@@ -397,7 +393,6 @@ def _run_search(
         warm_starts(study, config, data, baseline, table, modules, argv)
     if config.workers > 1 and worker is None:
         del data  # the workers load their own
-        forward_sigterm()
         owed = lambda: run.total - len(done_in_run(study.get_trials(deepcopy=False), run.run_id))  # noqa: E731
         run_workers(argv or [], run, config.workers, gpus, owed, grace_seconds=2 * config.heartbeat_seconds + 1)
     else:

@@ -25,8 +25,8 @@ from . import __version__
 from .attrs import FAIL_REASON, HEARTBEAT_FAILED, RETRY_OF
 from .budget import canonical_budget
 from .config import Config, check_study_name, search_fields, unregistered
-from .errors import UserError, first_line, shown_url, without_secrets
-from .files import check_writable
+from .errors import UserError, causes, first_line, shown_url, without_secrets
+from .files import check_writable, process_alive
 from .objectives import directions, metric_names
 from .plugins import entries_text, load_recorded, pass_hint, recorded_plugins, unmatched
 
@@ -47,17 +47,23 @@ def sqlite_path(storage_url: str) -> Path | None:
     return Path(storage_url.removeprefix(SQLITE_PREFIX)) if storage_url.startswith(SQLITE_PREFIX) else None
 
 
-def weights_folder(storage_url: str, study_name: str, server_folder: str | None = None) -> Path:
+def weights_folder(storage_url: str, study_name: str, server_folder: str | None = None,
+                   given_as: str = "weights_dir") -> Path:  # fmt: skip
     """Where the kept weights of study ``study_name`` live, derived from the storage's own location and never from a
     path stored in the database (a copied or foreign database must not reach another study's files): beside a
     SQLite database, ``<its folder>/<study_name>-weights``; for a server storage (PostgreSQL), which has no folder,
-    ``server_folder`` (the config's ``weights_dir``, ``--weights-dir``), default ``studies/<study_name>-weights`` in
-    the working folder. UserError for a study name that is no name (it would reach outside the folder)."""
+    ``server_folder`` (the config's ``weights_dir``, ``--weights-dir``: ``given_as`` names it in errors), default
+    ``studies/<study_name>-weights`` in the working folder. UserError for a study name that is no name (it would
+    reach outside the folder), and for a ``server_folder`` with SQLite or an empty one."""
     check_study_name(study_name)
     path = sqlite_path(storage_url)
-    if path is not None:
-        return path.parent / f"{study_name}-weights"
-    return Path(server_folder or f"studies/{study_name}-weights")
+    beside = None if path is None else path.parent / f"{study_name}-weights"
+    if server_folder is not None and beside is not None:
+        raise UserError(f"{given_as} {server_folder!r}: a SQLite study keeps its weights beside its database "
+                        f"({beside}); {given_as} is for server storages (PostgreSQL)")  # fmt: skip
+    if server_folder is not None and not server_folder.strip():
+        raise UserError(f"{given_as} is empty; name a folder, or drop it for studies/{study_name}-weights")
+    return beside or Path(server_folder or f"studies/{study_name}-weights")
 
 
 OPTUNA_TABLES = {"studies", "trials", "version_info"}  # what marks a SQLite file as Optuna's
@@ -135,15 +141,13 @@ def storage_failure(error: BaseException) -> str | None:
     server, a lock timeout) becomes StorageInternalError's "invalid data in the commit, e.g. exceeding max
     length"; the driver's own error is behind them, the first one raised (a lock timeout, say, before the
     "current transaction is aborted" of the statements after it)."""
-    seen, found = set(), None
-    while error is not None and id(error) not in seen:
-        if isinstance(error, sqlalchemy.exc.DBAPIError) and error.orig is not None:
-            found = error.orig
-        elif found is None and isinstance(error, (sqlalchemy.exc.SQLAlchemyError,
+    found = None
+    for cause in causes(error):
+        if isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.orig is not None:
+            found = cause.orig
+        elif found is None and isinstance(cause, (sqlalchemy.exc.SQLAlchemyError,
                                                   optuna.exceptions.StorageInternalError)):  # fmt: skip
-            found = error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
+            found = cause
     return None if found is None else _with_lock_hint(first_line(found))
 
 
@@ -278,13 +282,7 @@ _NOT_FOUND = "Record does not exist."  # Optuna's KeyError for a study or trial 
 
 def _missing_record(error: BaseException) -> bool:
     """Whether Optuna's KeyError for a missing study or trial record is ``error`` or in its chain."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, KeyError) and _NOT_FOUND in str(error):
-            return True
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return False
+    return any(isinstance(cause, KeyError) and _NOT_FOUND in str(cause) for cause in causes(error))
 
 
 @contextlib.contextmanager
@@ -500,13 +498,7 @@ def _alive(owner: dict) -> bool:
     processes cannot be seen from here)."""
     if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
         return True
-    try:
-        os.kill(owner["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process (PermissionError), or a pid out of range
-        return True
-    return True
+    return process_alive(owner["pid"])
 
 
 def _rdb(study: optuna.Study) -> optuna.storages.RDBStorage:

@@ -145,11 +145,6 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def forward_sigterm() -> None:
-    """SIGTERM ends a parent of workers as Ctrl-C does (it then passes SIGTERM on to its workers)."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-
-
 def done_in_run(trials: list[optuna.trial.FrozenTrial], run_id: str) -> list[optuna.trial.FrozenTrial]:
     """The run's trials that ran to an end of their own: COMPLETE, PRUNED, or FAIL with a reason other than an
     interrupt.
