@@ -61,8 +61,10 @@ class Results:
 
     def get(self, key: str, compute):
         if key not in self.done:
-            self.done[key] = compute()
-            temporary = self.path.with_suffix(".tmp")
+            found = compute()
+            self.done = {**(json.loads(self.path.read_text()) if self.path.is_file() else {}), **self.done}
+            self.done[key] = found  # merged with what other processes saved meanwhile
+            temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
             temporary.write_text(json.dumps(self.done, indent=1))
             temporary.replace(self.path)
         return self.done[key]

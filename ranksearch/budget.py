@@ -8,10 +8,14 @@ measured (once per architecture) as the trials measure it. The candidates are th
 module's rank steps up, searched by bisection (cost never falls as the multiple grows), so a latency budget costs
 about log2(32 x modules) measurements for a new direction.
 
-Pruning (``pruner: halving``): the fine-tune reports val accuracy at 1/9 and 1/3 of its steps, and Optuna's
-successive-halving pruner stops a trial whose accuracy there is below the best third of the trials that got as far
-(multi-fidelity: the hopeless ones pay a third of the fine-tune or less). A checkpoint measures a fixed slice of
-``CHECKPOINT_IMAGES`` val images spread over the split; the trial's value is still measured on all of val.
+Multi-fidelity (``pruner: halving`` or ``hyperband``): a trial's fine-tune goes on in rungs, ``finetune_steps``,
+then ``reduction_factor`` times as many steps, and so on up to ``max_finetune_steps`` (``rungs``); each rung goes on
+from the weights the last one left, with a cosine of its own from ``finetune_lr`` (so that every rung ends annealed,
+as a trial that stopped there would). After each rung the trial's val accuracy (all of val) is reported to Optuna at
+its step count, and the pruner decides whether it goes on: successive halving keeps about the best
+1/``reduction_factor`` of the trials at each rung, Hyperband runs brackets of it that start pruning at different
+rungs. The trials that are not pruned end at the top rung, where the study's best is chosen: the fidelity nearest
+the refine the delivered model gets (``ranksearch.deliver``).
 """
 
 import math
@@ -22,10 +26,8 @@ import optuna
 from .errors import UserError
 from .models import RANK_STEPS
 
-PRUNE_FRACTIONS = (1 / 9, 1 / 3)  # the fine-tune's checkpoints (fractions of its steps) where a trial may be pruned
-REDUCTION_FACTOR = 3  # successive halving keeps the best 1/3 at each checkpoint
-CHECKPOINT_IMAGES = 1000  # val images a checkpoint measures (a slice over the whole split): a full val pass costs
-# as much as 20 fine-tune steps on the quality config, which would eat what pruning saves
+REDUCTION_FACTOR = 3  # each rung has this many times the steps of the one before; about 1/3 of trials go on
+RUNGS = 3  # rungs by default: finetune_steps x 1, 3, 9 (max_finetune_steps unset)
 
 
 def on_grid(value: float, low: float, high: float) -> float:
@@ -46,11 +48,19 @@ def step_factors(shares: Sequence[float], low: float, high: float) -> list[float
     return sorted(factors)
 
 
+def within_spread(ranks: Sequence[float], spread: float, low: float, high: float) -> list[float]:
+    """``ranks`` with each raised to at least 1/``spread`` of the largest (rounded up to the grid), within [low,
+    high]: no module starved while the others are high (``rank_spread``; ``RANK_STEPS`` or more: no limit)."""
+    floor = math.ceil(max(ranks) / spread * RANK_STEPS - 1e-9) / RANK_STEPS
+    return [min(high, max(rank, floor, low)) for rank in ranks]
+
+
 def fit_to_budget(shares: Sequence[float], ratio_of: Callable[[list[float]], float], budget: float, low: float,
-                  high: float) -> list[float] | None:  # fmt: skip
-    """The largest multiple of ``shares`` on the grid (within [low, high]) whose cost ratio ``ratio_of`` is at or
-    under ``budget``; None when even every module at ``low`` is over it."""
-    candidates = [scaled(shares, factor, low, high) for factor in step_factors(shares, low, high)]
+                  high: float, spread: float = RANK_STEPS) -> list[float] | None:  # fmt: skip
+    """The largest multiple of ``shares`` on the grid (within [low, high], and within ``spread``: ``within_spread``)
+    whose cost ratio ``ratio_of`` is at or under ``budget``; None when even every module at ``low`` is over it."""
+    candidates = [within_spread(scaled(shares, factor, low, high), spread, low, high)
+                  for factor in step_factors(shares, low, high)]  # fmt: skip
     if ratio_of(candidates[0]) > budget:
         return None
     lo, hi = 0, len(candidates) - 1  # candidates[lo] fits; find the last that does
@@ -88,8 +98,9 @@ def canonical_budget(text: str) -> str:
 
 
 class BudgetSampler(optuna.samplers.BaseSampler):
-    """A sampler whose every draw meets the budget: ``base`` proposes a rank vector (its joint sample, or one value
-    per module where it has none), ``fit`` scales it to the budget's boundary (``fit_to_budget``)."""
+    """A sampler whose every draw is fitted: ``base`` proposes a rank vector (its joint sample, or one value per
+    module where it has none), ``fit`` scales it to the budget's boundary (``fit_to_budget``) or, without a budget,
+    brings it within the rank spread (``within_spread``)."""
 
     def __init__(self, base: optuna.samplers.BaseSampler, space: dict[str, optuna.distributions.FloatDistribution],
                  fit: Callable[[list[float]], list[float]]):  # fmt: skip
@@ -121,14 +132,51 @@ class BudgetSampler(optuna.samplers.BaseSampler):
         self.base.reseed_rng()
 
 
-def checkpoints(steps: int) -> list[int]:
-    """The fine-tune steps after which a pruned trial reports val accuracy (distinct, within 1..steps - 1)."""
-    return sorted({max(1, round(steps * f)) for f in PRUNE_FRACTIONS} - {steps}) if steps > 1 else []
+def rungs(first: int, top: int | None, factor: int = REDUCTION_FACTOR) -> list[int]:
+    """The fine-tune's step counts at the end of each rung: ``first``, ``first`` x ``factor``, ... up to ``top``
+    (which ends the last rung when it falls between two); ``top`` None: ``RUNGS`` rungs; ``top`` 0 or at most
+    ``first``: the fine-tune alone, one rung."""
+    if top is None:
+        top = first * factor ** (RUNGS - 1)
+    marks = [first]
+    while first > 0 and marks[-1] < top:
+        marks.append(min(top, marks[-1] * factor))
+    return marks
 
 
-def make_pruner(name: str, steps: int) -> optuna.pruners.BasePruner:
-    """The study's pruner: ``halving`` (successive halving on the fine-tune's checkpoints) or ``none``."""
-    marks = checkpoints(steps)
-    if name == "none" or not marks:
+class RungPruner(optuna.pruners.BasePruner):
+    """Successive halving over the rungs (asynchronous, as ASHA): at the end of a rung but the last, a trial goes
+    on when its value is among the best max(``keep``, n // ``factor``) of the n trials that reported there (itself
+    included, running ones too); else it is pruned. ``keep``: the first trials at each rung always go on, so that at
+    least that many reach the top rung (the delivery's candidates): Optuna's ``SuccessiveHalvingPruner`` let a trial
+    go on early only when it beat every other there, and after a strong warm start it pruned 23 of 24 trials of a
+    quality study at the first or second rung (BENCHMARKS.md, "The delivered model")."""
+
+    def __init__(self, marks: list[int], factor: int = REDUCTION_FACTOR, keep: int = 2):
+        self.marks, self.factor, self.keep = set(marks[:-1]), factor, keep
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step not in self.marks:
+            return False
+        value = trial.intermediate_values[step]
+        if math.isnan(value):
+            return True
+        sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+        others = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False)
+                  if t.number != trial.number and step in t.intermediate_values]  # fmt: skip
+        allowed = max(self.keep, (len(others) + 1) // self.factor)
+        return sum(sign * other > sign * value for other in others) >= allowed
+
+
+def make_pruner(
+    name: str, marks: list[int], factor: int = REDUCTION_FACTOR, keep: int = 2
+) -> optuna.pruners.BasePruner:
+    """The study's pruner over the rungs ending at step counts ``marks``: ``halving`` (``RungPruner``: successive
+    halving that lets the first ``keep`` at each rung go on), ``hyperband`` (Optuna's), or ``none`` (every trial runs
+    every rung)."""
+    if name == "none" or len(marks) < 2:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.SuccessiveHalvingPruner(min_resource=marks[0], reduction_factor=REDUCTION_FACTOR)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=marks[0], max_resource=marks[-1], reduction_factor=factor)
+    return RungPruner(marks, factor, keep)

@@ -82,8 +82,13 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", help=_choices(SAMPLERS, Config.sampler))
     parser.add_argument("--budget", metavar="COST=FRACTION", help="budget mode: the best val accuracy with COST "
                         "(macs, params, latency) at or under FRACTION of the baseline's, e.g. macs=0.1")  # fmt: skip
-    parser.add_argument("--pruner", help="budget mode: halving (stop trials whose val at 1/9 or 1/3 of the "
-                        "fine-tune is below the best third; default) | none")  # fmt: skip
+    parser.add_argument("--pruner", help="budget mode: a trial's fine-tune goes on in rungs (x3 steps each) and "
+                        "halving (about the best third at each rung go on; default) | hyperband | none (every "
+                        "trial to the top rung) decides which")  # fmt: skip
+    parser.add_argument("--max-finetune-steps", type=int, help="budget mode: the top rung's fine-tune steps, where "
+                        "the best is chosen (default finetune_steps x 9; 0: no rungs)")  # fmt: skip
+    parser.add_argument("--reduction-factor", type=int, help="budget mode: each rung's steps as a multiple of the "
+                        "last's (default 3)")  # fmt: skip
     parser.add_argument("--objectives", type=parse_objectives, metavar="accuracy,COST[,COST]",
                         help=f"accuracy then one or two of {', '.join(COSTS)} (default accuracy,macs)")  # fmt: skip
     parser.add_argument("--latency-batch", type=int, help="images per forward pass when timing latency (default 1)")
@@ -107,6 +112,25 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # RUN:INDEX:TOTAL:THREADS, set by `run --workers N`
 
 
+def _deliver_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", dest="deliver_out", type=lambda text: str(_out_path(text)), metavar="PATH",
+                        help="the delivered model's .pt (default <the study's folder>/<study-name>-delivered.pt); "
+                        "with several --deliver fractions, one file each, named -<cost><fraction>")  # fmt: skip
+    parser.add_argument("--format", dest="deliver_formats", type=_parse_names, metavar="pt,onnx,torchscript",
+                        help="the delivered model's formats, as export writes them (the .pt always)")  # fmt: skip
+    parser.add_argument("--deliver", metavar="COST=F1,F2", help="deliver the best model at or under each fraction "
+                        "of the baseline's COST (e.g. macs=0.2,0.1; a budget run delivers at its budget), or none")
+    parser.add_argument("--deliver-top", type=int, help="the best trials the delivery refines, the best refined val "
+                        "delivered (default 2)")  # fmt: skip
+    parser.add_argument("--deliver-epochs", type=int, help="epochs of export's default refine each of them gets "
+                        "(default 5; 0: none)")  # fmt: skip
+
+
+def _parse_formats(names: list[str] | None) -> list[str] | None:
+    """``--format``'s names with the .pt among them (the file ``load_model`` reads is always written)."""
+    return None if names is None else list(dict.fromkeys(["pt", *names]))
+
+
 # flags that are no config key
 _NOT_CONFIG = ("command", "config", "ranks", "worker", "argv", "vbmf", "weakening", "out")
 
@@ -115,6 +139,8 @@ def _resolve(args: argparse.Namespace) -> Config:
     if getattr(args, "worker", None) and os.environ.get(WORKER_STORAGE_ENV):
         args.storage = os.environ[WORKER_STORAGE_ENV]  # a worker's storage, kept off its command line by its parent
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    if "deliver_formats" in overrides:
+        overrides["deliver_formats"] = _parse_formats(overrides["deliver_formats"])
     if getattr(args, "ranks", None):
         overrides["enqueue_ranks"] = [_parse_ranks(text) for text in args.ranks]
     return load_config(args.config, overrides)
@@ -460,8 +486,8 @@ _COMMANDS = {
 
 
 _EXTRA_FLAGS = {
-    "export": _export_flags, "report": _report_flags, "dashboard": _dashboard_flags, "ranks": _ranks_flags,
-    "sensitivity": _sensitivity_flags,
+    "run": _deliver_flags, "export": _export_flags, "report": _report_flags, "dashboard": _dashboard_flags,
+    "ranks": _ranks_flags, "sensitivity": _sensitivity_flags,
 }  # fmt: skip
 
 

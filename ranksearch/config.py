@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .budget import canonical_budget, parse_budget
+from .budget import canonical_budget, parse_budget, rungs
 from .decompose import conv_decompositions, factor_methods
 from .errors import UserError
 from .inputs import CIFAR10_CLASSES
@@ -65,6 +65,9 @@ class Config:
     compile: bool = False  # torch.compile the fine-tuned model (pays a compile per trial: for GPUs)
     rank_min: float = 1 / RANK_STEPS  # smallest normalized rank the search may pick (on the 1/32 grid)
     rank_max: float = 1.0  # largest normalized rank the search may pick (on the 1/32 grid)
+    rank_spread: int = 4  # each module's rank is at least 1/rank_spread of the vector's largest (rounded up to the
+    # grid): no module starved at 1-2/32 while the others are high, where half the sampler's draws went (issue 25,
+    # BENCHMARKS.md); 32: no limit
     search_space: str = "module"  # one rank per module of the model's grouping ("module") or per eligible conv
     # search
     objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))  # accuracy, then 1-2 costs
@@ -73,8 +76,12 @@ class Config:
     # (independent TPE), "tpe-multivariate", "nsga2" (its population a fifth of --trials, 8..50) or "random"
     budget: str | None = None  # "COST=FRACTION" (e.g. macs=0.1): maximise val accuracy with that cost at or under
     # FRACTION of the baseline's, a single-objective study whose every vector meets the budget (ranksearch.budget)
-    pruner: str = "halving"  # budget mode only: "halving" stops trials whose val at 1/9 or 1/3 of the fine-tune is
-    # below the best third there (successive halving), "none" runs every fine-tune to its end
+    pruner: str = "halving"  # budget mode only: a trial's fine-tune goes on in rungs (finetune_steps, x3, x9: see
+    # max_finetune_steps) and "halving" (successive halving) lets about the best 1/reduction_factor of the trials at
+    # each rung go on, "hyperband" runs brackets of it, "none" runs every trial to the top rung (ranksearch.budget)
+    max_finetune_steps: int | None = None  # budget mode: the top rung's fine-tune steps (None: finetune_steps x
+    # reduction_factor^2; 0: the fine-tune alone, no rungs); the study's best is chosen there
+    reduction_factor: int = 3  # budget mode: each rung has this many times the steps of the one before
     seed: int = 0  # seeds the sampler, the pretraining and each trial's fine-tune
     trials: int = 200  # trials a `run` adds to the study
     study_name: str = "vgg16-cifar10"  # Optuna study name; unset, "<model>-cifar10" or "<model>-<data folder>"
@@ -90,6 +97,14 @@ class Config:
     # workers
     workers: int = 1  # processes on this machine adding trials to the study (GPU i mod G; CPU cores split)
     heartbeat_seconds: int = 60  # a trial whose worker is silent for 2x this is failed and retried (RDB storage)
+    # delivery: the refined model a run hands over (ranksearch.deliver)
+    deliver: str | None = None  # "COST=F1,F2,...": a multi-objective run delivers its best trial at or under each
+    # fraction F of the baseline's COST; a budget run delivers at its budget unless "none"; unset: no delivery
+    # without a budget
+    deliver_top: int = 2  # the best trials (by val at the top rung) the delivery refines; the best refined val wins
+    deliver_epochs: int = 5  # epochs of the refine (export's recipe: rewind+kd) each of them gets; 0: none
+    deliver_out: str | None = None  # the delivered .pt (default <the study's folder>/<study_name>-delivered.pt)
+    deliver_formats: list[str] = field(default_factory=lambda: ["pt"])  # and "onnx", "torchscript", as export
     # extensions
     plugins: list[str] = field(default_factory=list)  # Python files (or modules) imported first, each registering
     # a model, a decomposition or a cost (ranksearch.plugins); a study and an export record each by content
@@ -112,6 +127,13 @@ class Config:
         """The cost the budget limits (macs, params, latency); budget mode only."""
         return parse_budget(self.budget)[0]
 
+    def rung_steps(self) -> list[int]:
+        """The fine-tune's step counts at the end of each rung (``budget.rungs``): budget mode's rungs, else the
+        fine-tune alone."""
+        if self.budget is None:
+            return [self.finetune_steps]
+        return rungs(self.finetune_steps, self.max_finetune_steps, self.reduction_factor)
+
     def budget_ratio(self) -> float:
         """The budget as a fraction of the baseline's cost; budget mode only."""
         return parse_budget(self.budget)[1]
@@ -121,7 +143,9 @@ class Config:
 RUN_CONTROL = {
     "data_dir", "download", "trials", "study_name", "storage", "device", "enqueue_ranks", "baseline_dir",
     "weights_dir", "workers", "heartbeat_seconds", "warm_start",
+    "deliver", "deliver_top", "deliver_epochs", "deliver_out", "deliver_formats",
 }  # fmt: skip
+RUNG_FIELDS = ("max_finetune_steps", "reduction_factor")  # budget mode's: a study without a budget records neither
 BASELINE_FIELDS = (
     "model", "width", "num_classes", "val_size", "split_seed", "batch_size",
     "pretrain_epochs", "pretrain_lr", "momentum", "weight_decay", "label_smoothing", "seed",
@@ -131,7 +155,7 @@ SAMPLERS = ("tpe", "tpe-multivariate", "gp", "nsga2", "random")
 CHOICES = {
     "finetune_schedule": ("cosine", "constant"),
     "sampler": SAMPLERS,
-    "pruner": ("halving", "none"),
+    "pruner": ("halving", "hyperband", "none"),
     "device": ("auto", "cpu", "cuda"),
     "decompose_method": factor_methods,  # a callable: read from the registry when checked (plugins add to it)
     "decomposition": conv_decompositions,
@@ -143,6 +167,8 @@ def search_fields(config: Config) -> dict:
     """The config values that define a study: everything but run control; plugins as their records (by content,
     so that a plugin file moved elsewhere is the same study)."""
     fields = {k: v for k, v in config.to_dict().items() if k not in RUN_CONTROL}
+    if config.budget is None:  # they change nothing then (and 0.9.0's multi-objective studies resume)
+        fields = {k: v for k, v in fields.items() if k not in RUNG_FIELDS}
     return fields | {"plugins": plugin_records(config.plugins)}
 
 
@@ -179,6 +205,10 @@ def _coerce(name: str, value, kind):
         except OverflowError:
             raise UserError(f"config key {name!r} must be a finite float, got {reprlib.repr(value)}") from None
     what = getattr(kind, "__name__", None)
+    if kind == int | None:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise UserError(f"config key {name!r} must be int or null, got {reprlib.repr(value)}")
+        return value
     if kind == str | None:
         kind, what = (str, type(None)), "text or null"
     elif kind == list[str]:
@@ -293,6 +323,10 @@ def _check_given(config: Config, given: set[str], flags: set[str]) -> None:
     if "pruner" in given and config.budget is None:
         raise UserError(f"{_given_as('pruner', flags)} applies to budget mode only (--budget COST=FRACTION); "
                         "drop it or set a budget")  # fmt: skip
+    for key in ("max_finetune_steps", "reduction_factor"):
+        if key in given and config.budget is None:
+            raise UserError(f"{_given_as(key, flags)} applies to budget mode only (its rungs; --budget "
+                            "COST=FRACTION); drop it or set a budget")  # fmt: skip
     if "latency_batch" in given and "latency" not in config.objectives:
         raise UserError(f"{_given_as('latency_batch', flags)} applies when latency is measured (--objectives "
                         "accuracy,latency or --budget latency=FRACTION); drop it or measure latency")  # fmt: skip
@@ -362,6 +396,10 @@ RANGES = {
     "weight_decay": Interval(0, WEIGHT_DECAY_MAX),
     "label_smoothing": Interval(0, 1, high_open=True),
     "finetune_steps": Interval(0, COUNT_MAX),
+    "reduction_factor": Interval(2, 100),
+    "rank_spread": Interval(1, RANK_STEPS),
+    "deliver_top": Interval(1, 100),
+    "deliver_epochs": Interval(0, 1000),  # as export's --finetune-epochs
     "finetune_lr": Interval(0, LR_MAX, low_open=True),
     "refine_iters": Interval(0, COUNT_MAX),
     "activation_images": Interval(1, COUNT_MAX),
@@ -419,6 +457,48 @@ def validate(config: Config) -> None:
     config.enqueue_ranks = [[_on_grid(config.ranks_source, r) for r in ranks] for ranks in config.enqueue_ranks]
     _check_warm_start(config)
     _check_budget(config)
+    _check_rungs(config)
+    _check_delivery(config)
+
+
+def _check_rungs(config: Config) -> None:
+    top = config.max_finetune_steps
+    if top is not None and top != 0 and not config.finetune_steps <= top <= COUNT_MAX:
+        raise UserError(f"max_finetune_steps must be 0 (no rungs), null (finetune_steps x reduction_factor^2) or "
+                        f"from finetune_steps ({config.finetune_steps}) to {COUNT_MAX}, got {top}")  # fmt: skip
+
+
+DELIVER_FORMATS = ("pt", "onnx", "torchscript")  # export's
+
+
+def parse_deliver(text: str) -> tuple[str, list[float]]:
+    """``macs=0.2,0.1`` as ("macs", [0.2, 0.1]): a cost and fractions of the baseline's, each in (0, 1]."""
+    name, sep, values = text.partition("=")
+    try:
+        fractions = [float(v) for v in values.split(",")]
+    except ValueError:
+        fractions = []
+    if not sep or not fractions or not all(0 < f <= 1 for f in fractions):
+        raise UserError(f"--deliver must be COST=F1,F2,... with fractions in (0, 1] of the baseline's cost (e.g. "
+                        f"--deliver macs=0.2,0.1), or none; got {text!r}")  # fmt: skip
+    return name.strip(), sorted(set(fractions), reverse=True)
+
+
+def _check_delivery(config: Config) -> None:
+    """What a run delivers: at its budget (budget mode), at ``deliver``'s fractions of one of its costs, or nothing."""
+    unknown = [f for f in config.deliver_formats if f not in DELIVER_FORMATS]
+    if unknown or not config.deliver_formats:
+        raise UserError(f"--format must name {', '.join(DELIVER_FORMATS)} (comma-separated), got "
+                        f"{reprlib.repr(config.deliver_formats)}")  # fmt: skip
+    if config.deliver in (None, "none"):
+        return
+    if config.budget is not None:
+        raise UserError(f"--deliver {config.deliver}: a budget run delivers its best model at its budget "
+                        f"({config.budget}); drop --deliver (or pass --deliver none for no delivery)")  # fmt: skip
+    cost, _ = parse_deliver(config.deliver)
+    if cost not in config.objectives[1:]:
+        raise UserError(f"--deliver {config.deliver}: {cost} is none of this run's costs "
+                        f"({', '.join(config.objectives[1:])}); deliver at one of them")  # fmt: skip
 
 
 def _check_budget(config: Config) -> None:

@@ -50,7 +50,8 @@ BEFORE_FIELD_EXISTED = {
     "decompose_method": "hooi", "refine_iters": 0, "distill_weight": 0.0, "distill_temperature": 4.0,
     "compile": False, "bn_recalibration_batches": 0, "objectives": DEFAULT_OBJECTIVES, "latency_batch": 1,
     "search_space": "module", "decomposition": "tucker2", "svd_layers": False, "activation_images": 512,
-    "budget": None, "pruner": "none", "plugins": [],
+    "budget": None, "pruner": "none", "plugins": [], "max_finetune_steps": 0, "reduction_factor": 3,
+    "rank_spread": 32,
 }  # fmt: skip
 
 
@@ -465,6 +466,77 @@ def _scores(model: nn.Module, data: DeviceData, config: Config) -> dict[str, flo
     return {f"{split}_accuracy": evaluate(model, data, split, config.eval_batch_size) for split in ("val", "test")}
 
 
+def study_data(study: optuna.Study, config: Config, data_dir: str | None, device: torch.device) -> DeviceData:
+    """The study's data (``data_dir``, else the folder it records), checked to be what its trials measured."""
+    data_dir = data_dir or study.user_attrs.get("data_dir")
+    if data_dir is None:
+        raise UserError("the study does not record its data: pass --data-dir")
+    data = device_data(dataclasses.replace(config, data_dir=data_dir, download=False), device)
+    check_data(study, data.identity)
+    return data
+
+
+def rebuilt_and_verified(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, config: Config, data: DeviceData, weights: Path | None
+) -> tuple[nn.Module, str, dict[str, float]]:
+    """``trial``'s model rebuilt (``rebuild_trial``) and verified against its records, where it came from, and its
+    val and test accuracy (said in a line)."""
+    model, source = rebuild_trial(study, trial, config, data, weights)
+    verify(model, trial, config, data)
+    scores = _scores(model, data, config)
+    print(f"trial {trial.number} rebuilt ({source}): val {scores['val_accuracy']:.2%} "
+          f"(recorded {trial.values[0]:.2%}), test {scores['test_accuracy']:.2%}", flush=True)  # fmt: skip
+    return model, source, scores
+
+
+def refined(
+    model: nn.Module, data: DeviceData, config: Config, epochs: int, seed: int, recipe: RefineRecipe,
+    teacher: nn.Module | None, checkpoint: Path, before: dict[str, float], hint: str = "pass a --refine-lr below",
+) -> tuple[dict[str, float], dict]:  # fmt: skip
+    """``model`` refined in place ``epochs`` epochs (resuming ``checkpoint``), its val and test accuracy after (said
+    beside ``before``'s), and the record a file keeps of the refine; a refine that diverges is a UserError that
+    ends with ``hint`` and the recipe's rate."""
+    use_deterministic_kernels(data.device)  # so that a resumed refine is as close as the device allows
+    try:
+        history = refine(model, data, config, epochs, seed, recipe, teacher, checkpoint)
+    except TrainingDiverged as error:
+        raise UserError(f"the refine diverged ({error}); nothing written: {hint} {recipe.lr:g}") from None
+    scores = _scores(model, data, config)
+    print(f"after {epochs} epochs of refine (lr {recipe.lr:g}, warm-up {recipe.warmup_epochs:g} epochs, "
+          f"distill {recipe.distill_weight:g}): val {before['val_accuracy']:.2%} -> {scores['val_accuracy']:.2%}, "
+          f"test {before['test_accuracy']:.2%} -> {scores['test_accuracy']:.2%}", flush=True)  # fmt: skip
+    return scores, {"recipe": dataclasses.asdict(recipe), "epochs": epochs, "history": history}
+
+
+def model_metadata(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, config: Config, model: nn.Module, data: DeviceData,
+    scores: dict[str, float], before: dict[str, float], source: str, epochs: int, extra: dict,
+) -> dict:  # fmt: skip
+    """What a written .pt says of its model besides its weights: its config, trial, costs, accuracies (``scores``;
+    ``before`` the refine of ``epochs`` epochs), provenance, input and classes, and ``extra`` (refine, ...)."""
+    baseline = study.user_attrs["baseline"]
+    macs, params = count_macs(model, data.spec.input_size())
+    return {
+        "config": config.to_dict(), "study_name": study.study_name, "trial_number": trial.number,
+        "ranks": {module_of(k): v for k, v in trial.params.items()},
+        "macs": macs, "params": params,
+        "macs_ratio": macs / baseline["macs"], "params_ratio": params / baseline["params"], **scores,
+        "finetune_epochs": epochs, "before_finetune": before, "baseline": baseline, "source": source,
+        "input": data.spec.record(), "classes": list(data.spec.classes),  # what the model takes and gives
+        "device": trial.user_attrs.get("device"), "eval_dtype": trial.user_attrs.get("eval_dtype"),  # the trial's
+        # where val_accuracy and test_accuracy above were measured (str: torch.__version__ is no plain str)
+        "measured_with": {key: str(value) for key, value in precision(data.device).items()},
+        **extra,  # refine: recipe, epochs, history; from_scratch: steps, val_accuracy, test_accuracy; delivered
+    }  # fmt: skip
+
+
+def write_locked(model: nn.Module, paths: dict[str, Path], metadata: dict, shape: tuple[int, ...]) -> None:
+    """``write_files``, one writer at a time per folder: never one trial's .pt beside another's .ts."""
+    waiting = f"export: another export is writing into {paths['pt'].parent}; waiting for it (its files, then these)"
+    with folder_lock(paths["pt"].parent, waiting):
+        write_files(model, paths, metadata, shape)
+
+
 def export_trial(
     study: optuna.Study, trial: optuna.trial.FrozenTrial, data_dir: str | None, device: torch.device,
     paths: dict[str, Path], finetune_epochs: int = 0, recipe: RefineRecipe | None = None,
@@ -477,49 +549,17 @@ def export_trial(
     config, recipe = study_config(study), recipe or RefineRecipe()
     distilled = finetune_epochs > 0 and recipe.distill_weight > 0
     teacher = study_teacher(study, config, device) if distilled else None
-    data_dir = data_dir or study.user_attrs.get("data_dir")
-    if data_dir is None:
-        raise UserError("the study does not record its data: pass --data-dir")
-    data = device_data(dataclasses.replace(config, data_dir=data_dir, download=False), device)
-    check_data(study, data.identity)
-    model, source = rebuild_trial(study, trial, config, data, weights)
-    verify(model, trial, config, data)
-    scores = _scores(model, data, config)
-    print(f"trial {trial.number} rebuilt ({source}): val {scores['val_accuracy']:.2%} "
-          f"(recorded {trial.values[0]:.2%}), test {scores['test_accuracy']:.2%}")  # fmt: skip
+    data = study_data(study, config, data_dir, device)
+    model, source, scores = rebuilt_and_verified(study, trial, config, data, weights)
     before, seed, extra = dict(scores), trial_seed(config, trial.number) + 1, {}
     if finetune_epochs > 0:
-        use_deterministic_kernels(data.device)  # so that a resumed refine is as close as the device allows
         checkpoint = refine_checkpoint(paths["pt"])
-        try:
-            history = refine(model, data, config, finetune_epochs, seed, recipe, teacher, checkpoint)
-        except TrainingDiverged as error:
-            raise UserError(f"the refine diverged ({error}); nothing written: pass a --refine-lr below "
-                            f"{recipe.lr:g}") from None  # fmt: skip
-        scores = _scores(model, data, config)
-        print(f"after {finetune_epochs} epochs of refine (lr {recipe.lr:g}, warm-up {recipe.warmup_epochs:g} epochs, "
-              f"distill {recipe.distill_weight:g}): val {before['val_accuracy']:.2%} -> {scores['val_accuracy']:.2%}, "
-              f"test {before['test_accuracy']:.2%} -> {scores['test_accuracy']:.2%}")  # fmt: skip
-        extra["refine"] = {"recipe": dataclasses.asdict(recipe), "epochs": finetune_epochs, "history": history}
+        scores, extra["refine"] = refined(model, data, config, finetune_epochs, seed, recipe, teacher, checkpoint,
+                                          before)  # fmt: skip
     if from_scratch_check:
         extra["from_scratch"] = check_from_scratch(model, data, config, finetune_epochs, seed, scores)
-    baseline = study.user_attrs["baseline"]
-    macs, params = count_macs(model, data.spec.input_size())
-    metadata = {
-        "config": config.to_dict(), "study_name": study.study_name, "trial_number": trial.number,
-        "ranks": {module_of(k): v for k, v in trial.params.items()},
-        "macs": macs, "params": params,
-        "macs_ratio": macs / baseline["macs"], "params_ratio": params / baseline["params"], **scores,
-        "finetune_epochs": finetune_epochs, "before_finetune": before, "baseline": baseline, "source": source,
-        "input": data.spec.record(), "classes": list(data.spec.classes),  # what the model takes and gives
-        "device": trial.user_attrs.get("device"), "eval_dtype": trial.user_attrs.get("eval_dtype"),  # the trial's
-        # where val_accuracy and test_accuracy above were measured (str: torch.__version__ is no plain str)
-        "measured_with": {key: str(value) for key, value in precision(data.device).items()},
-        **extra,  # refine: recipe, epochs, history; from_scratch: steps, val_accuracy, test_accuracy
-    }  # fmt: skip
-    waiting = f"export: another export is writing into {paths['pt'].parent}; waiting for it (its files, then these)"
-    with folder_lock(paths["pt"].parent, waiting):  # exports into one folder take turns: never one trial's .pt
-        write_files(model, paths, metadata, data.spec.shape())  # beside another's .ts
+    metadata = model_metadata(study, trial, config, model, data, scores, before, source, finetune_epochs, extra)
+    write_locked(model, paths, metadata, data.spec.shape())
     if finetune_epochs > 0:
         refine_checkpoint(paths["pt"]).unlink(missing_ok=True)  # the export is complete: nothing left to resume
     return paths

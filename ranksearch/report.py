@@ -382,10 +382,18 @@ def summary(study: optuna.Study) -> str:
     first cost, baseline."""
     table, params, costs = trials_table(study), rank_params(study), study_costs(study)
     if len(study.directions) == 1:  # a budget study
-        return "\n".join([_counts_line(study, table), _best_line(study, table, params, costs), _baseline_line(study)])
+        lines = [_counts_line(study, table), _best_line(study, table, params, costs), _baseline_line(study)]
+        return "\n".join(lines + _delivered_lines(study))
     front = f"Pareto front: {int(table['pareto'].sum())} of {len(complete_rows(table))} complete trials"
     lines = [_counts_line(study, table), front]
     modules = [module_of(p) for p in params]
     lines += [_budget_line(study, budget, modules, costs) for budget in COST_BUDGETS]
     lines.append(_baseline_line(study))
-    return "\n".join(lines)
+    return "\n".join(lines + _delivered_lines(study))
+
+
+def _delivered_lines(study: optuna.Study) -> list[str]:
+    """What the study's last delivery wrote (``deliver.DELIVERED``), a line per model."""
+    return [f"delivered at {d['target']}: trial {d['trial']} refined {d['epochs']} epochs, val "
+            f"{d['val_accuracy']:.2%}, test {d['test_accuracy']:.2%}, MACs {d['macs_ratio']:.3f}x -> {d['path']}"
+            for d in study.user_attrs.get("delivered") or []]  # fmt: skip

@@ -13,11 +13,12 @@ import torch
 
 from .attrs import param_name
 from .baseline import Baseline, ensure_baseline, new_model
-from .budget import BudgetSampler, fit_to_budget, make_pruner
+from .budget import BudgetSampler, fit_to_budget, make_pruner, within_spread
 from .config import Config, search_fields
 from .costs import TABLE_COSTS, CostTable
 from .data import DeviceData, device_data
 from .decompose import decompose
+from .deliver import check_delivery, deliver, finishing_line, pending, plan, targets
 from .device import resolve_device, use_deterministic_kernels
 from .errors import UserError, first_line
 from .files import check_writable
@@ -63,8 +64,8 @@ def make_sampler(
     """The study's sampler (``config.sampler``), each trial drawn by one seeded from the config's seed and the
     trial's number (``TrialSeeded``). TPE's constant liar counts the other workers' running trials as bad, so that
     workers spread out rather than crowd one region (GP has none: its workers differ by trial number). In budget
-    mode (``fit``: a vector scaled to the budget; ``space``: the rank params), every draw is fitted to the budget
-    (``budget.BudgetSampler``)."""
+    mode (``fit``: a vector scaled to the budget; ``space``: the rank params), every draw is fitted to the budget,
+    and otherwise brought within the rank spread (``budget.BudgetSampler``)."""
 
     def base(seed: int) -> optuna.samplers.BaseSampler:
         if config.sampler == "nsga2":
@@ -178,11 +179,18 @@ def budget_ratio_of(config: Config, baseline: Baseline, table: CostTable, meter:
     return latency_ratio
 
 
+def spread_fit(config: Config) -> Callable[[list[float]], list[float]]:
+    """A drawn vector -> the same within the config's rank spread (``budget.within_spread``)."""
+    return lambda ranks: within_spread(ranks, config.rank_spread, config.rank_min, config.rank_max)
+
+
 def budget_fit(config: Config, ratio_of: Callable[[list[float]], float]) -> Callable[[list[float]], list[float]]:
-    """Rank shares -> the vector on the budget's boundary (``fit_to_budget``); a UserError when none meets it."""
+    """Rank shares -> the vector on the budget's boundary, within the rank spread (``fit_to_budget``); a UserError
+    when none meets it."""
 
     def fit(shares: list[float]) -> list[float]:
-        ranks = fit_to_budget(shares, ratio_of, config.budget_ratio(), config.rank_min, config.rank_max)
+        ranks = fit_to_budget(shares, ratio_of, config.budget_ratio(), config.rank_min, config.rank_max,
+                              config.rank_spread)  # fmt: skip
         if ranks is None:
             check_reachable(config, ratio_of, len(shares))
         return ranks
@@ -330,11 +338,12 @@ def run_trials(
     worker's name)."""
     weights = objective.weights
     if config.budget is None:
-        study.sampler = make_sampler(config)
+        fit = None if config.rank_spread >= RANK_STEPS else spread_fit(config)
+        study.sampler = make_sampler(config, fit, rank_space(config, modules))
     else:
         fit = budget_fit(config, budget_ratio_of(config, baseline, table, objective.latency, study))
         study.sampler = make_sampler(config, fit, rank_space(config, modules))
-        study.pruner = make_pruner(config.pruner, config.finetune_steps)
+        study.pruner = make_pruner(config.pruner, config.rung_steps(), config.reduction_factor, config.deliver_top)
     if objective.latency is not None and "baseline_latency_ms" not in study.user_attrs:
         study.set_user_attr("baseline_latency_ms", objective.latency.baseline_ms)  # the first worker's measure
     for metric in objective.registered:  # a registered cost's baseline value, for reports
@@ -342,7 +351,8 @@ def run_trials(
     progress = TrialProgress(worker.total, modules, config.objectives[1:], label=label,
                              count=lambda trials: len(done_in_run(trials, worker.run_id)),
                              budget=config.budget)  # fmt: skip
-    prune = lambda study, _: weights.prune(study)  # noqa: E731
+    keep = config.deliver_top if config.budget is not None else 1  # a budget run delivers from its best few
+    prune = lambda study, _: weights.prune(study, keep_best=keep)  # noqa: E731
     notes = TrialNotes(modules, list(COSTS), export_command(config.study_name, config.storage))  # optuna-dashboard's
     callbacks = [progress, prune, notes]
     if data.device.type == "cpu" and config.workers == 1:  # a long CPU run says how long after its first trial
@@ -380,8 +390,15 @@ def _run_search(
     objective = trial_objective(config, data, baseline) if runs_trials else None  # before the study is written too
     if worker is None:  # its parent checked it
         check_latency_budget(config, data, baseline, modules, objective, existing)
+    if worker is None:
+        check_delivery(config)  # its files can be written: checked before any trial
     study = join_study(config, existing, data, baseline)
     on_exit.callback(release_claim, study)
+    unfinished = pending(study) if worker is None else None
+    if unfinished is not None:  # a run stopped during its delivery: finish it, and nothing else
+        print(finishing_line(unfinished), flush=True)
+        deliver(study, config, data, baseline.model, config.weights_path(), unfinished)
+        return study, []
     run = worker or new_run(config.trials)
     gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
     where = latency_where(config, data.device, worker)
@@ -392,7 +409,7 @@ def _run_search(
         enqueue_first(study, config, modules)
         warm_starts(study, config, data, baseline, table, modules, argv)
     if config.workers > 1 and worker is None:
-        del data  # the workers load their own
+        del data  # the workers load their own (a delivery loads it again)
         owed = lambda: run.total - len(done_in_run(study.get_trials(deepcopy=False), run.run_id))  # noqa: E731
         run_workers(argv or [], run, config.workers, gpus, owed, grace_seconds=2 * config.heartbeat_seconds + 1)
     else:
@@ -401,5 +418,8 @@ def _run_search(
     if worker is None:
         summary = budget_summary(study, config, modules) if config.budget else pareto_summary(study, modules)
         print(summary, flush=True)
+        if targets(config):
+            data = device_data(config, resolve_device(config.device)) if config.workers > 1 else data
+            deliver(study, config, data, baseline.model, config.weights_path(), plan(config, run.run_id))
     ran = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("run_id") == run.run_id]
     return study, ran

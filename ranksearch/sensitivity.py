@@ -18,6 +18,7 @@ with its cost within the budget: a multiple-choice knapsack, solved exactly by d
 modules (``allocate``). Costs come from the exact cost table (``costs``).
 """
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -49,7 +50,8 @@ from .workers import Worker, new_run, optimize_share, run_workers
 LADDER_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24)  # the ranks k/32 each module is measured at (then rank_max)
 BUDGETS = (0.5, 0.33, 0.2, 0.14, 0.1, 0.07)  # the warm start's budgets, as fractions of the baseline's cost
 # Config fields a point does not depend on: what the main study optimises and how it samples.
-NOT_MEASURED = ("objectives", "latency_batch", "sampler", "rank_min", "rank_max", "budget", "pruner")
+NOT_MEASURED = ("objectives", "latency_batch", "sampler", "rank_min", "rank_max", "budget", "pruner", "rank_spread",
+                "max_finetune_steps", "reduction_factor")
 POINT_VERSION = 1  # raise it when what a point measures changes: earlier points are then measured again
 COMPLETE = optuna.trial.TrialState.COMPLETE
 RUNNING = optuna.trial.TrialState.RUNNING
@@ -121,7 +123,8 @@ class PointObjective:
     """Measure one point (the trial's ``module`` and ``rank``): decompose, tune, evaluate on val."""
 
     def __init__(self, config: Config, data: DeviceData, baseline: Baseline, bases, table: CostTable):
-        self.config, self.data, self.baseline, self.bases, self.table = config, data, baseline, bases, table
+        self.config = dataclasses.replace(config, budget=None)  # a point is the fine-tune alone: no budget's rungs
+        self.data, self.baseline, self.bases, self.table = data, baseline, bases, table
         modules = rank_modules(baseline.model, config.search_space)
         self.layers = {module: {name for name, _ in pairs} for module, pairs in modules.items()}
 

@@ -27,6 +27,7 @@ from .budget import canonical_budget
 from .config import Config, check_study_name, search_fields, unregistered
 from .errors import UserError, causes, first_line, shown_url, without_secrets
 from .files import check_writable, process_alive
+from .models import RANK_STEPS
 from .objectives import directions, metric_names
 from .plugins import entries_text, load_recorded, pass_hint, recorded_plugins, unmatched
 
@@ -379,8 +380,9 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
 
 
 # Earlier versions whose trials this one measures alike, so that their studies resume: 0.9.0 changed where weights
-# live, how plugins are recorded and what a failure records, not what a trial measures.
-MEASURES_ALIKE = ("0.8.0",)
+# live, how plugins are recorded and what a failure records, not what a trial measures; 0.10.0 trains budget mode's
+# trials in rungs, so their budget studies do not resume (their multi-objective ones do).
+MEASURES_ALIKE = ("0.8.0", "0.9.0")
 
 
 def setup_mismatch(study_name: str, recorded: dict, config: Config, measured: bool = True) -> str | None:
@@ -395,7 +397,7 @@ def setup_mismatch(study_name: str, recorded: dict, config: Config, measured: bo
     if not measured:
         return None
     made_by = recorded.get("ranksearch_version", "unknown")
-    if made_by != __version__ and made_by not in MEASURES_ALIKE:
+    if made_by != __version__ and (made_by not in MEASURES_ALIKE or config.budget is not None):
         return (f"study {study_name!r} was made by ranksearch {made_by}, whose trials this version "
                 f"({__version__}) would not measure alike; use another --study-name (report and export still read "
                 "it)")  # fmt: skip
@@ -421,8 +423,11 @@ def _check_plugins(study_name: str, recorded: list, passed: list[str]) -> None:
 
 def recorded_config(fields: dict) -> dict:
     """The search fields a study records (``fields``), its budget in ``canonical_budget``'s spelling (earlier
-    studies recorded the user's text: their ``macs=.3`` is the ``macs=0.3`` of a resume)."""
+    studies recorded the user's text: their ``macs=.3`` is the ``macs=0.3`` of a resume; they drew without a rank
+    spread, ``rank_spread`` 32)."""
     stored = dict(fields)
+    if fields:
+        stored.setdefault("rank_spread", RANK_STEPS)  # before 0.10.0: every vector of the grid could be drawn
     if isinstance(stored.get("budget"), str):
         with contextlib.suppress(UserError):
             stored["budget"] = canonical_budget(stored["budget"])

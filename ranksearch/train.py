@@ -110,14 +110,16 @@ def pretrain(model: nn.Module, data: DeviceData, config: Config, progress=None) 
 
 
 def finetune(
-    model: nn.Module, data: DeviceData, config: Config, seed: int, teacher: nn.Module | None = None, progress=None
-) -> float:
-    """The brief fine-tune of a decomposed model: ``finetune_steps`` of SGD, cosine or constant rate.
+    model: nn.Module, data: DeviceData, config: Config, seed: int, teacher: nn.Module | None = None, progress=None,
+    steps: int | None = None,
+) -> float:  # fmt: skip
+    """The brief fine-tune of a decomposed model: ``steps`` (default ``finetune_steps``) of SGD, cosine or constant
+    rate from ``finetune_lr``.
 
     ``teacher`` (the baseline, in eval mode) is used when ``config.distill_weight`` > 0; ``progress.update(1)`` is
-    called after each step (a pruned trial's checkpoints).
+    called after each step.
     """
-    steps = config.finetune_steps
+    steps = config.finetune_steps if steps is None else steps
     if steps == 0:
         return 0.0
     optimizer = sgd(model, config.finetune_lr, config)

@@ -1,4 +1,5 @@
 """What one trial does: decompose the baseline at the trial's ranks, fine-tune briefly, measure (val accuracy, MACs).
+In budget mode the fine-tune goes on in rungs, the pruner deciding after each whether it goes on (``budget``).
 
 Ranks that a COMPLETE trial of the study already has are not trained again: the trial copies that trial's result.
 Export re-runs a trial through the same functions (``trial_model``, ``trial_seed``).
@@ -17,7 +18,6 @@ from torch import nn
 from .activations import cached_statistics
 from .attrs import COPIED_FROM, FAIL_REASON, WEIGHTS_ATTR, WEIGHTS_NOT_KEPT, param_name
 from .baseline import Baseline, cached_bases
-from .budget import CHECKPOINT_IMAGES, checkpoints
 from .config import Config
 from .data import DeviceData
 from .decompose import DECOMPOSITIONS, Bases, DecomposedLayer, data_aware_bases, decompose, integer_rank
@@ -32,6 +32,7 @@ from .train import evaluate, finetune, prepare, recalibrate_batchnorm
 from .weights import WeightsStore
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
+TRAINED_STEPS = "trained_steps"  # a trial's SGD steps of fine-tune, every rung it ran (what the search cost)
 # What a copy takes from its original: what was measured and how to rebuild it (the seed, the kept weights, which
 # exist exactly while both are on the Pareto front, having the same values); not timings, nor the tags a run sets.
 COPIED_ATTRS = (
@@ -79,6 +80,7 @@ def copy_result(trial: optuna.Trial, original: optuna.trial.FrozenTrial) -> list
         if key in original.user_attrs:
             trial.set_user_attr(key, original.user_attrs[key])
     trial.set_user_attr(COPIED_FROM, original.number)
+    trial.set_user_attr(TRAINED_STEPS, 0)  # what the search paid for it
     return list(original.values)
 
 
@@ -101,31 +103,46 @@ def decomposed_model(
     return prepare(model, device)
 
 
+def rung_seed(seed: int, rung: int) -> int:
+    """The seed of rung ``rung``'s batches (the first rung's is the trial's own: as before rungs)."""
+    return seed if rung == 0 else seed * 1_009 + rung
+
+
 def tune(
-    model: nn.Module, baseline: nn.Module, config: Config, data: DeviceData, seed: int, checkpoints=None
+    model: nn.Module, baseline: nn.Module, config: Config, data: DeviceData, seed: int, rung_done=None
 ) -> dict[str, float]:
-    """What follows decomposition, in place: BatchNorm re-estimation (when configured), then the brief fine-tune
-    (distilled from ``baseline`` when configured); the seconds of each. ``checkpoints(model)``: the fine-tune's
-    step counter of a trial that may be pruned (``PruningCheckpoints``)."""
+    """What follows decomposition, in place: BatchNorm re-estimation (when configured), then the fine-tune (distilled
+    from ``baseline`` when configured) in the config's rungs (``config.rung_steps``), each a cosine of its own from
+    ``finetune_lr`` over its added steps; the seconds of each part (the rungs' evaluations not counted).
+
+    ``rung_done(rung, steps)``: called after each rung but the last with the steps trained so far (a pruned trial
+    reports there and may stop, raising ``optuna.TrialPruned``)."""
     batches = config.bn_recalibration_batches
     _, recalibrate_s = _timed(
         lambda: recalibrate_batchnorm(model, data, batches, config.batch_size, seed), data.device
     )
     teacher = baseline if config.distill_weight > 0 else None
-    progress = checkpoints(model) if checkpoints is not None else None
-    _, finetune_s = _timed(lambda: finetune(model, data, config, seed, teacher, progress), data.device)
+    marks = config.rung_steps()
+    finetune_s = 0.0
+    for rung, (before, after) in enumerate(zip([0, *marks], marks, strict=False)):
+        train = lambda rung=rung, steps=after - before: finetune(model, data, config, rung_seed(seed, rung), teacher,
+                                                                 steps=steps)  # noqa: E731
+        finetune_s += _timed(train, data.device)[1]
+        if rung_done is not None and rung < len(marks) - 1:
+            rung_done(rung, after)
     return {"recalibrate_s": recalibrate_s, "finetune_s": finetune_s}
 
 
 def trial_model(
     baseline: nn.Module, ranks: dict[str, float], config: Config, data: DeviceData, seed: int,
-    bases: dict[str, Bases] | None = None, after_decompose=None, only: set[str] | None = None, checkpoints=None,
+    bases: dict[str, Bases] | None = None, after_decompose=None, only: set[str] | None = None, rung_done=None,
 ) -> tuple[nn.Module, dict[str, float]]:  # fmt: skip
-    """A trial's model: the baseline decomposed at ``ranks`` and tuned (``tune``); also the seconds of each part.
+    """A trial's model: the baseline decomposed at ``ranks`` and tuned (``tune``, every rung); also the seconds of
+    each part.
 
     ``bases``: the baseline's cached channel bases (for the hosvd methods; computed when absent).
     ``after_decompose(model)``: called on the decomposed model before it is tuned (to measure its latency).
-    ``only``: the layers that may be decomposed (``decompose``'s); ``checkpoints``: ``tune``'s.
+    ``only``: the layers that may be decomposed (``decompose``'s); ``rung_done``: ``tune``'s.
     """
     torch.manual_seed(seed)
     baseline.eval()  # the teacher, when distilling; the copy below is set to train mode by the fine-tune
@@ -133,7 +150,7 @@ def trial_model(
     model, decompose_s = _timed(decomposed, data.device)
     if after_decompose is not None:
         after_decompose(model)
-    return model, {"decompose_s": decompose_s, **tune(model, baseline, config, data, seed, checkpoints)}
+    return model, {"decompose_s": decompose_s, **tune(model, baseline, config, data, seed, rung_done)}
 
 
 def architecture(model: nn.Module, decomposition: str = "tucker2") -> str:
@@ -155,25 +172,22 @@ def recorded_latency(study: optuna.Study | None, key: str) -> float | None:
     return None
 
 
-class PruningCheckpoints:
-    """The fine-tune's step counter in a study that prunes (budget mode): at each of ``marks`` (steps), the model's
-    val accuracy on a slice of ``CHECKPOINT_IMAGES`` images is reported to the trial, which stops
-    (``optuna.TrialPruned``) when the pruner says so."""
+class RungReports:
+    """A trial's rungs in a study that prunes (budget mode): after each rung but the last, its val accuracy (all of
+    val) is reported at the steps trained so far, and the trial stops (``optuna.TrialPruned``) when the pruner says
+    so; the steps it trained are recorded either way (``TRAINED_STEPS``)."""
 
-    def __init__(self, trial: optuna.Trial, model: nn.Module, data: DeviceData, config: Config, marks: list[int]):
-        self.trial, self.model, self.data, self.config, self.marks = trial, model, data, config, set(marks)
-        self.step = 0
+    def __init__(self, trial: optuna.Trial, data: DeviceData, config: Config):
+        self.trial, self.data, self.config, self.model = trial, data, config, None
+        self.top = config.rung_steps()[-1]
 
-    def update(self, steps: int) -> None:
-        self.step += steps
-        if self.step not in self.marks:
-            return
-        every = max(1, self.data.size("val") // CHECKPOINT_IMAGES)
-        accuracy = evaluate(self.model, self.data, "val", self.config.eval_batch_size, every)
-        self.model.train()  # the fine-tune goes on
-        self.trial.report(accuracy, self.step)
+    def __call__(self, rung: int, steps: int) -> None:
+        accuracy = evaluate(self.model, self.data, "val", self.config.eval_batch_size)
+        self.model.train()  # the next rung goes on
+        self.trial.report(accuracy, steps)
+        self.trial.set_user_attr(TRAINED_STEPS, steps)
         if self.trial.should_prune():
-            where = f"val {accuracy:.2%} after {self.step} of {self.config.finetune_steps} fine-tune steps"
+            where = f"val {accuracy:.2%} after rung {rung + 1} ({steps} of {self.top} fine-tune steps)"
             self.trial.set_user_attr("pruned_at", where)
             raise optuna.TrialPruned(where)
 
@@ -244,8 +258,7 @@ class Objective:
         self.registered = [COSTS[name] for name in config.objectives[1:] if COSTS[name].measure is not None]
         self.example = torch.zeros(data.spec.input_size(), device=data.device)  # what a registered cost measures on
         self.registered_baseline = {m.name: self.measure_cost(m, baseline.model) for m in self.registered}
-        prunes = config.budget is not None and config.pruner != "none"
-        self.prune_marks = checkpoints(config.finetune_steps) if prunes else []
+        self.rungs = config.rung_steps()
         self.told_weights_not_kept = False  # ``keep_weights`` says it once per process
 
     def measure_cost(self, metric: Metric, model: nn.Module) -> float:
@@ -297,15 +310,22 @@ class Objective:
                 costs["latency"], costs["latency_s"] = self.latency.latency(decomposed, trial.study)
             costs.update({m.name: self.measure_cost(m, decomposed) for m in before})
 
-        pruning = None
-        if self.prune_marks:
-            pruning = lambda model: PruningCheckpoints(trial, model, self.data, config, self.prune_marks)  # noqa: E731
-        model, seconds = trial_model(base.model, ranks, config, self.data, seed, self.bases,
-                                     measure if measures_before else None, checkpoints=pruning)  # fmt: skip
+        reports = RungReports(trial, self.data, config) if len(self.rungs) > 1 else None
+
+        def decomposed(model: nn.Module) -> None:
+            if reports is not None:
+                reports.model = model
+            if measures_before:
+                measure(model)
+
+        model, seconds = trial_model(base.model, ranks, config, self.data, seed, self.bases, decomposed,
+                                     rung_done=reports)  # fmt: skip
         costs.update({m.name: self.measure_cost(m, model) for m in self.registered if m.after_finetune})
         integer_ranks, kept = conv_ranks(model, config.decomposition)
         accuracy, eval_s = _timed(lambda: evaluate(model, self.data, "val", config.eval_batch_size), device)
         (macs, params), count_s = _timed(lambda: count_macs(model, self.data.spec.input_size()), device)
+        if reports is not None:  # the top rung's value, the trial's own, on its curve too
+            trial.report(accuracy, self.rungs[-1])
         attrs = {  # every measured cost (val accuracy, the first value, is not repeated here)
             "ranks": trial_ranks_text(trial.params, self.modules),
             "macs": macs,
@@ -315,6 +335,7 @@ class Objective:
             "conv_ranks": integer_ranks,
             "kept_convs": kept,
             "seed": seed,
+            TRAINED_STEPS: self.rungs[-1],
             **seconds,
             "eval_s": eval_s,
             "count_s": count_s,

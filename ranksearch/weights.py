@@ -88,8 +88,9 @@ class WeightsStore:
                 return None
             return load_tensors(path)
 
-    def prune(self, study: optuna.Study) -> None:
-        """Delete the weights of every complete trial that is not on the Pareto front.
+    def prune(self, study: optuna.Study, keep_best: int = 1) -> None:
+        """Delete the weights of every complete trial that is not on the Pareto front (in a single-objective study:
+        not among the ``keep_best`` best values, ties kept, which a delivery refines).
 
         Safe while other workers finish trials and prune the same study: the front is computed from ONE read of
         the trials, and a trial dominated there stays dominated as trials are added, so no prune deletes the
@@ -102,7 +103,7 @@ class WeightsStore:
         re-runs the trial's fine-tune from its recorded seed.
         """
         trials = study.get_trials(deepcopy=False, states=(COMPLETE,))
-        for trial in dominated(trials, study.directions):
+        for trial in unkept(trials, study.directions, keep_best):
             artifact_id = trial.user_attrs.get(WEIGHTS_ATTR)
             if is_weights_id(artifact_id):
                 try:
@@ -111,3 +112,14 @@ class WeightsStore:
                     pass  # removed earlier, by this worker or another
                 except OSError:
                     pass  # an unwritable folder (the run said so when a save failed): a later prune removes them
+
+
+def unkept(trials: list[optuna.trial.FrozenTrial], directions: list, keep_best: int) -> list[optuna.trial.FrozenTrial]:
+    """The trials whose weights go: those another dominates; in a single-objective study, those below the
+    ``keep_best``-th best value (a trial below it at one read stays below it as trials are added)."""
+    if len(directions) > 1 or keep_best <= 1 or not trials:
+        return dominated(trials, directions)
+    sign = 1 if directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
+    values = sorted((sign * t.values[0] for t in trials), reverse=True)
+    threshold = values[min(keep_best, len(values)) - 1]
+    return [t for t in trials if sign * t.values[0] < threshold]

@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from conftest import SMOKE_CONFIG, run_cli
-from ranksearch.budget import BudgetSampler, checkpoints, fit_to_budget, make_pruner, parse_budget
+from ranksearch.budget import BudgetSampler, RungPruner, fit_to_budget, make_pruner, parse_budget, rungs
 from ranksearch.costs import cost_table
 from ranksearch.decompose import decompose
 from ranksearch.errors import UserError
@@ -95,13 +95,30 @@ def test_every_draw_of_the_budget_sampler_meets_the_budget(sampler):
     assert len({tuple(t.params.values()) for t in study.trials}) > 3  # the sampler still explores
 
 
-def test_pruning_checkpoints_and_pruner():
-    assert checkpoints(30) == [3, 10]
-    assert checkpoints(9) == [1, 3]
-    assert checkpoints(1) == []
-    assert isinstance(make_pruner("halving", 30), optuna.pruners.SuccessiveHalvingPruner)
-    assert isinstance(make_pruner("none", 30), optuna.pruners.NopPruner)
-    assert isinstance(make_pruner("halving", 1), optuna.pruners.NopPruner)  # no checkpoint to prune at
+def test_rungs_and_pruner():
+    assert rungs(30, None) == [30, 90, 270]  # three rungs by default
+    assert rungs(200, 1000) == [200, 600, 1000]  # the top rung ends where max_finetune_steps says
+    assert rungs(30, 30) == rungs(30, 0) == [30]  # the fine-tune alone
+    assert rungs(10, 100, 2) == [10, 20, 40, 80, 100]
+    assert isinstance(make_pruner("halving", [30, 90, 270]), RungPruner)
+    assert isinstance(make_pruner("hyperband", [30, 90, 270]), optuna.pruners.HyperbandPruner)
+    assert isinstance(make_pruner("none", [30, 90, 270]), optuna.pruners.NopPruner)
+    assert isinstance(make_pruner("halving", [30]), optuna.pruners.NopPruner)  # one rung: nothing to prune at
+
+
+def test_the_rung_pruner_lets_the_best_few_go_on_then_the_best_third():
+    study = optuna.create_study(direction="maximize", pruner=RungPruner([10, 30, 90], factor=3, keep=2))
+    went_on = []
+    for value in (0.9, 0.5, 0.4, 0.6, 0.3, 0.2, 0.8, 0.1, 0.7, 0.95):
+        trial = study.ask()
+        trial.report(value, 10)
+        went_on.append(not trial.should_prune())
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    # the first two always; then the best 2 of up to 8, the best 3 of 9 and 10 (Optuna's halving: the best only)
+    assert went_on == [True, True, False, True, False, False, True, False, True, True]
+    trial = study.ask()
+    trial.report(0.0, 90)  # the top rung: the trial's end, never pruned there
+    assert not trial.should_prune()
 
 
 def _load(cwd, name):

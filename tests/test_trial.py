@@ -65,8 +65,10 @@ def test_ranks_already_complete_are_copied_not_trained_again(setup, trainings, t
     assert copy.state == optuna.trial.TrialState.COMPLETE and copy.values == original.values
     measured = {key: value for key, value in original.user_attrs.items() if key not in TIMINGS}
     assert TIMINGS <= set(original.user_attrs)
-    assert set(measured) == {*trial.COPIED_ATTRS, "run_id"} - LATENCY_ATTRS - {"weights_not_kept"}  # (they were)
-    assert copy.user_attrs == measured | {"copied_from": 1, "run_id": "second"}  # its own tags, no timings
+    assert set(measured) == {*trial.COPIED_ATTRS, "run_id", "trained_steps"} - LATENCY_ATTRS - {"weights_not_kept"}
+    assert original.user_attrs["trained_steps"] == config.finetune_steps
+    # its own tags, no timings, and no steps trained
+    assert copy.user_attrs == measured | {"copied_from": 1, "run_id": "second", "trained_steps": 0}
     assert copy.user_attrs["seed"] == trial.trial_seed(config, 1) != trial.trial_seed(config, 2)
     kept = weights.load(original)
     assert all(torch.equal(weights.load(copy)[key], value) for key, value in kept.items())
