@@ -9,7 +9,8 @@ weights (or its fine-tune re-run), refined ``deliver_epochs`` epochs with a chec
 
 The study records the delivery before its first refine (``PENDING``) and clears it once the files are written
 (``DELIVERED`` records what was written). A run killed in between leaves it pending: the same command then finishes
-it, every candidate's refine resuming from its last epoch, and adds no trials.
+it, every candidate's refine resuming from its last epoch, and adds no trials (a command that delivers nothing,
+``--deliver none``, drops it and runs its trials).
 """
 
 import dataclasses
@@ -161,15 +162,15 @@ def refine_candidate(
 
 def deliver_target(
     study: optuna.Study, config: Config, data: DeviceData, teacher: nn.Module, weights: Path, target: Target,
-    recorded: dict,
+    paths: dict[str, Path],
 ) -> dict | None:  # fmt: skip
-    """Refine the target's candidates and write the best by refined val; what was written (None: no trial fits)."""
-    paths = output_paths(Path(recorded["paths"][target.label]), recorded["formats"])
-    chosen = candidates(study, target, recorded["top"])
+    """Refine the target's candidates and write the best by refined val to ``paths`` (format -> file); what was
+    written (None: no trial fits)."""
+    chosen = candidates(study, target, config.deliver_top)
     if not chosen:
         _say(f"no complete trial has {target.label} or less; nothing delivered for it")
         return None
-    epochs = recorded["epochs"]
+    epochs = config.deliver_epochs
     listing = ", ".join(f"trial {t.number} (val {t.values[0]:.2%})" for t in chosen)
     _say(f"{target.label}: refining the best {len(chosen)} ({listing}) {epochs} epochs each; the best refined val "
          "is delivered")  # fmt: skip
@@ -202,14 +203,18 @@ def deliver_target(
 
 
 def deliver(study: optuna.Study, config: Config, data: DeviceData, teacher: nn.Module, weights: Path,
-            recorded: dict) -> list[dict]:  # fmt: skip
-    """Carry out the delivery ``recorded`` (``plan``'s, pending in the study until it is done): every target's model
-    written, the study's ``DELIVERED`` set and ``PENDING`` cleared. A user's error (a refine that diverged) clears
-    it too, so that the next run adds trials; an interruption leaves it, for the next run to finish."""
-    study.set_user_attr(PENDING, recorded)
+            run_id: str) -> list[dict]:  # fmt: skip
+    """Deliver what ``config`` asks (``targets``, to ``target_paths``), recorded as pending in the study until it is
+    done: every target's model written, the study's ``DELIVERED`` set and ``PENDING`` cleared. A user's error (a
+    refine that diverged) clears it too, so that the next run adds trials; an interruption leaves it, for the next
+    run to finish. Where the files go comes from the command, never from the study (a study's records are no
+    place to take a path to write to from)."""
+    wanted = targets(config)
+    paths = target_paths(config, wanted)
+    study.set_user_attr(PENDING, plan(config, run_id))
     try:
-        written = [deliver_target(study, config, data, teacher, weights, Target(**target), recorded)
-                   for target in recorded["targets"]]  # fmt: skip
+        written = [deliver_target(study, config, data, teacher, weights, target, paths[target.label])
+                   for target in wanted]  # fmt: skip
     except UserError:
         study.set_user_attr(PENDING, None)
         raise
@@ -225,6 +230,7 @@ def pending(study: optuna.Study) -> dict | None:
     return recorded if isinstance(recorded, dict) else None
 
 
-def finishing_line(recorded: dict) -> str:
-    return (f"deliver: finishing the delivery that a stopped run began ({', '.join(recorded['paths'].values())}); "
+def finishing_line(config: Config) -> str:
+    paths = ", ".join(str(p["pt"]) for p in target_paths(config, targets(config)).values())
+    return (f"deliver: finishing the delivery that a stopped run began ({paths}); "
             "this run adds no trials: run the command again to add them")  # fmt: skip

@@ -18,7 +18,7 @@ from .config import Config, search_fields
 from .costs import TABLE_COSTS, CostTable
 from .data import DeviceData, device_data
 from .decompose import decompose
-from .deliver import check_delivery, deliver, finishing_line, pending, plan, targets
+from .deliver import PENDING, check_delivery, deliver, finishing_line, pending, targets
 from .device import resolve_device, use_deterministic_kernels
 from .errors import UserError, first_line
 from .files import check_writable
@@ -394,11 +394,12 @@ def _run_search(
         check_delivery(config)  # its files can be written: checked before any trial
     study = join_study(config, existing, data, baseline)
     on_exit.callback(release_claim, study)
-    unfinished = pending(study) if worker is None else None
-    if unfinished is not None:  # a run stopped during its delivery: finish it, and nothing else
-        print(finishing_line(unfinished), flush=True)
-        deliver(study, config, data, baseline.model, config.weights_path(), unfinished)
-        return study, []
+    if worker is None and pending(study) is not None:  # a run stopped during its delivery
+        if targets(config):  # finish it, and nothing else
+            print(finishing_line(config), flush=True)
+            deliver(study, config, data, baseline.model, config.weights_path(), pending(study)["run_id"])
+            return study, []
+        study.set_user_attr(PENDING, None)  # --deliver none: the trials it asks for instead
     run = worker or new_run(config.trials)
     gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
     where = latency_where(config, data.device, worker)
@@ -420,6 +421,6 @@ def _run_search(
         print(summary, flush=True)
         if targets(config):
             data = device_data(config, resolve_device(config.device)) if config.workers > 1 else data
-            deliver(study, config, data, baseline.model, config.weights_path(), plan(config, run.run_id))
+            deliver(study, config, data, baseline.model, config.weights_path(), run.run_id)
     ran = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("run_id") == run.run_id]
     return study, ran

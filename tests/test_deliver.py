@@ -216,3 +216,23 @@ def test_a_sensitivity_point_is_the_fine_tune_alone_in_budget_mode():
     baseline = SimpleNamespace(model=new_model(config))
     point = PointObjective(config, None, baseline, None, SimpleNamespace(modules=[]))
     assert point.config.rung_steps() == [30]
+
+
+@pytest.mark.slow
+def test_a_pending_delivery_writes_where_the_command_says_or_is_dropped_by_deliver_none(workdir, tiny_imagefolder):
+    """A study's records never name a file to write to: a pending delivery is finished at the command's --out."""
+    first = run_cli(*budget_run(tiny_imagefolder, "--deliver-epochs", "1", "--out", "m.pt"), cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    planted = workdir / "elsewhere.pt"
+    _load(workdir).set_user_attr(PENDING, {"run_id": "x", "paths": {"macs=0.3": str(planted)}, "targets": []})
+    trials = len(_load(workdir).trials)
+    again = run_cli(*budget_run(tiny_imagefolder, "--deliver-epochs", "1", "--out", "m2.pt"), cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    assert "finishing the delivery that a stopped run began (m2.pt)" in again.stdout
+    assert (workdir / "m2.pt").is_file() and not planted.exists() and len(_load(workdir).trials) == trials
+    _load(workdir).set_user_attr(PENDING, {"run_id": "x"})
+    dropped = run_cli(*budget_run(tiny_imagefolder, "--deliver", "none"), cwd=workdir)
+    assert dropped.returncode == 0, dropped.stderr
+    assert "finishing" not in dropped.stdout and "deliver:" not in dropped.stdout
+    study = _load(workdir)
+    assert len(study.trials) == trials + 8 and study.user_attrs[PENDING] is None
