@@ -327,6 +327,13 @@ def _check_given(config: Config, given: set[str], flags: set[str]) -> None:
         if key in given and config.budget is None:
             raise UserError(f"{_given_as(key, flags)} applies to budget mode only (its rungs; --budget "
                             "COST=FRACTION); drop it or set a budget")  # fmt: skip
+    delivers = config.deliver != "none" and (config.budget is not None or config.deliver is not None)
+    flags_of = {"deliver_out": "--out", "deliver_formats": "--format", "deliver_top": "--deliver-top",
+                "deliver_epochs": "--deliver-epochs"}  # fmt: skip
+    unused = [flags_of[key] if key in flags else f"config key {key}" for key in flags_of if key in given]
+    if unused and not delivers:
+        raise UserError(f"{', '.join(unused)}: this run delivers no model (it does with --budget COST=FRACTION, or "
+                        "--deliver COST=F1,F2 with objectives); drop it or ask for a delivery")  # fmt: skip
     if "latency_batch" in given and "latency" not in config.objectives:
         raise UserError(f"{_given_as('latency_batch', flags)} applies when latency is measured (--objectives "
                         "accuracy,latency or --budget latency=FRACTION); drop it or measure latency")  # fmt: skip

@@ -140,7 +140,9 @@ def test_what_a_run_delivers_and_where():
      ({"deliver_formats": ["pt", "zip"]}, "--format must name pt, onnx, torchscript"),
      ({"max_finetune_steps": 1000}, "--max-finetune-steps applies to budget mode only"),
      ({"budget": "macs=0.2", "max_finetune_steps": 100, "finetune_steps": 200}, "max_finetune_steps must be 0"),
-     ({"budget": "macs=0.2", "reduction_factor": 1}, "reduction_factor must be in [2, 100]")],
+     ({"budget": "macs=0.2", "reduction_factor": 1}, "reduction_factor must be in [2, 100]"),
+     ({"deliver_out": "m.pt"}, "--out: this run delivers no model"),
+     ({"budget": "macs=0.2", "deliver": "none", "deliver_epochs": 2}, "--deliver-epochs: this run delivers no")],
 )  # fmt: skip
 def test_delivery_and_rung_settings_are_checked(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):
