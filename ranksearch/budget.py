@@ -147,10 +147,11 @@ def rungs(first: int, top: int | None, factor: int = REDUCTION_FACTOR) -> list[i
 class RungPruner(optuna.pruners.BasePruner):
     """Successive halving over the rungs (asynchronous, as ASHA): at the end of a rung but the last, a trial goes
     on when its value is among the best max(``keep``, n // ``factor``) of the n trials that reported there (itself
-    included, running ones too); else it is pruned. ``keep``: the first trials at each rung always go on, so that at
-    least that many reach the top rung (the delivery's candidates): Optuna's ``SuccessiveHalvingPruner`` let a trial
-    go on early only when it beat every other there, and after a strong warm start it pruned 23 of 24 trials of a
-    quality study at the first or second rung (BENCHMARKS.md, "The delivered model")."""
+    included, running ones too); else it is pruned. So the first ``keep`` trials at each rung go on, and at least
+    that many reach the top rung (the run keeps 2, or the delivery's candidates if more). Optuna's
+    ``SuccessiveHalvingPruner`` let a trial go on early only when it beat every other there, and after a strong warm
+    start it pruned 23 of 24 trials of a quality study at the first or second rung (BENCHMARKS.md, "The delivered
+    model")."""
 
     def __init__(self, marks: list[int], factor: int = REDUCTION_FACTOR, keep: int = 2):
         self.marks, self.factor, self.keep = set(marks[:-1]), factor, keep

@@ -121,9 +121,9 @@ def _deliver_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deliver", metavar="COST=F1,F2", help="deliver the best model at or under each fraction "
                         "of the baseline's COST (e.g. macs=0.2,0.1; a budget run delivers at its budget), or none")
     parser.add_argument("--deliver-top", type=int, help="the best trials the delivery refines, the best refined val "
-                        "delivered (default 2)")  # fmt: skip
+                        "delivered (default 1)")  # fmt: skip
     parser.add_argument("--deliver-epochs", type=int, help="epochs of export's default refine each of them gets "
-                        "(default 5; 0: none)")  # fmt: skip
+                        "(default 10; 0: none)")  # fmt: skip
 
 
 def _parse_formats(names: list[str] | None) -> list[str] | None:

@@ -101,8 +101,10 @@ class Config:
     deliver: str | None = None  # "COST=F1,F2,...": a multi-objective run delivers its best trial at or under each
     # fraction F of the baseline's COST; a budget run delivers at its budget unless "none"; unset: no delivery
     # without a budget
-    deliver_top: int = 2  # the best trials (by val at the top rung) the delivery refines; the best refined val wins
-    deliver_epochs: int = 5  # epochs of the refine (export's recipe: rewind+kd) each of them gets; 0: none
+    deliver_top: int = 1  # the best trials (by val at the top rung) the delivery refines; the best refined val wins.
+    # 1: in issue 25's three deliveries the top-rung best won each time, and a longer refine paid more than a second
+    # candidate (BENCHMARKS.md, "The delivered model")
+    deliver_epochs: int = 10  # epochs of the refine (export's recipe: rewind+kd) each of them gets; 0: none
     deliver_out: str | None = None  # the delivered .pt (default <the study's folder>/<study_name>-delivered.pt)
     deliver_formats: list[str] = field(default_factory=lambda: ["pt"])  # and "onnx", "torchscript", as export
     # extensions

@@ -343,7 +343,8 @@ def run_trials(
     else:
         fit = budget_fit(config, budget_ratio_of(config, baseline, table, objective.latency, study))
         study.sampler = make_sampler(config, fit, rank_space(config, modules))
-        study.pruner = make_pruner(config.pruner, config.rung_steps(), config.reduction_factor, config.deliver_top)
+        keep = max(2, config.deliver_top)  # at least two reach the top rung, where the best is chosen
+        study.pruner = make_pruner(config.pruner, config.rung_steps(), config.reduction_factor, keep)
     if objective.latency is not None and "baseline_latency_ms" not in study.user_attrs:
         study.set_user_attr("baseline_latency_ms", objective.latency.baseline_ms)  # the first worker's measure
     for metric in objective.registered:  # a registered cost's baseline value, for reports

@@ -37,7 +37,8 @@ def _load(cwd, name="b"):
 @pytest.mark.slow
 def test_a_budget_run_searches_in_rungs_and_delivers_its_refined_best(workdir, tiny_imagefolder):
     out = workdir / "shipped" / "model.pt"
-    result = run_cli(*budget_run(tiny_imagefolder, "--deliver-epochs", "2", "--out", str(out)), cwd=workdir)
+    args = budget_run(tiny_imagefolder, "--deliver-epochs", "2", "--deliver-top", "2", "--out", str(out))
+    result = run_cli(*args, cwd=workdir)
     assert result.returncode == 0, result.stderr
     study = _load(workdir)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
