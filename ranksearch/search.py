@@ -389,9 +389,8 @@ def _run_search(
     check_budget(config, baseline, table, modules)  # before the study is written
     runs_trials = not (config.workers > 1 and worker is None)  # a parent of workers runs none itself
     objective = trial_objective(config, data, baseline) if runs_trials else None  # before the study is written too
-    if worker is None:  # its parent checked it
+    if worker is None:  # its parent checked them
         check_latency_budget(config, data, baseline, modules, objective, existing)
-    if worker is None:
         check_delivery(config)  # its files can be written: checked before any trial
     study = join_study(config, existing, data, baseline)
     on_exit.callback(release_claim, study)
