@@ -286,6 +286,19 @@ def result(
             print(line, flush=True)
 
 
+def quality_setup(work: Path, config_path: Path, data_dir: str):
+    """The config, data and baseline (cached under ``work``, which becomes the working folder: the config's
+    baseline_dir is relative to it) of a quality benchmark; the baseline said in a line."""
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)
+    config = load_config(config_path.resolve(), {"data_dir": data_dir, "download": False})
+    data = device_data(config, resolve_device(config.device))
+    baseline = ensure_baseline(config, data)
+    print(f"baseline: val {baseline.val_accuracy:.2%}, test {baseline.test_accuracy:.2%}, MACs {baseline.macs:,} "
+          f"on {torch.get_num_threads()} threads", flush=True)  # fmt: skip
+    return config, data, baseline
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
@@ -302,13 +315,7 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="result: more vectors, e.g. 5x:12/12/12/6/3,10x:6/8/8/4/2")
     parser.add_argument("--only-extra", action="store_true", help="result: the --extra vectors and the uniform ones")
     args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    os.chdir(args.work)  # the config's baseline_dir is relative to the working folder
-    config = load_config(args.config.resolve(), {"data_dir": args.data_dir, "download": False})
-    data = device_data(config, resolve_device(config.device))
-    baseline = ensure_baseline(config, data)
-    print(f"baseline: val {baseline.val_accuracy:.2%}, test {baseline.test_accuracy:.2%}, MACs {baseline.macs:,} "
-          f"on {torch.get_num_threads()} threads", flush=True)  # fmt: skip
+    config, data, baseline = quality_setup(args.work, args.config, args.data_dir)
     if args.stage in ("factors", "variants"):
         (factors if args.stage == "factors" else variants)(config, data, baseline, args.work)
         return

@@ -18,18 +18,11 @@ Stages:
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from ranksearch.baseline import ensure_baseline
 from ranksearch.budget import fit_to_budget
-from ranksearch.config import load_config
-from ranksearch.data import device_data
-from ranksearch.device import resolve_device
 from ranksearch.measure import count_macs
 from ranksearch.models import RANK_STEPS, rank_modules
 from ranksearch.refine import RECIPES
@@ -40,7 +33,7 @@ from ranksearch.trial import trial_bases
 from ranksearch.warmstart import vbmf_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_kept import as_ranks, scores, trial_state  # noqa: E402
+from accuracy_kept import as_ranks, quality_setup, scores, trial_state  # noqa: E402
 from search_quality import CONFIG, Results  # noqa: E402
 
 BUDGETS = {"5x": 0.2, "10x": 0.1}
@@ -110,13 +103,7 @@ def main() -> None:
     parser.add_argument("--results", default="accuracy-kept.json", help="refs, compute: the JSON file under --work "
                         "(accuracy_kept.py's result stage's by default, whose rows are reused)")  # fmt: skip
     args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    os.chdir(args.work)  # the config's baseline_dir is relative to the working folder
-    config = load_config(args.config.resolve(), {"data_dir": args.data_dir, "download": False})
-    data = device_data(config, resolve_device(config.device))
-    baseline = ensure_baseline(config, data)
-    print(f"baseline: val {baseline.val_accuracy:.2%}, test {baseline.test_accuracy:.2%} on "
-          f"{torch.get_num_threads()} threads", flush=True)  # fmt: skip
+    config, data, baseline = quality_setup(args.work, args.config, args.data_dir)
     config = dataclasses.replace(config, decompose_method="hosvd")
     refine_references(config, data, baseline, Results(args.work / args.results), args.epochs, args.which.split(","),
                       args.budgets.split(","))  # fmt: skip
