@@ -19,6 +19,7 @@ from .measure import count_macs
 from .models import build_model
 from .steps import step_progress
 from .train import TrainingDiverged, evaluate, prepare, pretrain, steps_per_epoch
+from .user_weights import check_weights, digest_text, weights_record
 
 
 @dataclass
@@ -43,7 +44,8 @@ class Baseline:
 def baseline_path(config: Config, data_identity: dict) -> Path:
     """The cached baseline of ``config`` trained on the data (and split) of ``data_identity``."""
     model = config.model.replace(":", "-")  # torchvision:resnet18 -> torchvision-resnet18
-    return Path(config.baseline_dir) / f"{model}-w{config.width:g}-{baseline_key(config, data_identity)}.pt"
+    kind = "-weights" if config.weights is not None else ""  # the user's weights, measured
+    return Path(config.baseline_dir) / f"{model}-w{config.width:g}{kind}-{baseline_key(config, data_identity)}.pt"
 
 
 def new_model(config: Config) -> nn.Module:
@@ -84,6 +86,7 @@ def _save(path: Path, baseline: Baseline, config: Config, data_identity: dict) -
         "metrics": baseline.metrics(),
         "config": config.to_dict(),
         "data": data_identity,  # what it was trained and measured on
+        "weights": None if config.weights is None else weights_record(config.weights),  # the user's, or pretrained
     }
     atomic_save(payload, path)  # never a half-written checkpoint under the real name
 
@@ -129,6 +132,23 @@ def train_baseline(config: Config, data: DeviceData) -> Baseline:
         params,
         seconds,
     )
+
+
+def given_weights(config: Config) -> None:
+    """The user's ``--weights`` (when given) fit ``config``'s model: a one-line UserError before any other work."""
+    if config.weights is not None:
+        check_weights(config, new_model(config))
+
+
+def measure_weights(config: Config, data: DeviceData) -> Baseline:
+    """The baseline of the user's weights (``config.weights``): loaded into the model, measured on val and test."""
+    model = prepare(check_weights(config, new_model(config)), data.device)
+    check_input(model, config, data)
+    print(f"baseline: your weights {config.weights} ({digest_text(weights_record(config.weights))}), no pretraining; "
+          "measuring them on val and test", file=sys.stderr, flush=True)  # fmt: skip
+    macs, params = count_macs(model, data.spec.input_size())
+    val = evaluate(model, data, "val", config.eval_batch_size)
+    return Baseline(model, val, evaluate(model, data, "test", config.eval_batch_size), macs, params, 0.0)
 
 
 def _weights_key(model: nn.Module) -> str:
@@ -184,6 +204,12 @@ def ensure_baseline(config: Config, data: DeviceData, quiet: bool = False) -> Ba
 
     def make() -> Baseline:
         check_writable(path.parent, "baseline_dir")
+        if config.weights is not None:
+            baseline = measure_weights(config, data)
+            save(baseline)
+            baseline.path = path
+            print(f"baseline: your weights measured, cached as {path}", file=sys.stderr)
+            return baseline
         try:
             baseline = train_baseline(config, data)
             save(baseline)

@@ -71,7 +71,17 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, help="classes of the data (checked against its class folders); "
                         "a config without num_classes takes the data's")  # fmt: skip
     parser.add_argument("--val-size", type=int, help="validation images held out of the training set")
+    parser.add_argument("--normalize", metavar="auto|data|cifar10|imagenet|M1,M2,M3/S1,S2,S3",
+                        help="the inputs' per-channel mean/std, of pixel / 255 (default auto: CIFAR-10's at 32x32, "
+                        "else the training images' own); with --weights, what they were trained with")  # fmt: skip
+    parser.add_argument("--data-memory-share", type=float, metavar="S", help="decoded images up to this share of "
+                        "the RAM (and GPU memory) are held in memory, larger data is streamed from memory-mapped "
+                        "files beside it (default 0.25; 0: always streamed)")  # fmt: skip
     parser.add_argument("--pretrain-epochs", type=int, help="epochs of baseline pretraining")
+    parser.add_argument("--weights", metavar="FILE", help="your model's trained weights (torch.save("
+                        "model.state_dict(), FILE), or a checkpoint holding them; torchvision's files as they are): "
+                        "the baseline, measured on the data, no pretraining; a study records the file's "
+                        "SHA-256")  # fmt: skip
 
 
 def _run_flags(parser: argparse.ArgumentParser) -> None:
@@ -177,10 +187,11 @@ def closing_line(config: Config) -> str:
 
 def _baseline(config: Config):
     """The config's pretrained baseline: cached, or pretrained now (and cached)."""
-    from .baseline import ensure_baseline
+    from .baseline import ensure_baseline, given_weights
     from .data import device_data
     from .device import resolve_device
 
+    given_weights(config)  # before the data
     return ensure_baseline(config, device_data(config, resolve_device(config.device)))
 
 
@@ -477,7 +488,8 @@ _COMMANDS = {
         "and the rank allocations it gives for a ladder of MACs budgets",
         True,
     ),
-    "pretrain": (cmd_pretrain, "train (or show) the cached baseline for the config", False),
+    "pretrain": (cmd_pretrain, "train (or show) the cached baseline for the config; with --weights, measure "
+                 "yours", False),
     "ranks": (cmd_ranks, "estimate ranks from the baseline's weights (--vbmf), as --ranks text for run", False),
     "export": (cmd_export, "write a trial's model (.pt, ONNX, TorchScript), verified against the study", None),
     "report": (cmd_report, "write the trials table (CSV) and Pareto plot (HTML, PNG); print a summary", None),

@@ -15,10 +15,11 @@ import yaml
 from .budget import canonical_budget, parse_budget, rungs
 from .decompose import conv_decompositions, factor_methods
 from .errors import UserError
-from .inputs import CIFAR10_CLASSES
+from .inputs import CIFAR10_CLASSES, parse_normalize
 from .models import RANK_STEPS, SEARCH_SPACES, check_model_name, check_rank, check_width
 from .objectives import COSTS, DEFAULT_OBJECTIVES, check_objectives
 from .plugins import load_plugins, plugin_records, resolved
+from .user_weights import weights_record
 
 WORKER_STORAGE_ENV = "RANKSEARCH_WORKER_STORAGE"  # a worker's --storage, set by its parent off its command line (ps)
 
@@ -39,9 +40,17 @@ class Config:
     download: bool = True  # fetch torchvision's CIFAR-10 into data_dir when it holds none
     val_size: int = 5000  # images held out of the training set; the search measures these
     split_seed: int = 0  # seed of the train / val split
+    normalize: str = "auto"  # per-channel mean/std of the inputs (of pixel / 255): "auto" (CIFAR-10's at 32x32,
+    # else the training images' own), "data" (their own), "cifar10", "imagenet" (torchvision's pretrained models'),
+    # or "M1,M2,M3/S1,S2,S3"; with --weights, what they were trained with
     batch_size: int = 128  # training images per step
     eval_batch_size: int = 1000  # images per evaluation forward pass
-    # baseline pretraining
+    data_memory_share: float = 0.25  # decoded images up to this share of the RAM (and of a GPU's memory), over all
+    # the workers' copies, are held in memory; larger datasets are streamed in batches from a memory-mapped file
+    # beside the images (ranksearch.stream), with the same batches; 0: always streamed
+    # the baseline: the user's trained weights, or pretrained here
+    weights: str | None = None  # the model's trained weights (a state_dict file, or a checkpoint holding one): the
+    # baseline, measured on the data, with no pretraining (ranksearch.user_weights); a study records its SHA-256
     pretrain_epochs: int = 30  # epochs over the training split
     pretrain_lr: float = 0.1  # peak learning rate of the one-cycle schedule, per batch of batch_size
     momentum: float = 0.9  # SGD (Nesterov) momentum, pretraining and fine-tuning
@@ -144,14 +153,16 @@ class Config:
 # Fields that change what a trial measures; a resumed study must agree on all of them.
 RUN_CONTROL = {
     "data_dir", "download", "trials", "study_name", "storage", "device", "enqueue_ranks", "baseline_dir",
-    "weights_dir", "workers", "heartbeat_seconds", "warm_start",
+    "weights_dir", "workers", "heartbeat_seconds", "warm_start", "data_memory_share", "weights",
     "deliver", "deliver_top", "deliver_epochs", "deliver_out", "deliver_formats",
 }  # fmt: skip
 RUNG_FIELDS = ("max_finetune_steps", "reduction_factor")  # budget mode's: a study without a budget records neither
+PRETRAIN_FIELDS = ("pretrain_epochs", "pretrain_lr")  # pretraining's alone: a study from --weights records neither
 BASELINE_FIELDS = (
     "model", "width", "num_classes", "val_size", "split_seed", "batch_size",
     "pretrain_epochs", "pretrain_lr", "momentum", "weight_decay", "label_smoothing", "seed",
 )  # fmt: skip
+MEASURED_WEIGHTS_FIELDS = ("model", "width", "num_classes", "val_size", "split_seed")  # the user's weights' baseline
 WARM_STARTS = ("vbmf", "uniform", "sensitivity")  # rank vectors a run may queue first (ranksearch.warmstart)
 SAMPLERS = ("tpe", "tpe-multivariate", "gp", "nsga2", "random")
 CHOICES = {
@@ -171,6 +182,12 @@ def search_fields(config: Config) -> dict:
     fields = {k: v for k, v in config.to_dict().items() if k not in RUN_CONTROL}
     if config.budget is None:  # they change nothing then (and 0.9.0's multi-objective studies resume)
         fields = {k: v for k, v in fields.items() if k not in RUNG_FIELDS}
+    if config.normalize == "auto":  # what every study before it did: unrecorded, so that they resume
+        fields.pop("normalize")
+    if config.weights is not None:  # the baseline is the user's: its digest, and no pretraining
+        fields = {k: v for k, v in fields.items() if k not in PRETRAIN_FIELDS} | {
+            "weights": weights_record(config.weights)
+        }
     return fields | {"plugins": plugin_records(config.plugins)}
 
 
@@ -194,8 +211,15 @@ def unregistered(fields: dict, uses: tuple[str, ...] = ("model", "decomposition"
 
 
 def baseline_key(config: Config, data_identity: dict) -> str:
-    """Hash of the fields that define the pretrained baseline, and of the data and split it is trained on."""
+    """Hash of the fields that define the pretrained baseline, and of the data and split it is trained on; for the
+    user's weights, of the model, the data and split it is measured on, and the file's digest."""
     values = {k: getattr(config, k) for k in BASELINE_FIELDS} | {"data": data_identity}
+    if config.weights is not None:
+        values = {k: getattr(config, k) for k in MEASURED_WEIGHTS_FIELDS} | {
+            "data": data_identity, "weights": weights_record(config.weights),
+        }  # fmt: skip
+    if config.normalize != "auto":  # the keys of baselines made before it existed stay theirs
+        values["normalize"] = config.normalize
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -336,6 +360,10 @@ def _check_given(config: Config, given: set[str], flags: set[str]) -> None:
     if unused and not delivers:
         raise UserError(f"{', '.join(unused)}: this run delivers no model (it does with --budget COST=FRACTION, or "
                         "--deliver COST=F1,F2 with objectives); drop it or ask for a delivery")  # fmt: skip
+    pretraining = [_given_as(key, flags) for key in PRETRAIN_FIELDS if key in flags]
+    if pretraining and config.weights is not None:
+        raise UserError(f"{', '.join(pretraining)}: with --weights the baseline is your weights, not pretrained; "
+                        "drop it")  # fmt: skip
     if "latency_batch" in given and "latency" not in config.objectives:
         raise UserError(f"{_given_as('latency_batch', flags)} applies when latency is measured (--objectives "
                         "accuracy,latency or --budget latency=FRACTION); drop it or measure latency")  # fmt: skip
@@ -403,6 +431,7 @@ RANGES = {
     "pretrain_lr": Interval(0, LR_MAX, low_open=True),
     "momentum": Interval(0, 1, high_open=True),
     "weight_decay": Interval(0, WEIGHT_DECAY_MAX),
+    "data_memory_share": Interval(0, 1),
     "label_smoothing": Interval(0, 1, high_open=True),
     "finetune_steps": Interval(0, COUNT_MAX),
     "reduction_factor": Interval(2, 100),
@@ -459,6 +488,10 @@ def validate(config: Config) -> None:
         if getattr(config, name) not in allowed:
             raise UserError(f"{name} must be {allowed}, got {getattr(config, name)}")
     config.objectives = check_objectives(config.objectives)
+    try:
+        parse_normalize(config.normalize)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     config.rank_min = _on_grid("rank_min", config.rank_min)
     config.rank_max = _on_grid("rank_max", config.rank_max)
     if config.rank_min > config.rank_max:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .errors import UserError, first_line
 from .files import atomic_save, read_or_make
-from .inputs import CIFAR10_CLASSES, CIFAR_MEAN, CIFAR_SIZE, CIFAR_STD, InputSpec, spec_of  # noqa: F401 (MEAN, STD)
+from .inputs import CIFAR10_CLASSES, CIFAR_MEAN, CIFAR_SIZE, CIFAR_STD, InputSpec, pixel_statistics, spec_of  # noqa: F401 (re-exported)
 from .steps import draws_bars
 
 CROP_PADDING = 4
@@ -43,6 +43,7 @@ class Dataset:
     classes: list[str]
     source: str  # "imagefolder" or "torchvision"
     fingerprint: str = ""  # of source, classes, labels and pixels in loading order (``content_fingerprint``)
+    statistics: tuple | None = None  # the training images' (mean, std) per channel when known (computed at decode)
 
     def __post_init__(self):
         if not self.fingerprint:
@@ -79,9 +80,10 @@ def detect_source(data_dir: Path) -> str | None:
     return None
 
 
-def load_dataset(data_dir: str | Path, download: bool = False) -> Dataset:
+def load_dataset(data_dir: str | Path, download: bool = False, memory_limit: int | None = None) -> Dataset:
     """Load the dataset in ``data_dir`` (either layout of ``ACCEPTED``), downloading torchvision's CIFAR-10 there if
-    allowed and it holds neither."""
+    allowed and it holds neither; an ImageFolder tree whose decoded pixels are over ``memory_limit`` bytes with its
+    images memory-mapped (``ranksearch.stream``)."""
     data_dir = Path(data_dir).expanduser()
     source = detect_source(data_dir)
     if source is None and download:
@@ -94,7 +96,7 @@ def load_dataset(data_dir: str | Path, download: bool = False) -> Dataset:
         )
     if source == "torchvision":
         return _load_torchvision(_torchvision_root(data_dir))
-    return _load_imagefolder_cached(data_dir)
+    return _load_imagefolder_cached(data_dir, memory_limit)
 
 
 def _download(data_dir: Path) -> None:
@@ -183,11 +185,10 @@ def image_size(files: list[tuple[Path, int]]) -> tuple[int, int]:
     return CIFAR_SIZE, CIFAR_SIZE
 
 
-def _decode(files: list[tuple[Path, int]], desc: str, size: tuple[int, int], first: Path) -> ImageTensors:
-    """Decode every file; refuse the data, naming the files, when any image cannot be decoded or is not ``size``
-    (width, height: that of ``first``, train/'s first image)."""
+def decode_each(files: list[tuple[Path, int]], desc: str, size: tuple[int, int], first: Path, put) -> None:
+    """Decode every file, calling ``put(index, pixels)`` (H, W, 3) for each in order; refuse the data, naming the
+    files, when any image cannot be decoded or is not ``size`` (width, height: that of ``first``, train/'s first)."""
     width, height = size
-    images = np.empty((len(files), height, width, 3), dtype=np.uint8)
     bad: list[tuple[Path, Exception]] = []
     sized: list[tuple[Path, tuple[int, int]]] = []  # decoded, but of another size
     shown = tqdm(files, desc=desc, unit="img", file=sys.stderr, leave=False, disable=not draws_bars())
@@ -200,7 +201,7 @@ def _decode(files: list[tuple[Path, int]], desc: str, size: tuple[int, int], fir
         if pixels.shape[:2] != (height, width):
             sized.append((path, (pixels.shape[1], pixels.shape[0])))
             continue
-        images[index] = pixels
+        put(index, pixels)
     if bad:
         path, error = bad[0]
         raise UserError(
@@ -213,6 +214,13 @@ def _decode(files: list[tuple[Path, int]], desc: str, size: tuple[int, int], fir
             f"{len(sized)} image(s) are not {width}x{height} like {first} (train/'s first), first {path} ({w}x{h}); "
             f"resize every image of train/ and test/ to one size"
         )
+
+
+def _decode(files: list[tuple[Path, int]], desc: str, size: tuple[int, int], first: Path) -> ImageTensors:
+    """Every file decoded into one uint8 tensor (``decode_each``'s checks)."""
+    width, height = size
+    images = np.empty((len(files), height, width, 3), dtype=np.uint8)
+    decode_each(files, desc, size, first, images.__setitem__)
     labels = torch.tensor([label for _, label in files], dtype=torch.long)
     return ImageTensors(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
 
@@ -231,9 +239,10 @@ def files_key(data_dir: Path, files: list[tuple[Path, int]]) -> str:
     return digest.hexdigest()
 
 
-def _load_imagefolder_cached(data_dir: Path) -> Dataset:
+def _load_imagefolder_cached(data_dir: Path, memory_limit: int | None = None) -> Dataset:
     """Decode the ImageFolder tree once; later starts read the uint8 cache saved beside it. Processes started
-    together decode once: one decodes and saves under the cache's lock, the others wait and read its file."""
+    together decode once: one decodes and saves under the cache's lock, the others wait and read its file. Decoded
+    pixels over ``memory_limit`` bytes go to memory-mapped files instead (``stream.load_mapped``)."""
     (classes, train_files), (test_classes, test_files) = (
         _image_files(data_dir / "train"),
         _image_files(data_dir / "test"),
@@ -244,12 +253,17 @@ def _load_imagefolder_cached(data_dir: Path) -> Dataset:
         raise UserError(f"--data-dir {data_dir}: train/ and test/ hold different class folders")
     key = files_key(data_dir, train_files + test_files)
     cache = data_dir / CACHE_NAME
+    size, first = image_size(train_files), train_files[0][0]
+    if memory_limit is not None and (len(train_files) + len(test_files)) * size[0] * size[1] * 3 > memory_limit:
+        from .stream import load_mapped
+
+        return load_mapped(data_dir, classes, train_files, test_files, key, size, first)
 
     def decode() -> Dataset:
-        size, first = image_size(train_files), train_files[0][0]
         train = _decode(train_files, "decoding train images", size, first)
         test = _decode(test_files, "decoding test images", size, first)
         dataset = Dataset(train, test, classes, "imagefolder")
+        dataset.statistics = pixel_statistics(train.images)  # kept in the cache: a pass over every pixel, once
         _save_cache(cache, dataset, key)
         return dataset
 
@@ -257,19 +271,29 @@ def _load_imagefolder_cached(data_dir: Path) -> Dataset:
     return read_or_make(cache, lambda: _read_cache(cache, key, classes), decode, waiting)
 
 
+def made_from(cache: Path, key: str, classes: list[str]) -> dict | None:
+    """The torch file ``cache`` when it was made from exactly these files (``files_key``) and classes; None, with a
+    note, when it was made from others."""
+    saved = torch.load(cache, weights_only=True)
+    if saved["files_key"] != key or saved["classes"] != classes:
+        print(f"note: {cache} was made from other files; decoding again", file=sys.stderr)
+        return None
+    return saved
+
+
 def _read_cache(cache: Path, key: str, classes: list[str]) -> Dataset | None:
     """The cached dataset if it was made from exactly these files and its pixels still match its fingerprint."""
     if not cache.is_file():
         return None
     try:
-        saved = torch.load(cache, weights_only=True)
-        if saved["files_key"] != key or saved["classes"] != classes:
-            print(f"note: {cache} was made from other files; decoding again", file=sys.stderr)
+        saved = made_from(cache, key, classes)
+        if saved is None:
             return None
         train = ImageTensors(saved["train_images"], saved["train_labels"])
         test = ImageTensors(saved["test_images"], saved["test_labels"])
-        dataset = Dataset(train, test, classes, "imagefolder")  # fingerprint computed from the contents
-        if dataset.fingerprint != saved["fingerprint"]:
+        statistics = saved.get("pixel_statistics")  # caches of 0.10.0 and before have none: computed each start
+        dataset = Dataset(train, test, classes, "imagefolder", statistics=statistics and tuple(map(tuple, statistics)))
+        if dataset.fingerprint != saved["fingerprint"]:  # computed from the contents
             raise ValueError("contents differ from the fingerprint recorded when decoding")
         return dataset
     except Exception as error:  # truncated, edited or foreign: never trusted, never fatal
@@ -282,6 +306,7 @@ def _save_cache(cache: Path, dataset: Dataset, key: str) -> None:
         "files_key": key,
         "classes": dataset.classes,
         "fingerprint": dataset.fingerprint,
+        "pixel_statistics": dataset.statistics,
         "train_images": dataset.train.images,
         "train_labels": dataset.train.labels,
         "test_images": dataset.test.images,
@@ -321,16 +346,21 @@ def data_identity(dataset: Dataset, val_size: int, split_seed: int) -> dict[str,
 class DeviceData:
     """Train / val / test splits resident on the training device as uint8; batches cut there."""
 
-    def __init__(self, dataset: Dataset, val_size: int, split_seed: int, device: torch.device):
+    def __init__(self, dataset: Dataset, val_size: int, split_seed: int, device: torch.device,
+                 normalize: str = "auto"):  # fmt: skip
         train, val = split_train_val(dataset.train, val_size, split_seed)
-        self.device = device
-        self.classes = dataset.classes
-        self.identity = data_identity(dataset, val_size, split_seed)  # recorded by baselines and studies
+        self._describe(dataset, val_size, split_seed, device, normalize)
         self.splits = {
             name: ImageTensors(t.images.to(device), t.labels.to(device))
             for name, t in (("train", train), ("val", val), ("test", dataset.test))
         }
-        self.spec = input_spec(dataset)  # what the models take: size, mean/std, classes
+
+    def _describe(self, dataset: Dataset, val_size: int, split_seed: int, device: torch.device, normalize: str):
+        """What the data is and how it is fed, whatever holds its images: its device, classes, identity and spec."""
+        self.device = device
+        self.classes = dataset.classes
+        self.identity = data_identity(dataset, val_size, split_seed)  # recorded by baselines and studies
+        self.spec = input_spec(dataset, normalize)  # what the models take: size, mean/std, classes
         self.mean = torch.tensor(self.spec.mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(self.spec.std, device=device).view(1, -1, 1, 1) * 255
 
@@ -361,10 +391,11 @@ class DeviceData:
             yield self.normalize(images[start : start + batch_size]), labels[start : start + batch_size]
 
 
-def input_spec(dataset: Dataset) -> InputSpec:
-    """The input of models trained on ``dataset``: its images' size, their normalization (``spec_of``: CIFAR-10's
-    constants at 32x32, else the training images' own statistics) and its class names."""
-    return spec_of(dataset.train.images, dataset.classes)
+def input_spec(dataset: Dataset, normalize: str = "auto") -> InputSpec:
+    """The input of models trained on ``dataset``: its images' size, their normalization (``spec_of``: by default
+    CIFAR-10's constants at 32x32, else the training images' own statistics; or ``normalize``'s) and its class
+    names."""
+    return spec_of(dataset.train.images, dataset.classes, dataset.statistics, normalize)
 
 
 def data_classes(data_dir: str | Path) -> list[str] | None:
@@ -383,10 +414,16 @@ def data_classes(data_dir: str | Path) -> list[str] | None:
 
 
 def device_data(config, device: torch.device) -> DeviceData:
-    """The config's dataset, split and moved to ``device``; its classes must be the config's ``num_classes``."""
-    dataset = load_dataset(config.data_dir, config.download)
+    """The config's dataset, split and moved to ``device`` (streamed there from memory-mapped files when it is over
+    ``data_memory_share``, ``ranksearch.stream``); its classes must be the config's ``num_classes``."""
+    from .stream import StreamedData, memory_limit
+
+    limit = memory_limit(config.data_memory_share, config.workers, device)
+    dataset = load_dataset(config.data_dir, config.download, limit)
     check_classes(dataset, config.num_classes, config.data_dir)
-    return DeviceData(dataset, config.val_size, config.split_seed, device)
+    streamed = not isinstance(dataset.train.images, torch.Tensor)
+    kind = StreamedData if streamed else DeviceData
+    return kind(dataset, config.val_size, config.split_seed, device, config.normalize)
 
 
 def check_classes(dataset: Dataset, num_classes: int, data_dir) -> None:

@@ -51,7 +51,7 @@ BEFORE_FIELD_EXISTED = {
     "compile": False, "bn_recalibration_batches": 0, "objectives": DEFAULT_OBJECTIVES, "latency_batch": 1,
     "search_space": "module", "decomposition": "tucker2", "svd_layers": False, "activation_images": 512,
     "budget": None, "pruner": "none", "plugins": [], "max_finetune_steps": 0, "reduction_factor": 3,
-    "rank_spread": 32,
+    "rank_spread": 32, "normalize": "auto",
 }  # fmt: skip
 
 

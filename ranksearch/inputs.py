@@ -5,6 +5,7 @@ counting, the cost table, latency, export's dummy inputs, and the exported file'
 that predates the record is CIFAR-10's: ``CIFAR10_INPUT``, the default of the functions that take an input size.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -70,16 +71,49 @@ def pixel_statistics(images: torch.Tensor, chunk: int = 1024) -> tuple[tuple[flo
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
 
 
-def spec_of(images: torch.Tensor, classes: list[str]) -> InputSpec:
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision's pretrained models were trained with
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = {"cifar10": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+NORMALIZE_CHOICES = ("auto", "data", *NORMALIZATIONS, "M1,M2,M3/S1,S2,S3")
+
+
+def parse_normalize(text: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``normalize``'s (mean, std) per RGB channel: a preset's (``NORMALIZATIONS``) or ``m1,m2,m3/s1,s2,s3``'s;
+    None for "auto" and "data" (the data's, ``spec_of``); ValueError when it is none of ``NORMALIZE_CHOICES``."""
+    if text in ("auto", "data"):
+        return None
+    if text in NORMALIZATIONS:
+        return NORMALIZATIONS[text]
+    means, slash, stds = text.partition("/")
+    try:
+        mean, std = tuple(float(v) for v in means.split(",")), tuple(float(v) for v in stds.split(","))
+    except ValueError:
+        mean = std = ()
+    if not (slash and len(mean) == len(std) == 3 and all(math.isfinite(v) for v in mean + std)
+            and all(v > 0 for v in std)):  # fmt: skip
+        raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_CHOICES)} (three means, then three stds > "
+                         f"0, of pixel / 255), got {text!r}")  # fmt: skip
+    return mean, std
+
+
+def spec_of(images: torch.Tensor, classes: list[str], statistics: tuple | None = None,
+            normalize: str = "auto") -> InputSpec:  # fmt: skip
     """The input spec of a dataset whose training images are ``images`` (N, C, H, W), uint8.
 
-    Images of CIFAR's 3x32x32 are normalized by CIFAR-10's constants, as every earlier version normalized all data
-    (so baselines and studies made on 32x32 data keep theirs); images of any other size by their own per-channel
-    mean and std (``pixel_statistics``).
+    ``normalize`` "auto": images of CIFAR's 3x32x32 are normalized by CIFAR-10's constants, as every earlier version
+    normalized all data (so baselines and studies made on 32x32 data keep theirs); images of any other size, and
+    all with "data", by their own per-channel mean and std (``pixel_statistics``, or ``statistics`` when they are
+    known). A preset or explicit ``normalize`` (``parse_normalize``): that mean and std, as a user's weights were
+    trained with.
     """
     channels, height, width = images.shape[1:]
-    if (channels, height, width) == (3, CIFAR_SIZE, CIFAR_SIZE):
+    given = parse_normalize(normalize)
+    if given is not None:
+        mean, std = given
+    elif normalize == "auto" and (channels, height, width) == (3, CIFAR_SIZE, CIFAR_SIZE):
         mean, std = CIFAR_MEAN, CIFAR_STD
+    elif statistics is not None:
+        mean, std = statistics
     else:
         mean, std = pixel_statistics(images)
     return InputSpec(height, width, mean, std, tuple(classes), channels)

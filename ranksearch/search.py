@@ -12,7 +12,7 @@ import optuna
 import torch
 
 from .attrs import param_name
-from .baseline import Baseline, ensure_baseline, new_model
+from .baseline import Baseline, ensure_baseline, given_weights, new_model
 from .budget import BudgetSampler, fit_to_budget, make_pruner, within_spread
 from .config import Config, search_fields
 from .costs import TABLE_COSTS, CostTable
@@ -252,6 +252,7 @@ def latency_where(config: Config, device: torch.device, worker: Worker | None) -
 def prepare_run(config: Config, worker: Worker | None = None) -> tuple[optuna.Study | None, DeviceData, Baseline]:
     """Everything a run needs before its study may be written: the study it resumes (checked, not created),
     the data (checked against that study), the baseline (cached or pretrained). A failure here writes no study."""
+    given_weights(config)  # a file that does not fit, before anything else
     modules = list(rank_modules(new_model(config), config.search_space))
     check_enqueued(modules, config.enqueue_ranks, config.ranks_source)
     device = resolve_device(config.device)
@@ -276,6 +277,7 @@ def join_study(config: Config, existing: optuna.Study | None, data: DeviceData, 
         study, config, data=data.identity, baseline=baseline.metrics(),
         weights_dir=str(Path(config.weights_path()).resolve()), baseline_path=str(baseline.path.resolve()),
         data_dir=str(Path(config.data_dir).resolve()),
+        weights_file=None if config.weights is None else str(Path(config.weights).resolve()),
     )  # fmt: skip
     return study
 

@@ -30,6 +30,7 @@ from .files import check_writable, process_alive
 from .models import RANK_STEPS
 from .objectives import directions, metric_names
 from .plugins import entries_text, load_recorded, pass_hint, recorded_plugins, unmatched
+from .user_weights import digest_text
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -382,7 +383,9 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
 # Earlier versions whose trials this one measures alike, so that their studies resume: 0.9.0 changed where weights
 # live, how plugins are recorded and what a failure records, not what a trial measures; 0.10.0 trains budget mode's
 # trials in rungs, so their budget studies do not resume (their multi-objective ones do).
-MEASURES_ALIKE = ("0.8.0", "0.9.0")
+# 0.11.0 adds the user's weights, a set normalization and streamed data (the same batches): no earlier trial changes.
+MEASURES_ALIKE = ("0.8.0", "0.9.0", "0.10.0")
+BUDGET_MEASURES_ALIKE = ("0.10.0",)  # budget studies: since rungs
 
 
 def setup_mismatch(study_name: str, recorded: dict, config: Config, measured: bool = True) -> str | None:
@@ -397,11 +400,15 @@ def setup_mismatch(study_name: str, recorded: dict, config: Config, measured: bo
     if not measured:
         return None
     made_by = recorded.get("ranksearch_version", "unknown")
-    if made_by != __version__ and (made_by not in MEASURES_ALIKE or config.budget is not None):
+    alike = MEASURES_ALIKE if config.budget is None else BUDGET_MEASURES_ALIKE
+    if made_by != __version__ and made_by not in alike:
         return (f"study {study_name!r} was made by ranksearch {made_by}, whose trials this version "
                 f"({__version__}) would not measure alike; use another --study-name (report and export still read "
                 "it)")  # fmt: skip
     stored, wanted = recorded_config(recorded.get("config", {})), search_fields(config)
+    weights = other_weights(study_name, stored.get("weights"), wanted.get("weights"), recorded.get("weights_file"))
+    if weights is not None:
+        return weights
     _check_plugins(study_name, recorded_plugins(stored.get("plugins")), config.plugins)
     stored, wanted = ({k: v for k, v in fields.items() if k != "plugins"} for fields in (stored, wanted))
     if stored != wanted:
@@ -410,6 +417,22 @@ def setup_mismatch(study_name: str, recorded: dict, config: Config, measured: bo
         return (f"study {study_name!r} was made with another config ({details}); "
                 "use another --study-name or the study's config")  # fmt: skip
     return None
+
+
+def other_weights(study_name: str, recorded: dict | None, given: dict | None, file: str | None) -> str | None:
+    """Why weights ``given`` (a ``weights_record``, or None: pretrained) may not add trials to a study made from
+    ``recorded`` (read from ``file``), or None: the same file's content, or both pretrained."""
+    if (recorded or {}).get("sha256") == (given or {}).get("sha256"):
+        return None
+    file = file or "its weights file"  # a claim of a run that has not recorded its setup yet names none
+    if recorded is None:
+        return (f"study {study_name!r} was made from a baseline ranksearch pretrained, not from --weights; drop "
+                "--weights or use another --study-name")  # fmt: skip
+    if given is None:
+        return (f"study {study_name!r} was made from --weights {file} ({digest_text(recorded)}); pass that file "
+                "again or use another --study-name")  # fmt: skip
+    return (f"study {study_name!r} was made from other weights ({file}, {digest_text(recorded)}; this --weights: "
+            f"{digest_text(given)}); pass the file it was made from or use another --study-name")  # fmt: skip
 
 
 def _check_plugins(study_name: str, recorded: list, passed: list[str]) -> None:
