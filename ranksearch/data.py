@@ -445,6 +445,6 @@ def augment(images: torch.Tensor, generator: torch.Generator, padding: int = CRO
     rows = shifts[0, :, None] + torch.arange(h, device=device)  # (B, H)
     cols = shifts[1, :, None] + torch.arange(w, device=device)  # (B, W)
     cols = torch.where(flips[:, None], cols.flip(1), cols)  # a flip reverses the column order
-    batch = torch.arange(b, device=device)[:, None, None, None]
-    channel = torch.arange(c, device=device)[None, :, None, None]
-    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+    # rows, then columns, each a gather by an expanded (never materialized) index: no (B, C, H, W) int64 index
+    picked = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * padding))  # (B, C, H, W+2p)
+    return picked.gather(3, cols[:, None, None, :].expand(b, c, h, w))  # (B, C, H, W)

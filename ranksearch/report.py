@@ -17,6 +17,7 @@ from .files import atomic_write
 from .models import rank_step, steps_text
 from .objectives import COST_BUDGETS, COSTS, best_within, cost, cost_ratio, study_objectives
 from .progress import trial_ranks_text
+from .user_weights import digest_text
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 FAIL = optuna.trial.TrialState.FAIL
@@ -351,9 +352,17 @@ def _baseline_line(study: optuna.Study) -> str:
     if not baseline:
         return "baseline: not recorded in the study"
     return (
-        f"baseline: val {baseline['val_accuracy']:.2%}, test {baseline['test_accuracy']:.2%}, "
+        f"baseline{_weights_text(study)}: val {baseline['val_accuracy']:.2%}, test {baseline['test_accuracy']:.2%}, "
         f"{baseline['macs']:,.0f} MACs, {baseline['params']:,.0f} params{_latency_text(study)}"
     )
+
+
+def _weights_text(study: optuna.Study) -> str:
+    """`` (your weights FILE, sha256 ...)`` for a study made from ``--weights``; empty for a pretrained baseline."""
+    record = (study.user_attrs.get("config") or {}).get("weights")
+    if not isinstance(record, dict):
+        return ""
+    return f" (your weights {study.user_attrs.get('weights_file', '?')}, {digest_text(record)})"
 
 
 def _counts_line(study: optuna.Study, table: pd.DataFrame) -> str:

@@ -200,21 +200,20 @@ class StreamedData(DeviceData):
     def size(self, split: str) -> int:
         return len(self.sources[split][1])
 
-    def _gather(self, split: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images and labels at ``positions`` of ``split``, on the CPU (pinned for a GPU's copy)."""
-        data, index = self.sources[split]
-        rows = index[positions]
-        images, labels = data.images.rows(rows.numpy()), data.labels[rows]
-        if self.device.type == "cuda":
-            images, labels = images.pin_memory(), labels.pin_memory()
-        return images, labels
-
     def _batches(self, split: str, chunks: list[torch.Tensor]):
-        """The batches at ``chunks`` (positions each) on the device, each gathered while the one before is used."""
-        pending = self.pool.submit(self._gather, split, chunks[0]) if chunks else None
-        for following in [*chunks[1:], None]:
-            images, labels = pending.result()
-            pending = self.pool.submit(self._gather, split, following) if following is not None else None
+        """The batches at ``chunks`` (positions each) on the device, each one's images read from the map in a thread
+        while the one before is used. That thread runs no torch op: one would start an OpenMP team of its own,
+        whose spinning made a val pass 1.8x slower on 2 cores."""
+        data, index = self.sources[split]
+        rows = [index[chunk].numpy() for chunk in chunks]
+        pending = self.pool.submit(data.images.rows, rows[0]) if rows else None
+        for number, batch_rows in enumerate(rows):
+            images = pending.result()
+            if number + 1 < len(rows):
+                pending = self.pool.submit(data.images.rows, rows[number + 1])
+            labels = data.labels[torch.from_numpy(batch_rows)]
+            if self.device.type == "cuda":  # pinned: the copy to the GPU does not block
+                images, labels = images.pin_memory(), labels.pin_memory()
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def train_batches(self, batch_size: int, generator: torch.Generator):

@@ -136,6 +136,25 @@ def test_augment_gives_each_image_its_own_crop_and_flip():
     assert len(seen) > 50 and {flip for _, _, flip in seen} == {0, 1}
 
 
+def test_augment_gives_the_pixels_earlier_versions_gave():
+    """The gathers draw and place exactly what 0.10.0's indexing did: resumed studies measure alike."""
+
+    def by_indexing(images, generator, padding=4):
+        b, c, h, w = images.shape
+        shifts = torch.randint(0, 2 * padding + 1, (2, b), generator=generator)
+        flips = torch.rand(b, generator=generator) < 0.5
+        padded = torch.nn.functional.pad(images, (padding,) * 4)
+        rows, cols = shifts[0, :, None] + torch.arange(h), shifts[1, :, None] + torch.arange(w)
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
+        index = torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None]
+        return padded[(*index, rows[:, None, :, None], cols[:, None, None, :])]
+
+    for seed, shape in enumerate([(16, 3, 32, 32), (5, 3, 40, 24), (1, 1, 8, 8)]):
+        images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        expected = by_indexing(images, torch.Generator().manual_seed(seed))
+        assert torch.equal(augment(images, torch.Generator().manual_seed(seed)), expected)
+
+
 def test_training_batches_keep_labels_aligned(tiny_imagefolder):
     data = DeviceData(load_dataset(tiny_imagefolder), val_size=20, split_seed=0, device=torch.device("cpu"))
     batches = data.train_batches(16, torch.Generator().manual_seed(0))

@@ -79,6 +79,8 @@ def test_a_users_resnet18_is_compressed_without_pretraining_and_exported(tmp_pat
     data = DeviceData(load_dataset(tiny_imagefolder), val_size=20, split_seed=0, device=torch.device("cpu"))
     assert evaluate(model, data, "val", 64) == pytest.approx(trial.values[0])  # the exported model is the trial's
     assert any(type(m).__name__ == "Tucker2Conv" for m in model.modules())
+    report = run_cli("report", "--study-name", "mine", "--out", "report", cwd=tmp_path)
+    assert f"baseline (your weights {weights}, sha256 {digest[:12]}): val" in report.stdout, report.stderr
 
     other = tmp_path / "other.pt"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), other)
