@@ -371,16 +371,26 @@ class DeviceData:
         return (images.float() - self.mean) / self.std
 
     def train_batches(self, batch_size: int, generator: torch.Generator):
-        """Endless augmented batches: a fresh permutation per epoch, each image its own crop and flip."""
-        train = self.splits["train"]
-        n = len(train.labels)
+        """Endless augmented batches: a fresh permutation per epoch, each image its own crop and flip. The images
+        come from ``_batches`` (resident here, streamed in ``stream.StreamedData``): the same draws either way."""
+        n = self.size("train")
         batch_size = min(batch_size, n)
         while True:
-            order = torch.randperm(n, generator=generator).to(self.device)
-            for start in range(0, n - batch_size + 1, batch_size):
-                idx = order[start : start + batch_size]
-                images = augment(train.images[idx], generator)
-                yield self.normalize(images), train.labels[idx]
+            order = torch.randperm(n, generator=generator).to(self.index_device)
+            chunks = [order[start : start + batch_size] for start in range(0, n - batch_size + 1, batch_size)]
+            for images, labels in self._batches("train", chunks):
+                yield self.normalize(augment(images, generator)), labels
+
+    @property
+    def index_device(self) -> torch.device:
+        """Where a batch's positions are used to pick its images: the device, which holds them."""
+        return self.device
+
+    def _batches(self, split: str, chunks: list[torch.Tensor]):
+        """The uint8 images and labels at each of ``chunks`` (positions of ``split``, on ``index_device``)."""
+        data = self.splits[split]
+        for positions in chunks:
+            yield data.images[positions], data.labels[positions]
 
     def eval_batches(self, split: str, batch_size: int, every: int = 1):
         """Batches of ``split`` in order; ``every`` > 1: every that-many-th image only (a slice spread over the

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DeviceData, ImageTensors, augment, decode_each, made_from, val_indices
+from .data import DeviceData, ImageTensors, decode_each, made_from, val_indices
 from .errors import UserError, first_line
 from .files import atomic_save, partial_path, read_or_make
 from .inputs import pixel_statistics
@@ -187,7 +187,8 @@ def _statistics(train: ImageTensors) -> tuple:
 
 class StreamedData(DeviceData):
     """``DeviceData``'s splits, read from memory-mapped images: each batch gathered on the CPU (the next one
-    meanwhile, in a thread) and moved to the device; the same batches as ``DeviceData`` gives."""
+    meanwhile, in a thread) and moved to the device; ``DeviceData.train_batches`` draws and augments them, so they
+    are the batches it gives in memory."""
 
     def __init__(self, dataset, val_size: int, split_seed: int, device: torch.device, normalize: str = "auto"):
         train_idx, val_idx = val_indices(len(dataset.train.labels), val_size, split_seed)
@@ -216,15 +217,10 @@ class StreamedData(DeviceData):
                 images, labels = images.pin_memory(), labels.pin_memory()
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
-    def train_batches(self, batch_size: int, generator: torch.Generator):
-        """``DeviceData.train_batches``: the same permutation, crops and flips, drawn in the same order."""
-        n = self.size("train")
-        batch_size = min(batch_size, n)
-        while True:
-            order = torch.randperm(n, generator=generator)
-            chunks = [order[start : start + batch_size] for start in range(0, n - batch_size + 1, batch_size)]
-            for images, labels in self._batches("train", chunks):
-                yield self.normalize(augment(images, generator)), labels
+    @property
+    def index_device(self) -> torch.device:
+        """Positions pick rows of the map on the CPU."""
+        return torch.device("cpu")
 
     def eval_batches(self, split: str, batch_size: int, every: int = 1):
         positions = torch.arange(0, self.size(split), every)

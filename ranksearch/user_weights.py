@@ -78,12 +78,19 @@ def _unwrapped(saved, path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state_dict in the file at ``path``, read with ``weights_only=True``; a one-line UserError for a missing,
-    damaged or foreign file, and for one whose loading would run code (it is not run)."""
+    """The state_dict in the file at ``path``, read with ``weights_only=True`` (once per file version in a process:
+    a run checks it before the data, then measures it); a one-line UserError for a missing, damaged or foreign
+    file, and for one whose loading would run code (it is not run)."""
     path = Path(path).expanduser()
     if not path.is_file():
         why = "no such file" if not path.exists() else "not a regular file"
         raise UserError(f"cannot read --weights {path} ({why}); pass the file of your model's trained weights")
+    status = path.stat()
+    return dict(_read(path, status.st_size, status.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=2)
+def _read(path: Path, size: int, mtime_ns: int) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():  # torch's warnings about a foreign pickle: the error below says it
             warnings.simplefilter("ignore")
