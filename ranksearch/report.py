@@ -362,7 +362,8 @@ def _weights_text(study: optuna.Study) -> str:
     record = (study.user_attrs.get("config") or {}).get("weights")
     if not isinstance(record, dict):
         return ""
-    return f" (your weights {study.user_attrs.get('weights_file', '?')}, {digest_text(record)})"
+    file = study.user_attrs.get("weights_file")
+    return f" (your weights{f' {file}' if file else ''}, {digest_text(record)})"
 
 
 def _counts_line(study: optuna.Study, table: pd.DataFrame) -> str:

@@ -150,6 +150,9 @@ def load_mapped(data_dir: Path, classes: list[str], train_files, test_files, key
             return None
 
     def decode() -> Dataset:
+        pixels = (len(train_files) + len(test_files)) * 3 * size[0] * size[1]
+        print(f"data: {pixels / 2**20:,.1f} MB of decoded images are over data_memory_share of the memory: decoding "
+              f"them into memory-mapped files in {folder}, read from there in batches", file=sys.stderr, flush=True)
         digest = hashlib.sha256(json.dumps({"source": "imagefolder", "classes": classes}).encode())
         labels, partials = {}, {split: partial_path(folder / f"{split}.npy") for split in ("train", "test")}
         try:  # both written before either takes its name: a bad test image leaves no train file behind
