@@ -1,47 +1,51 @@
 #!/usr/bin/env bash
-# On one NVIDIA GPU (H100/H200 class), offline: install from .gpu/ (made by benchmarks/gpu_wheels.sh), pretrain
-# the full-width baseline briefly, run a 20-trial search with the default config, and print the per-trial
-# time split, trials per minute, peak GPU memory and the projected time of 200 trials; then two short
-# latency-objective studies (batch 1 and 128): MACs ratio against measured GPU latency ratio. Budget: < 10 minutes.
-#   device run: carry [".gpu"], command: bash benchmarks/gpu.sh
+# Issue 27's measurements on one NVIDIA GPU (H100/H200 class), offline, in under 10 minutes of device time:
+#   1. the training loop: ranksearch's steps/s against a plain PyTorch loop in the same process, with cuDNN's
+#      default, deterministic and autotuned kernels, and with 0.11.0's batches (benchmarks/train_speed.py);
+#   2. a short pretraining (the baseline the trials start from; its steps/s from the command's own line);
+#   3. trials/min and peak GPU memory with 1, 2, 4 and 8 workers on the GPU (benchmarks/workers_per_device.py),
+#      default config, then 4 workers with `deterministic: false`.
+# Every table is also written under $OUT (the device tool brings it back).
+#   device run: carry [".gpu"] (made here by benchmarks/gpu_wheels.sh), command: bash benchmarks/gpu.sh
+# The same steps at a toy size on this machine's CPU (checks the script; measures nothing worth keeping):
+#   GPU_SH_DRY=/tmp/data/cifar10-jpeg bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$PWD
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
-export PYTHONPATH=/tmp/site
-mkdir -p /tmp/data && tar -xzf .gpu/cifar10-jpeg.tar.gz -C /tmp/data
+if [ -z "${GPU_SH_DRY:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
+  export PYTHONPATH="$repo:/tmp/site"  # this working tree's ranksearch, the carried wheels beside it
+  mkdir -p /tmp/data && tar -xzf .gpu/cifar10-jpeg.tar.gz -C /tmp/data
+  data=/tmp/data/cifar10-jpeg
+  epochs=${PRETRAIN_EPOCHS:-8} speed=(--steps 300 --rounds 2) workers=1,2,4,8 trials=12,16,24,32 fast=(4 24)
+  config=() python=python3
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+else
+  data=$GPU_SH_DRY
+  epochs=1 speed=(--steps 10 --rounds 1 --width 0.0625) workers=1,2 trials=2,2 fast=(2 2)
+  config=(--config "$repo/configs/smoke.yaml" --val-size 500) python=${PYTHON:-python3}
+fi
+out=${OUT:-$(mktemp -d)}
 work=$(mktemp -d) && cd "$work"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -c "import torch, optuna, tensorly; print('torch', torch.__version__, 'optuna', optuna.__version__)"
+$python -c "import torch, optuna, ranksearch; print('torch', torch.__version__, 'optuna', optuna.__version__,
+          'ranksearch', ranksearch.__version__, 'cores', __import__('os').cpu_count())"
 start=$(date +%s)
-python3 -m ranksearch pretrain --data-dir /tmp/data/cifar10-jpeg --pretrain-epochs "${PRETRAIN_EPOCHS:-8}" --no-download
-pretrained=$(date +%s)
-python3 -m ranksearch run --trials 20 --data-dir /tmp/data/cifar10-jpeg --pretrain-epochs "${PRETRAIN_EPOCHS:-8}" \
-    --no-download --study-name gpu-check
-done_at=$(date +%s)
-python3 "$OLDPWD/benchmarks/study_timing.py" --storage sqlite:///studies/gpu-check.db --study-name gpu-check
-python3 - "$((pretrained - start))" "$((done_at - pretrained))" <<'PY'
-import sys, optuna
-pretrain_s, search_s = int(sys.argv[1]), int(sys.argv[2])
-study = optuna.load_study(study_name="gpu-check", storage="sqlite:///studies/gpu-check.db")
-done = [t for t in study.trials if t.state.name == "COMPLETE"]
-peak = max(t.user_attrs.get("peak_gpu_mib", 0) for t in done)
-print(f"pretraining {pretrain_s} s; 20 trials {search_s} s = {60 * len(done) / search_s:.1f} trials/min; "
-      f"peak GPU memory {peak:.0f} MiB; projected 200 trials: {200 * search_s / len(done) / 60:.1f} min")
-PY
-# Is decomposed VGG16 faster on this GPU, and by how much? A short latency-objective study (batch 1 and 128): each
-# trial's latency is the deployed form's (BatchNorm folded, TorchScript) median on the GPU, timed with CUDA events.
-for batch in 1 128; do
-  python3 -m ranksearch run --trials 10 --data-dir /tmp/data/cifar10-jpeg --pretrain-epochs "${PRETRAIN_EPOCHS:-8}" \
-      --no-download --study-name "gpu-latency-b$batch" --objectives accuracy,macs,latency --latency-batch "$batch" \
-      --ranks 4/32,4/32,4/32,4/32,4/32 --ranks 8/32,8/32,8/32,8/32,8/32 --ranks 16/32,16/32,16/32,16/32,16/32
-  python3 - "$batch" <<'PY'
-import sys, optuna
-batch = sys.argv[1]
-study = optuna.load_study(study_name=f"gpu-latency-b{batch}", storage=f"sqlite:///studies/gpu-latency-b{batch}.db")
-print(f"batch {batch}: baseline {study.user_attrs['baseline_latency_ms']:.3f} ms on {study.user_attrs['latency_device']}")
-for t in sorted((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.user_attrs["macs_ratio"]):
-    print(f"  trial {t.number}: MACs {t.user_attrs['macs_ratio']:.3f}x  latency {t.user_attrs['latency_ratio']:.3f}x "
-          f"({t.user_attrs['latency_ms']:.3f} ms)  val {t.values[0]:.2%}")
-PY
-done
+
+echo "== 1. the training loop against a plain loop (steps/s, one process)"
+$python "$repo/benchmarks/train_speed.py" --data-dir "$data" "${speed[@]}" | tee "$out/train_speed.md"
+
+echo "== 2. pretraining $epochs epochs"
+$python -m ranksearch pretrain "${config[@]}" --data-dir "$data" --no-download --pretrain-epochs "$epochs" 2>&1 \
+    | grep -E "steps/s|baseline" | tail -3 | tee "$out/pretrain.txt"
+
+echo "== 3. workers on one device: trials/min and memory"
+run=("${config[@]}" --data-dir "$data" --no-download --pretrain-epochs "$epochs")
+$python "$repo/benchmarks/workers_per_device.py" --workers "$workers" --trials "$trials" -- "${run[@]}" \
+    | tee "$out/workers.md"
+echo "   the same with autotuned (non-deterministic) cuDNN kernels, ${fast[0]} workers"
+printf 'deterministic: false\n' > autotuned.yaml
+if [ -n "${GPU_SH_DRY:-}" ]; then cat "$repo/configs/smoke.yaml" >> autotuned.yaml; run=("${run[@]:2}"); fi
+$python "$repo/benchmarks/workers_per_device.py" --workers "${fast[0]}" --trials "${fast[1]}" -- --config autotuned.yaml "${run[@]}" \
+    | tee "$out/workers_autotuned.md"
+echo "== done in $(( $(date +%s) - start )) s"

@@ -9,7 +9,7 @@ platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --p
            --platform manylinux1_x86_64 --platform any)
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d .gpu/whl \
-    tensorly==0.10.0 optuna==5.0.0 alembic sqlalchemy mako colorlog greenlet ultralytics-thop plotly
+    tensorly==0.10.0 optuna==5.1.0 alembic sqlalchemy mako colorlog greenlet ultralytics-thop plotly
 python3 -m pip wheel --quiet --no-deps --no-build-isolation . -w .gpu/whl
 cp ../shared/datasets/cifar10-jpeg.tar.gz .gpu/
 du -sh .gpu

@@ -12,6 +12,7 @@ from torch import nn
 from .config import Config, baseline_key
 from .data import DeviceData
 from .decompose import Bases, model_bases
+from .device import use_deterministic_kernels
 from .errors import UserError, first_line
 from .files import atomic_save, check_writable, keyed_cache, lock_path, read_or_make
 from .interrupts import Interrupted
@@ -108,6 +109,8 @@ def check_input(model: nn.Module, config: Config, data: DeviceData) -> None:
 
 def train_baseline(config: Config, data: DeviceData) -> Baseline:
     torch.manual_seed(config.seed)
+    if not config.deterministic:  # else cuDNN's default choice of algorithms, as the baseline always had
+        use_deterministic_kernels(data.device, deterministic=False)
     model = prepare(new_model(config), data.device)
     check_input(model, config, data)  # before any training
     total = config.pretrain_epochs * steps_per_epoch(data, config.batch_size)

@@ -72,6 +72,9 @@ class Config:
     distill_temperature: float = 4.0  # softmax temperature of the distillation loss
     bn_recalibration_batches: int = 0  # training batches that re-estimate BatchNorm statistics after decomposition
     compile: bool = False  # torch.compile the fine-tuned model (pays a compile per trial: for GPUs)
+    deterministic: bool = True  # GPU only: deterministic cuDNN convolutions in trials and exports, so that export
+    # can re-run a trial's fine-tune to its weights; false: cuDNN's autotuned (fastest, not bit-reproducible) ones,
+    # pretraining included (benchmarks/gpu.sh measures the difference)
     rank_min: float = 1 / RANK_STEPS  # smallest normalized rank the search may pick (on the 1/32 grid)
     rank_max: float = 1.0  # largest normalized rank the search may pick (on the 1/32 grid)
     rank_spread: int = 4  # each module's rank is at least 1/rank_spread of the vector's largest (rounded up to the
@@ -153,7 +156,7 @@ class Config:
 # Fields that change what a trial measures; a resumed study must agree on all of them.
 RUN_CONTROL = {
     "data_dir", "download", "trials", "study_name", "storage", "device", "enqueue_ranks", "baseline_dir",
-    "weights_dir", "workers", "heartbeat_seconds", "warm_start", "data_memory_share", "weights",
+    "weights_dir", "workers", "heartbeat_seconds", "warm_start", "data_memory_share", "weights", "deterministic",
     "deliver", "deliver_top", "deliver_epochs", "deliver_out", "deliver_formats",
 }  # fmt: skip
 RUNG_FIELDS = ("max_finetune_steps", "reduction_factor")  # budget mode's: a study without a budget records neither

@@ -376,10 +376,13 @@ class DeviceData:
         n = self.size("train")
         batch_size = min(batch_size, n)
         while True:
-            order = torch.randperm(n, generator=generator).to(self.index_device)
-            chunks = [order[start : start + batch_size] for start in range(0, n - batch_size + 1, batch_size)]
-            for images, labels in self._batches("train", chunks):
-                yield self.normalize(augment(images, generator)), labels
+            order = torch.randperm(n, generator=generator)
+            steps = n // batch_size
+            shifts, flips = (to_device(t, self.device) for t in augmentation_draws(generator, steps, batch_size))
+            order = to_device(order, self.index_device)
+            chunks = [order[step * batch_size : (step + 1) * batch_size] for step in range(steps)]
+            for step, (images, labels) in enumerate(self._batches("train", chunks)):
+                yield self.normalize(crop_and_flip(images, shifts[step], flips[step])), labels
 
     @property
     def index_device(self) -> torch.device:
@@ -445,12 +448,40 @@ def check_classes(dataset: Dataset, num_classes: int, data_dir) -> None:
         )
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device`` without making the CPU wait for the GPU: a plain copy to a GPU waits for
+    everything queued before it, which in a training loop leaves the GPU idle while the next step is prepared."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def augmentation_draws(generator: torch.Generator, steps: int, batch_size: int,
+                       padding: int = CROP_PADDING) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """An epoch's crops and flips, drawn at once on the CPU in the order ``augment`` draws them batch by batch (the
+    same values): shifts (steps, 2, B) in 0..2*padding and flips (steps, B). One copy to the GPU per epoch, none per
+    step."""
+    shifts = torch.empty((steps, 2, batch_size), dtype=torch.int64)
+    flips = torch.empty((steps, batch_size), dtype=torch.bool)
+    for step in range(steps):
+        shifts[step] = torch.randint(0, 2 * padding + 1, (2, batch_size), generator=generator)
+        flips[step] = torch.rand(batch_size, generator=generator) < 0.5
+    return shifts, flips
+
+
 def augment(images: torch.Tensor, generator: torch.Generator, padding: int = CROP_PADDING) -> torch.Tensor:
-    """Per-image random crop (zero padding) and horizontal flip of a uint8 batch (B, C, H, W)."""
+    """Per-image random crop (zero padding) and horizontal flip of a uint8 batch (B, C, H, W), drawn from
+    ``generator``."""
+    shifts, flips = augmentation_draws(generator, 1, len(images), padding)
+    return crop_and_flip(images, shifts[0].to(images.device), flips[0].to(images.device), padding)
+
+
+def crop_and_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor,
+                  padding: int = CROP_PADDING) -> torch.Tensor:  # fmt: skip
+    """Each image of a uint8 batch (B, C, H, W) cropped at its ``shifts`` (2, B) from the zero-padded image and
+    flipped where ``flips`` (B,), all on the images' device."""
     b, c, h, w = images.shape
     device = images.device
-    shifts = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(device)  # (2, B)
-    flips = (torch.rand(b, generator=generator) < 0.5).to(device)  # (B,)
     padded = torch.nn.functional.pad(images, (padding,) * 4)  # (B, C, H+2p, W+2p)
     rows = shifts[0, :, None] + torch.arange(h, device=device)  # (B, H)
     cols = shifts[1, :, None] + torch.arange(w, device=device)  # (B, W)

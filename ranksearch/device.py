@@ -47,11 +47,12 @@ def precision(device: torch.device) -> dict[str, str]:
     }
 
 
-def use_deterministic_kernels(device: torch.device) -> None:
-    """Deterministic cuDNN convolutions, so that export can re-run a trial's fine-tune to the same weights."""
+def use_deterministic_kernels(device: torch.device, deterministic: bool = True) -> None:
+    """Deterministic cuDNN convolutions, so that export can re-run a trial's fine-tune to the same weights; or,
+    ``deterministic`` false (``config.deterministic``), the algorithms cuDNN's autotuner finds fastest."""
     if device.type == "cuda":
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cudnn.benchmark = not deterministic
 
 
 def synchronize(device: torch.device) -> None:

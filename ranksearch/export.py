@@ -159,7 +159,7 @@ def rebuild_trial(
     ranks = {module_of(name): value for name, value in trial.params.items()}
     seed = trial.user_attrs.get("seed", trial_seed(config, trial.number))
     bases = trial_bases(config, baseline, data)  # what the search truncated: the same cached files
-    use_deterministic_kernels(data.device)  # as the search ran
+    use_deterministic_kernels(data.device, config.deterministic)  # as the search ran
     model, _ = trial_model(baseline.model, ranks, config, data, seed, bases)
     return model, f"fine-tune re-run from seed {seed}"
 
@@ -496,7 +496,7 @@ def refined(
     """``model`` refined in place ``epochs`` epochs (resuming ``checkpoint``), its val and test accuracy after (said
     beside ``before``'s), and the record a file keeps of the refine; a refine that diverges is a UserError that
     ends with ``hint`` and the recipe's rate."""
-    use_deterministic_kernels(data.device)  # so that a resumed refine is as close as the device allows
+    use_deterministic_kernels(data.device, config.deterministic)  # a resumed refine as close as the device allows
     try:
         history = refine(model, data, config, epochs, seed, recipe, teacher, checkpoint)
     except TrainingDiverged as error:

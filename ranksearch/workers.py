@@ -185,8 +185,10 @@ def shares(total: int, workers: int) -> list[int]:
 
 
 def worker_threads(workers: int, gpus: int) -> int:
-    """The torch threads each of ``workers`` worker processes runs with: the CPU cores split, or 1 beside a GPU."""
-    return max(1, (os.cpu_count() or 1) // workers) if not gpus else 1
+    """The torch threads each of ``workers`` worker processes runs with: the CPU cores split among them, beside a
+    GPU too, where a worker's CPU work (the sampler's fit, the decomposition) runs while the others train."""
+    del gpus  # the same split: GPUs do not add cores
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def _env(worker: Worker, gpus: int) -> dict[str, str]:

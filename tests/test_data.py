@@ -155,6 +155,28 @@ def test_augment_gives_the_pixels_earlier_versions_gave():
         assert torch.equal(augment(images, torch.Generator().manual_seed(seed)), expected)
 
 
+def test_training_batches_are_the_ones_drawn_batch_by_batch(tiny_imagefolder):
+    """An epoch's crops and flips, drawn at once (one copy to a GPU per epoch), are the ones 0.11.0 drew batch by
+    batch after each epoch's permutation: the same batches, so resumed studies measure alike."""
+    data = DeviceData(load_dataset(tiny_imagefolder), val_size=20, split_seed=0, device=torch.device("cpu"))
+
+    def batch_by_batch(batch_size, generator):
+        n = data.size("train")
+        while True:
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n - batch_size + 1, batch_size):
+                chunk = order[start : start + batch_size]
+                images = data.splits["train"].images[chunk]
+                yield data.normalize(augment(images, generator)), data.splits["train"].labels[chunk]
+
+    per_epoch = data.size("train") // 16
+    pairs = zip(data.train_batches(16, torch.Generator().manual_seed(5)),
+                batch_by_batch(16, torch.Generator().manual_seed(5)), strict=True)  # fmt: skip
+    for _ in range(2 * per_epoch + 1):  # across two epochs' boundaries
+        (images, labels), (expected_images, expected_labels) = next(pairs)
+        assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+
+
 def test_training_batches_keep_labels_aligned(tiny_imagefolder):
     data = DeviceData(load_dataset(tiny_imagefolder), val_size=20, split_seed=0, device=torch.device("cpu"))
     batches = data.train_batches(16, torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ from test_study import SMOKE, load
 
 from conftest import REPO
 from ranksearch.attrs import INTERRUPTED, RETRY_OF
-from ranksearch.workers import Worker, done_in_run, requeue_interrupted, shares
+from ranksearch.workers import Worker, _env, done_in_run, requeue_interrupted, shares, worker_threads
 
 MODULES = ["block1", "block2", "block3", "block4", "block5"]
 DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)
@@ -23,6 +23,17 @@ COMPLETE, FAIL, RUNNING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialS
 def test_shares_split_the_asked_trials_evenly():
     assert shares(7, 3) == [3, 2, 2] and sum(shares(200, 8)) == 200
     assert shares(2, 4) == [1, 1]  # no worker without a trial
+
+
+def test_several_workers_share_one_gpu_and_the_cores(monkeypatch):
+    """`run --workers 4` on one GPU: all four on it, each with a quarter of the cores (one thread each had left the
+    sampler's fit and the decomposition on one core while 15 idled); on 2 GPUs, worker i on GPU i mod 2."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert worker_threads(4, gpus=1) == 4 and worker_threads(8, gpus=1) == 2 and worker_threads(32, gpus=1) == 1
+    team = [Worker("ab12cd34", i, 40, worker_threads(4, gpus=1)) for i in range(4)]
+    assert [_env(w, gpus=1)["CUDA_VISIBLE_DEVICES"] for w in team] == ["0"] * 4
+    assert {_env(w, gpus=1)["OMP_NUM_THREADS"] for w in team} == {"4"}
+    assert [_env(w, gpus=2)["CUDA_VISIBLE_DEVICES"] for w in team] == ["0", "1", "0", "1"]
 
 
 def test_a_worker_round_trips_through_its_flag():
