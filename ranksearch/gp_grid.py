@@ -3,15 +3,16 @@
 Every rank is a discrete parameter of 32 values (1/32 .. 1). Optuna's optimizer searches a discrete parameter of more
 than 16 values by a Brent line search that evaluates the acquisition function at one point per call: about 1,500
 calls of a millisecond each, most of them Python overhead, on the critical path of every trial (1-2 s a suggestion;
-BENCHMARKS.md, "The sampler's time"); and it evaluates its 2,048 random starting points in one call, whose time
+BENCHMARKS.md, "The GP sampler's time"); and it evaluates its 2,048 random starting points in one call, whose time
 grows faster than the points (36x the time of 320 points at 6.4x the points, 400 trials). Here every evaluation is
 batched in chunks of ``CHUNK`` points, and each coordinate step evaluates every value of that rank for every start
 still moving, at once: the exhaustive search Optuna itself uses up to 16 values, calling it "faster and better than
 the line search". The starts are Optuna's: the best of 2,048 random grid points, more picked by its roulette, and the
 Pareto trials (``best_params``).
 
-It relies on Optuna's private acquisition-function interface (``eval_acqf_no_grad``, ``search_space``; Optuna 5.x);
-where that differs, or the space holds a continuous parameter, Optuna's own optimizer runs instead.
+It relies on Optuna's private interface (the acquisition function's ``eval_acqf_no_grad`` and ``search_space``, the
+sampler's ``_rng``; Optuna 5.x); where that differs, or the space holds a continuous parameter, Optuna's own
+optimizer runs instead.
 """
 
 import numpy as np
@@ -28,9 +29,10 @@ class GridGPSampler(optuna.samplers.GPSampler):
     each discrete parameter's values (``maximize_on_grid``)."""
 
     def _optimize_acqf(self, acqf, best_params: np.ndarray | None) -> np.ndarray:
-        if not on_grid(acqf):
+        rng = getattr(getattr(self, "_rng", None), "rng", None)
+        if rng is None or not on_grid(acqf):
             return super()._optimize_acqf(acqf, best_params)
-        return maximize_on_grid(acqf, best_params, self._rng.rng)
+        return maximize_on_grid(acqf, best_params, rng)
 
 
 def on_grid(acqf) -> bool:
