@@ -137,10 +137,14 @@ def train_baseline(config: Config, data: DeviceData) -> Baseline:
     )
 
 
-def given_weights(config: Config) -> None:
-    """The user's ``--weights`` (when given) fit ``config``'s model: a one-line UserError before any other work."""
+def check_baseline_source(config: Config) -> None:
+    """Where the baseline will come from is usable, before any other work (else a one-line UserError): the user's
+    ``--weights`` fit ``config``'s model, or pretraining has an epoch (0 would search an untrained network)."""
     if config.weights is not None:
         check_weights(config, new_model(config))
+    elif config.pretrain_epochs == 0:
+        raise UserError("--pretrain-epochs 0 would search an untrained network; pretrain at least 1 epoch, or pass "
+                        "--weights FILE with your trained model")  # fmt: skip
 
 
 def measure_weights(config: Config, data: DeviceData) -> Baseline:

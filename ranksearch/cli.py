@@ -85,7 +85,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trials", type=int, help="trials to ADD to the study (a re-run resumes it); default 200")
+    parser.add_argument("--trials", type=int, help="trials to ADD to the study (a re-run resumes it); default: "
+                        "the config's trials (200 in the default config)")  # fmt: skip
     parser.add_argument("--study-name", help="Optuna study name (default: the config's, else "
                         "<model>-cifar10 on CIFAR-10 and <model>-<data folder> on other data)")  # fmt: skip
     parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study-name>.db)")
@@ -187,11 +188,11 @@ def closing_line(config: Config) -> str:
 
 def _baseline(config: Config):
     """The config's pretrained baseline: cached, or pretrained now (and cached)."""
-    from .baseline import ensure_baseline, given_weights
+    from .baseline import check_baseline_source, ensure_baseline
     from .data import device_data
     from .device import resolve_device
 
-    given_weights(config)  # before the data
+    check_baseline_source(config)  # before the data
     return ensure_baseline(config, device_data(config, resolve_device(config.device)))
 
 

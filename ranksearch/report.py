@@ -166,7 +166,8 @@ def axis_title(name: str) -> str:
 
 
 def plot_title(study: optuna.Study, rows: pd.DataFrame) -> str:
-    return f"{study.study_name}: {int(rows['pareto'].sum())} Pareto trials of {len(rows)} complete"
+    pareto = int(rows["pareto"].sum())
+    return f"{study.study_name}: {pareto} Pareto trial{'' if pareto == 1 else 's'} of {len(rows)} complete"
 
 
 def staircase(rows: pd.DataFrame, ratio: str) -> pd.DataFrame:

@@ -12,7 +12,7 @@ import optuna
 import torch
 
 from .attrs import param_name
-from .baseline import Baseline, ensure_baseline, given_weights, new_model
+from .baseline import Baseline, check_baseline_source, ensure_baseline, new_model
 from .budget import BudgetSampler, fit_to_budget, make_pruner, within_spread
 from .config import Config, search_fields
 from .costs import TABLE_COSTS, CostTable
@@ -255,7 +255,7 @@ def latency_where(config: Config, device: torch.device, worker: Worker | None) -
 def prepare_run(config: Config, worker: Worker | None = None) -> tuple[optuna.Study | None, DeviceData, Baseline]:
     """Everything a run needs before its study may be written: the study it resumes (checked, not created),
     the data (checked against that study), the baseline (cached or pretrained). A failure here writes no study."""
-    given_weights(config)  # a file that does not fit, before anything else
+    check_baseline_source(config)  # a --weights file that does not fit, or no pretraining: before anything else
     modules = list(rank_modules(new_model(config), config.search_space))
     check_enqueued(modules, config.enqueue_ranks, config.ranks_source)
     device = resolve_device(config.device)

@@ -547,7 +547,7 @@ def sensitivity_allocations(config: Config, data: DeviceData, baseline: Baseline
 
 def run_sensitivity(config: Config, out: Path, argv: list[str] | None = None, worker: Worker | None = None) -> None:
     """``ranksearch sensitivity``: measure the missing points, print the table and allocations, write the plots."""
-    from .baseline import ensure_baseline, given_weights
+    from .baseline import check_baseline_source, ensure_baseline
     from .data import device_data
     from .device import resolve_device
     from .trial import trial_bases
@@ -556,7 +556,7 @@ def run_sensitivity(config: Config, out: Path, argv: list[str] | None = None, wo
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if worker is not None and worker.threads:
         torch.set_num_threads(worker.threads)
-    given_weights(config)  # a file that does not fit, before anything else
+    check_baseline_source(config)  # a --weights file that does not fit, or no pretraining: before anything else
     if worker is None:
         check_storage_url(config.storage_url())  # before any pretraining: an in-memory or query-string SQLite URL
         check_writable(out, "--out")

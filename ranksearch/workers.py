@@ -128,7 +128,8 @@ def optimize_share(study: optuna.Study, objective: Callable, worker: Worker, tri
         except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
             if not _lost_race(error):
                 raise
-            print(f"ranksearch: w{worker.index}: another worker ran the same queued trial; going on", flush=True)
+            print(f"ranksearch: w{worker.index}: a queued trial it took was run by another worker at the same moment "
+                  "(that result is kept); going on with the next", flush=True)  # fmt: skip
         except Exception as error:
             why = storage_failure(error)
             if why is None:

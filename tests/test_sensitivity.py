@@ -131,7 +131,7 @@ def test_sensitivity_workers_share_the_points(engine, request, workdir, tiny_ima
     workers = {t.user_attrs["worker"] for t in complete}
     assert workers >= {0, 1}  # both shared the points
     if workers != {0, 1}:  # SQLite cannot lock a queued row: two workers told one point, and one more ran the last
-        assert "another worker ran the same queued trial" in result.stdout and "still owed" in result.stderr, result
+        assert "run by another worker at the same moment" in result.stdout and "still owed" in result.stderr, result
     assert "allocations" in result.stdout and (workdir / "sens" / "sensitivity.png").is_file()
 
 

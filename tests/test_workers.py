@@ -177,7 +177,7 @@ def test_a_queued_trial_another_worker_took_at_the_same_instant_is_not_counted(c
     optimize_share(study, objective, Worker("r", 0, 3), 3, callbacks=[])
     assert told[:3] == [1.0, 2.0, 3.0] and len(told) == 4  # the lost one is made up by a fourth trial
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 4
-    assert "another worker ran the same queued trial" in capsys.readouterr().out
+    assert "run by another worker at the same moment" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("exits", "started"), [((1, 0), 3), ((0, 0), 3), ((2, 2), 2)])
