@@ -1,6 +1,7 @@
 """The pretrained baseline: trained once per config, cached on disk, reused by every trial."""
 
 import hashlib
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from .files import atomic_save, check_writable, keyed_cache, lock_path, read_or_
 from .interrupts import Interrupted
 from .measure import count_macs
 from .models import build_model
-from .steps import step_progress
+from .steps import CPU_CONFIG, PaceNote, clock_text, step_progress
 from .train import TrainingDiverged, evaluate, prepare, pretrain, steps_per_epoch
 from .user_weights import check_weights, digest_text, weights_record
 
@@ -107,19 +108,79 @@ def check_input(model: nn.Module, config: Config, data: DeviceData) -> None:
         model.train()
 
 
-def train_baseline(config: Config, data: DeviceData) -> Baseline:
+PRETRAINING_KIND = "ranksearch-pretraining"
+CHECKPOINT_SECONDS = 60.0  # a pretraining's state is saved after an epoch once this long has passed since the last
+# save (and after the first epoch): a GPU's 3-s epochs do not each pay a 120-MB write
+
+
+def pretraining_checkpoint(path: Path) -> Path:
+    """Where the pretraining of the baseline ``path`` keeps its state between epochs, until the baseline is saved."""
+    return path.with_name(path.stem + ".pretraining")
+
+
+def read_pretraining(checkpoint: Path) -> dict | None:
+    """The state kept at ``checkpoint`` (weights, optimizer, schedule, generators, epochs done), or None: none there,
+    or one that cannot be read (said in a line; the pretraining starts from the first epoch)."""
+    if not checkpoint.is_file():
+        return None
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if saved.get("kind") != PRETRAINING_KIND or saved.get("name") != checkpoint.name:
+            raise ValueError("not this baseline's pretraining")
+        saved["model"], saved["epochs_done"]  # noqa: B018 (present)
+    except Exception as error:
+        print(f"baseline: ignoring the unreadable pretraining checkpoint {checkpoint} ({type(error).__name__}); "
+              "pretraining from the first epoch", file=sys.stderr, flush=True)  # fmt: skip
+        return None
+    return saved
+
+
+class EpochCheckpoints:
+    """``pretrain``'s ``after_epoch``: the state after an epoch saved to ``checkpoint`` (atomically), after the
+    first epoch and then once ``CHECKPOINT_SECONDS`` have passed since the last save; ``epochs_kept`` says how many
+    epochs the file holds."""
+
+    def __init__(self, checkpoint: Path):
+        self.checkpoint, self.model, self.epochs_kept = checkpoint, None, 0  # the model: set by ``train_baseline``
+        self.last = -math.inf
+
+    def __call__(self, state: dict) -> None:
+        if time.monotonic() - self.last < CHECKPOINT_SECONDS:
+            return
+        weights = {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()}
+        atomic_save({"kind": PRETRAINING_KIND, "name": self.checkpoint.name, "model": weights, **state},
+                    self.checkpoint)  # fmt: skip
+        self.last, self.epochs_kept = time.monotonic(), state["epochs_done"]
+
+
+def train_baseline(config: Config, data: DeviceData, checkpoints: EpochCheckpoints | None = None) -> Baseline:
+    """The baseline pretrained; ``checkpoints``: its state kept after epochs, and resumed from when there is one."""
     torch.manual_seed(config.seed)
     if not config.deterministic:  # else cuDNN's default choice of algorithms, as the baseline always had
         use_deterministic_kernels(data.device, deterministic=False)
     model = prepare(new_model(config), data.device)
     check_input(model, config, data)  # before any training
-    total = config.pretrain_epochs * steps_per_epoch(data, config.batch_size)
-    print(f"baseline: pretraining {config.pretrain_epochs} epochs ({total:,} steps) on {data.device.type}; "
-          "cached for later runs", file=sys.stderr, flush=True)  # fmt: skip
+    per_epoch = steps_per_epoch(data, config.batch_size)
+    total = config.pretrain_epochs * per_epoch
+    saved = None
+    if checkpoints is not None:
+        checkpoints.model = model
+        saved = read_pretraining(checkpoints.checkpoint)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        checkpoints.epochs_kept = saved["epochs_done"]
+        print(f"baseline: resuming its pretraining at epoch {saved['epochs_done'] + 1}/{config.pretrain_epochs} from "
+              f"{checkpoints.checkpoint}", file=sys.stderr, flush=True)  # fmt: skip
+    else:
+        print(f"baseline: pretraining {config.pretrain_epochs} epochs ({total:,} steps) on {data.device.type}; "
+              "cached for later runs", file=sys.stderr, flush=True)  # fmt: skip
     start = time.perf_counter()
-    progress = step_progress("baseline: pretraining", total)  # a bar on a terminal, else a line every 30 s
+    first = saved["epochs_done"] * per_epoch if saved is not None else 0
+    progress = step_progress("baseline: pretraining", total, first)  # a bar on a terminal, else a line every 30 s
+    if data.device.type == "cpu":
+        progress = PaceNote(progress, total - first, pretraining_pace_text)
     try:
-        pretrain(model, data, config, progress=progress)
+        pretrain(model, data, config, progress=progress, resume=saved, after_epoch=checkpoints)
     except TrainingDiverged as error:  # the config's rates: a user's choice, one line
         raise UserError(f"baseline pretraining diverged: {error}; pretrain_lr is {config.pretrain_lr} "
                         f"(weight_decay {config.weight_decay})") from None  # fmt: skip
@@ -145,6 +206,25 @@ def check_baseline_source(config: Config) -> None:
     elif config.pretrain_epochs == 0:
         raise UserError("--pretrain-epochs 0 would search an untrained network; pretrain at least 1 epoch, or pass "
                         "--weights FILE with your trained model")  # fmt: skip
+
+
+CHANCE_MARGIN = 0.10  # a baseline under chance + this (10 points) has learnt too little to compress
+
+
+def check_baseline_worth(config: Config, baseline: Baseline) -> None:
+    """A one-line UserError when the baseline's val accuracy is under ``config.min_baseline_accuracy`` (default:
+    chance + ``CHANCE_MARGIN``): every compressed model of it would measure noise. 0 goes on whatever it is."""
+    chance = 1 / config.num_classes
+    floor = config.min_baseline_accuracy
+    floor = chance + CHANCE_MARGIN if floor is None else floor
+    if baseline.val_accuracy >= floor:
+        return
+    where = ("check --normalize (what the weights were trained with) and the data" if config.weights is not None
+             else "train it longer (--pretrain-epochs) or check the data")  # fmt: skip
+    against = (f"within {CHANCE_MARGIN:.0%} of chance ({chance:.2%} for {config.num_classes} classes)"
+               if config.min_baseline_accuracy is None else f"under --min-baseline-accuracy {floor:g}")  # fmt: skip
+    raise UserError(f"the baseline's val accuracy {baseline.val_accuracy:.2%} is {against}: its compressed models "
+                    f"would be measured on noise; {where}, or pass --min-baseline-accuracy 0 to go on")  # fmt: skip
 
 
 def measure_weights(config: Config, data: DeviceData) -> Baseline:
@@ -179,8 +259,19 @@ def cached_bases(model: nn.Module, checkpoint: Path) -> dict[str, Bases]:
     )  # fmt: skip
 
 
-PRETRAINING_INTERRUPTED = ("interrupted while pretraining the baseline: it is not saved, and no trial ran; the next "
-                           "command that needs it pretrains it again from the first epoch")
+def pretraining_interrupted(checkpoints: EpochCheckpoints) -> str:
+    """What Ctrl-C during pretraining kept, and what the next command does."""
+    if checkpoints.epochs_kept:
+        return (f"interrupted while pretraining the baseline; its first {checkpoints.epochs_kept} epochs are kept in "
+                f"{checkpoints.checkpoint}, and the next command that needs it resumes from there; no trial ran")
+    return ("interrupted while pretraining the baseline: no epoch of it was kept, and no trial ran; the next command "
+            "that needs it pretrains it from the first epoch")
+
+
+def pretraining_pace_text(seconds: float) -> str:
+    """The line a CPU pretraining that would take over an hour says once, after its first steps."""
+    return (f"note: at this pace the pretraining takes about {clock_text(seconds)} on this CPU; {CPU_CONFIG} is "
+            "sized for a CPU (--config configs/cpu.yaml), and Ctrl-C keeps the epochs done for the next command")
 
 
 def ensure_baseline(config: Config, data: DeviceData, quiet: bool = False) -> Baseline:
@@ -217,11 +308,13 @@ def ensure_baseline(config: Config, data: DeviceData, quiet: bool = False) -> Ba
             baseline.path = path
             print(f"baseline: your weights measured, cached as {path}", file=sys.stderr)
             return baseline
+        checkpoints = EpochCheckpoints(pretraining_checkpoint(path))
         try:
-            baseline = train_baseline(config, data)
+            baseline = train_baseline(config, data, checkpoints)
             save(baseline)
         except KeyboardInterrupt:  # from its first line on (a Ctrl-C just after it was said too)
-            raise Interrupted(PRETRAINING_INTERRUPTED) from None
+            raise Interrupted(pretraining_interrupted(checkpoints)) from None
+        checkpoints.checkpoint.unlink(missing_ok=True)  # the baseline is saved: its epochs are not needed
         baseline.path = path
         print(f"baseline: pretrained in {baseline.pretrain_seconds:.0f} s, saved to {path}", file=sys.stderr)
         return baseline

@@ -21,6 +21,7 @@ the refine the delivered model gets (``ranksearch.deliver``).
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import optuna
 
 from .errors import UserError
@@ -97,14 +98,23 @@ def canonical_budget(text: str) -> str:
     return f"{cost}={ratio!r}"
 
 
+TAKEN = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.COMPLETE,
+         optuna.trial.TrialState.PRUNED)  # a vector in one of these is being trained, queued or known
+REDRAWS = 16  # random redraws of a vector another trial has, before the proposal is kept (a space nearly used up)
+
+
 class BudgetSampler(optuna.samplers.BaseSampler):
-    """A sampler whose every draw is fitted: ``base`` proposes a rank vector (its joint sample, or one value per
-    module where it has none), ``fit`` scales it to the budget's boundary (``fit_to_budget``) or, without a budget,
-    brings it within the rank spread (``within_spread``)."""
+    """A sampler whose every draw is fitted and new: ``base`` proposes a rank vector (its joint sample, or one
+    value per module where it has none), ``fit`` scales it to the budget's boundary (``fit_to_budget``) or, without
+    a budget, brings it within the rank spread (``within_spread``; or leaves it). A vector that another trial is
+    training, is queued with, or has finished is redrawn at random (seeded by ``seed`` and the trial's number) and
+    fitted again, so that workers asking at once never train one vector twice (GP, with no liar, proposed the same
+    one to two workers) and no trial of the run's count is spent on a copy. The check reads the study when the
+    draw ends: two draws ending within the same few milliseconds can still meet."""
 
     def __init__(self, base: optuna.samplers.BaseSampler, space: dict[str, optuna.distributions.FloatDistribution],
-                 fit: Callable[[list[float]], list[float]]):  # fmt: skip
-        self.base, self.space, self.fit = base, space, fit
+                 fit: Callable[[list[float]], list[float]], seed: int = 0):  # fmt: skip
+        self.base, self.space, self.fit, self.seed = base, space, fit, seed
 
     def infer_relative_search_space(self, study, trial):
         return dict(self.space)
@@ -117,7 +127,14 @@ class BudgetSampler(optuna.samplers.BaseSampler):
             if name not in proposal:
                 proposal[name] = self.base.sample_independent(study, trial, name, distribution)
         names = list(search_space)
-        return dict(zip(names, self.fit([proposal[name] for name in names]), strict=True))
+        ranks = self.fit([proposal[name] for name in names])
+        taken = taken_vectors(study, trial, names)
+        rng = np.random.default_rng([self.seed, trial.number])
+        for _ in range(REDRAWS):
+            if grid_key(ranks) not in taken:
+                break
+            ranks = self.fit([random_on_grid(search_space[name], rng) for name in names])
+        return dict(zip(names, ranks, strict=True))
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self.base.sample_independent(study, trial, param_name, param_distribution)
@@ -130,6 +147,27 @@ class BudgetSampler(optuna.samplers.BaseSampler):
 
     def reseed_rng(self):
         self.base.reseed_rng()
+
+
+def grid_key(ranks: Sequence[float]) -> tuple[int, ...]:
+    """A rank vector as its grid steps (k of k/32): equal vectors compare equal however their floats were made."""
+    return tuple(round(r * RANK_STEPS) for r in ranks)
+
+
+def taken_vectors(study: optuna.Study, trial: optuna.trial.FrozenTrial, names: list[str]) -> set[tuple[int, ...]]:
+    """The rank vectors (``grid_key``) of the study's other trials that are running, queued or finished."""
+    taken = set()
+    for other in study.get_trials(deepcopy=False, states=TAKEN):
+        params = other.params or other.system_attrs.get("fixed_params", {})
+        if other.number != trial.number and all(name in params for name in names):
+            taken.add(grid_key([params[name] for name in names]))
+    return taken
+
+
+def random_on_grid(distribution: optuna.distributions.FloatDistribution, rng: np.random.Generator) -> float:
+    """A value drawn uniformly from ``distribution``'s grid (low, low + step, ..., high)."""
+    count = round((distribution.high - distribution.low) / distribution.step) + 1
+    return distribution.low + distribution.step * int(rng.integers(count))
 
 
 def rungs(first: int, top: int | None, factor: int = REDUCTION_FACTOR) -> list[int]:

@@ -66,6 +66,9 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                         help="download torchvision's CIFAR-10 into --data-dir when it holds none")  # fmt: skip
     parser.add_argument("--model", help=" | ".join(model_names()))
     parser.add_argument("--device", help="auto | cpu | cuda")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads of each process (default: torch's "
+                        "for one process, the cores split among --workers); on a machine shared with other work, "
+                        "lower it")  # fmt: skip
     parser.add_argument("--seed", type=int, help="seed of sampler, pretraining and fine-tunes")
     parser.add_argument("--width", type=float, help="channel multiplier of the model")
     parser.add_argument("--num-classes", type=int, help="classes of the data (checked against its class folders); "
@@ -78,6 +81,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                         "the RAM (and GPU memory) are held in memory, larger data is streamed from memory-mapped "
                         "files beside it (default 0.25; 0: always streamed)")  # fmt: skip
     parser.add_argument("--pretrain-epochs", type=int, help="epochs of baseline pretraining")
+    parser.add_argument("--min-baseline-accuracy", type=float, metavar="F", help="stop when the baseline's val "
+                        "accuracy is under F (default: chance + 0.1; 0: go on whatever it is)")  # fmt: skip
     parser.add_argument("--weights", metavar="FILE", help="your model's trained weights (torch.save("
                         "model.state_dict(), FILE), or a checkpoint holding them; torchvision's files as they are): "
                         "the baseline, measured on the data, no pretraining; a study records the file's "
@@ -154,7 +159,12 @@ def _resolve(args: argparse.Namespace) -> Config:
         overrides["deliver_formats"] = _parse_formats(overrides["deliver_formats"])
     if getattr(args, "ranks", None):
         overrides["enqueue_ranks"] = [_parse_ranks(text) for text in args.ranks]
-    return load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    return config
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -52,6 +52,8 @@ class Config:
     weights: str | None = None  # the model's trained weights (a state_dict file, or a checkpoint holding one): the
     # baseline, measured on the data, with no pretraining (ranksearch.user_weights); a study records its SHA-256
     pretrain_epochs: int = 30  # epochs over the training split
+    min_baseline_accuracy: float | None = None  # a run stops when the baseline's val accuracy is under this (None:
+    # chance + 10 points, 1 / num_classes + 0.1; 0: never), since its compressed models would be measured on noise
     pretrain_lr: float = 0.1  # peak learning rate of the one-cycle schedule, per batch of batch_size
     momentum: float = 0.9  # SGD (Nesterov) momentum, pretraining and fine-tuning
     weight_decay: float = 5e-4  # L2 penalty on all weights
@@ -108,6 +110,8 @@ class Config:
     # studies/<study_name>-weights); a SQLite study keeps them beside its database, <db folder>/<study_name>-weights
     # workers
     workers: int = 1  # processes on this machine adding trials to the study (GPU i mod G; CPU cores split)
+    threads: int = 0  # torch (OpenMP) threads of each process; 0: torch's default for one process, the cores split
+    # among workers (a machine shared with other work: lower it, or every process slows 10-20x)
     heartbeat_seconds: int = 60  # a trial whose worker is silent for 2x this is failed and retried (RDB storage)
     # delivery: the refined model a run hands over (ranksearch.deliver)
     deliver: str | None = None  # "COST=F1,F2,...": a multi-objective run delivers its best trial at or under each
@@ -156,7 +160,8 @@ class Config:
 # Fields that change what a trial measures; a resumed study must agree on all of them.
 RUN_CONTROL = {
     "data_dir", "download", "trials", "study_name", "storage", "device", "enqueue_ranks", "baseline_dir",
-    "weights_dir", "workers", "heartbeat_seconds", "warm_start", "data_memory_share", "weights", "deterministic",
+    "weights_dir", "workers", "threads", "heartbeat_seconds", "warm_start", "data_memory_share", "weights",
+    "deterministic", "min_baseline_accuracy",
     "deliver", "deliver_top", "deliver_epochs", "deliver_out", "deliver_formats",
 }  # fmt: skip
 RUNG_FIELDS = ("max_finetune_steps", "reduction_factor")  # budget mode's: a study without a budget records neither
@@ -435,6 +440,7 @@ RANGES = {
     "momentum": Interval(0, 1, high_open=True),
     "weight_decay": Interval(0, WEIGHT_DECAY_MAX),
     "data_memory_share": Interval(0, 1),
+    "min_baseline_accuracy": Interval(0, 1),
     "label_smoothing": Interval(0, 1, high_open=True),
     "finetune_steps": Interval(0, COUNT_MAX),
     "reduction_factor": Interval(2, 100),
@@ -451,6 +457,7 @@ RANGES = {
     "seed": Interval(0, SEED_MAX),
     "trials": Interval(1, COUNT_MAX),
     "workers": Interval(1, 256),
+    "threads": Interval(0, 1024),
     "heartbeat_seconds": Interval(1, 3600),
 }
 
@@ -488,7 +495,7 @@ def validate(config: Config) -> None:
     if config.trials < 1:
         raise UserError(f"--trials must be at least 1, got {config.trials}")
     for name, allowed in RANGES.items():
-        if getattr(config, name) not in allowed:
+        if getattr(config, name) is not None and getattr(config, name) not in allowed:
             raise UserError(f"{name} must be {allowed}, got {getattr(config, name)}")
     config.objectives = check_objectives(config.objectives)
     try:

@@ -8,6 +8,7 @@
 
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TextIO
 
@@ -16,9 +17,10 @@ import optuna
 from .attrs import COPIED_FROM, FAIL_REASON, param_name
 from .models import ranks_text
 from .objectives import COST_BUDGETS, COSTS, best_within, costs_text
-from .steps import clock_text
+from .steps import CPU_CONFIG, LONG_SECONDS, clock_text
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
+RECENT_TRIALS = 5  # the ETA's pace: the last this many finished trials (a machine that got busy shows at once)
 
 
 def trial_ranks_text(params: dict, modules: list[str]) -> str:
@@ -49,12 +51,14 @@ class TrialProgress:
         self.start = clock()
         self.finished = 0
         self.label, self.count, self.budget = label, count, budget
+        self.marks = deque([(self.start, 0)], maxlen=RECENT_TRIALS)  # (time, trials done) at the last lines
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)  # one read of the storage per line
         self.finished = self.count(trials) if self.count else self.finished + 1
         line = " | ".join((self.trial_text(trial), self.time_text(), self.best_text(trials)))
         print(line, file=self.out or sys.stdout, flush=True)
+        self.marks.append((self.clock(), self.finished))
 
     def trial_text(self, trial: optuna.trial.FrozenTrial) -> str:
         worker = f" {self.label}" if self.label else ""
@@ -70,9 +74,12 @@ class TrialProgress:
         return f"{head}  {result}" + ("" if seconds is None else f"  {seconds:.1f} s")
 
     def time_text(self) -> str:
-        elapsed = self.clock() - self.start
+        """Elapsed time, and the ETA at the pace of the last ``RECENT_TRIALS`` trials (or all, when fewer)."""
+        now = self.clock()
+        since, done_then = self.marks[0]
+        per_trial = (now - since) / max(self.finished - done_then, 1)
         remaining = max(self.total - self.finished, 0)
-        return f"elapsed {clock_text(elapsed)}, ETA {clock_text(elapsed / max(self.finished, 1) * remaining)}"
+        return f"elapsed {clock_text(now - self.start)}, ETA {clock_text(per_trial * remaining)}"
 
     def best_text(self, trials: list[optuna.trial.FrozenTrial]) -> str:
         complete = [t for t in trials if t.state == COMPLETE]
@@ -87,8 +94,7 @@ class TrialProgress:
         return "best val " + ", ".join(parts)
 
 
-CPU_CONFIG = "configs/cpu.yaml"
-LONG_RUN_SECONDS = 3600.0  # a CPU run asked for longer than this is told, after its first trial, how long
+LONG_RUN_SECONDS = LONG_SECONDS  # a CPU run asked for longer than this is told, after its first trial, how long
 
 
 class LongRunNote:

@@ -12,7 +12,7 @@ import optuna
 import torch
 
 from .attrs import param_name
-from .baseline import Baseline, check_baseline_source, ensure_baseline, new_model
+from .baseline import Baseline, check_baseline_source, check_baseline_worth, ensure_baseline, new_model
 from .budget import BudgetSampler, fit_to_budget, make_pruner, within_spread
 from .config import Config, search_fields
 from .costs import TABLE_COSTS, CostTable
@@ -65,10 +65,10 @@ def make_sampler(
     """The study's sampler (``config.sampler``), each trial drawn by one seeded from the config's seed and the
     trial's number (``TrialSeeded``); GP's acquisition function is maximized over the rank grid in batches
     (``gp_grid``: the same hypervolume in 0.64x Optuna's time at 200 trials). TPE's constant liar counts the other
-    workers' running trials as bad, so that workers spread out rather than crowd one region (GP has none: its
-    workers differ by trial number). In budget mode (``fit``: a vector scaled to the budget; ``space``: the rank
-    params), every draw is fitted to the budget, and otherwise brought within the rank spread
-    (``budget.BudgetSampler``)."""
+    workers' running trials as bad, so that workers spread out rather than crowd one region. In budget mode
+    (``fit``: a vector scaled to the budget; ``space``: the rank params), every draw is fitted to the budget, and
+    otherwise brought within the rank spread; either way a vector another trial has (running, queued or finished)
+    is redrawn (``budget.BudgetSampler``)."""
 
     def base(seed: int) -> optuna.samplers.BaseSampler:
         if config.sampler == "nsga2":
@@ -81,7 +81,7 @@ def make_sampler(
         return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=multivariate)
 
     seeded = TrialSeeded(base, config.seed)
-    return seeded if fit is None else BudgetSampler(seeded, space or {}, fit)
+    return BudgetSampler(seeded, space or {}, fit or list, seed=config.seed)
 
 
 class TrialSeeded(optuna.samplers.BaseSampler):
@@ -246,9 +246,8 @@ def latency_where(config: Config, device: torch.device, worker: Worker | None) -
     threads of the process that measures (a worker's share of the cores in a multi-worker run), the batch."""
     if "latency" not in config.objectives:
         return None
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     workers = config.workers > 1 and worker is None
-    threads = worker_threads(config.workers, gpus) if workers else torch.get_num_threads()
+    threads = worker_threads(config.workers, config.threads) if workers else torch.get_num_threads()
     return latency_device(device, threads) | {"batch": config.latency_batch}
 
 
@@ -264,7 +263,9 @@ def prepare_run(config: Config, worker: Worker | None = None) -> tuple[optuna.St
     check_writable(config.weights_path(), "weights folder")
     data = device_data(config, device)
     check_data(existing, data.identity)
-    return existing, data, ensure_baseline(config, data, quiet=worker is not None)  # the parent said it once
+    baseline = ensure_baseline(config, data, quiet=worker is not None)  # the parent said it once
+    check_baseline_worth(config, baseline)  # before the study is written
+    return existing, data, baseline
 
 
 def join_study(config: Config, existing: optuna.Study | None, data: DeviceData, baseline: Baseline) -> optuna.Study:
@@ -417,7 +418,8 @@ def _run_search(
     if config.workers > 1 and worker is None:
         del data  # the workers load their own (a delivery loads it again)
         owed = lambda: run.total - len(done_in_run(study.get_trials(deepcopy=False), run.run_id))  # noqa: E731
-        run_workers(argv or [], run, config.workers, gpus, owed, grace_seconds=2 * config.heartbeat_seconds + 1)
+        run_workers(argv or [], run, config.workers, gpus, owed, grace_seconds=2 * config.heartbeat_seconds + 1,
+                    threads=config.threads)  # fmt: skip
     else:
         label = f"w{run.index}" if worker else ""
         run_trials(config, study, data, baseline, run, modules, table, objective, label=label)

@@ -41,6 +41,7 @@ from .errors import UserError, shown_url
 from .files import atomic_write, check_writable
 from .interrupts import Signals
 from .models import RANK_STEPS, rank_modules, rank_text
+from .notes import save_study_note
 from .steps import clock_text
 from .study import check_storage_url, open_storage
 from .train import evaluate
@@ -160,18 +161,41 @@ class PointObjective:
         return accuracy
 
 
+POINTS_DATABASE = "sensitivity.db"  # beside the baselines: the points of every study on them
+
+
+def points_storage_url(config: Config, name: str) -> str:
+    """Where the points' study ``name`` is: in a server storage (PostgreSQL, MySQL), which every machine's workers
+    share, the run's; with SQLite, one database beside the baselines, so that every study on a baseline uses the
+    points measured once (0.11.0 kept them in each study's own database, where they are still read)."""
+    own = config.storage_url()
+    if not own.startswith("sqlite:"):
+        return own
+    path = Path(own.removeprefix("sqlite:///"))
+    if path.is_file() and name in optuna.get_all_study_names(own):
+        return own  # measured by 0.11.0 for this study
+    return f"sqlite:///{Path(config.baseline_dir) / POINTS_DATABASE}"
+
+
+POINTS_NOTE = ("Sensitivity points: the val accuracy of the baseline with one module decomposed at one rank, after "
+               "the proxy fine-tune. Every study on this baseline and proxy reads them (run --warm-start sensitivity, "
+               "ranksearch sensitivity); deleting this study makes the next of those measure them again.")
+
+
 def open_sensitivity(config: Config, baseline: Baseline) -> optuna.Study:
-    """The points' study (created when new) in the config's storage."""
-    if config.storage is None:
-        Path("studies").mkdir(exist_ok=True)
-    storage = open_storage(config.storage_url(), config.heartbeat_seconds)
-    study = optuna.create_study(storage=storage, study_name=sensitivity_name(config, baseline), direction="maximize",
-                                load_if_exists=True)  # fmt: skip
+    """The points' study (created when new) in ``points_storage_url``."""
+    name = sensitivity_name(config, baseline)
+    url = points_storage_url(config, name)
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(url, config.heartbeat_seconds)
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
     if "config" not in study.user_attrs:
         study.set_metric_names(["val_accuracy"])
         study.set_user_attr("config", sensitivity_fields(config))
         study.set_user_attr("ranksearch_version", __version__)
         study.set_user_attr("baseline", baseline.metrics())
+        save_study_note(study, POINTS_NOTE)  # what a dashboard that lists it shows
     return study
 
 
@@ -512,12 +536,13 @@ def ensure_points(config: Config, data: DeviceData, baseline: Baseline, bases, t
     queued = queue_missing(study, config, table)
     if queued:
         print(f"sensitivity: measuring {queued} of {len(wanted_points(config, table))} points (study "
-              f"{study.study_name!r} in {shown_url(config.storage_url())})", flush=True)  # fmt: skip
+              f"{study.study_name!r} in {shown_url(points_storage_url(config, study.study_name))})",
+              flush=True)  # fmt: skip
     if config.workers > 1 and queued > 1 and argv:
         gpus = torch.cuda.device_count() if data.device.type == "cuda" else 0
         waiting = lambda: len(study.get_trials(deepcopy=False, states=(WAITING,)))  # noqa: E731
         run_workers(sensitivity_argv(argv), new_run(queued), config.workers, gpus, waiting,
-                    grace_seconds=2 * config.heartbeat_seconds + 1)  # fmt: skip
+                    grace_seconds=2 * config.heartbeat_seconds + 1, threads=config.threads)  # fmt: skip
     settle_points(study, objective, config, table, new_run(queued))
     return study
 
@@ -547,7 +572,7 @@ def sensitivity_allocations(config: Config, data: DeviceData, baseline: Baseline
 
 def run_sensitivity(config: Config, out: Path, argv: list[str] | None = None, worker: Worker | None = None) -> None:
     """``ranksearch sensitivity``: measure the missing points, print the table and allocations, write the plots."""
-    from .baseline import check_baseline_source, ensure_baseline
+    from .baseline import check_baseline_source, check_baseline_worth, ensure_baseline
     from .data import device_data
     from .device import resolve_device
     from .trial import trial_bases
@@ -562,6 +587,7 @@ def run_sensitivity(config: Config, out: Path, argv: list[str] | None = None, wo
         check_writable(out, "--out")
     data = device_data(config, resolve_device(config.device))
     baseline = ensure_baseline(config, data, quiet=worker is not None)  # the parent said it once
+    check_baseline_worth(config, baseline)
     table = model_table(baseline.model, config, data.spec.input_size())
     study = ensure_points(config, data, baseline, trial_bases(config, baseline, data), table, argv, worker)
     if worker is not None:
@@ -570,6 +596,7 @@ def run_sensitivity(config: Config, out: Path, argv: list[str] | None = None, wo
     title = f"{config.model} sensitivity ({config.decomposition}, {config.finetune_steps} fine-tune steps)"
     paths = write_plots(curves(study, table.modules), baseline.val_accuracy, out, title)
     print(
-        f"study {study.study_name!r} in {shown_url(config.storage_url())}; wrote " + ", ".join(map(str, paths)),
+        f"study {study.study_name!r} in {shown_url(points_storage_url(config, study.study_name))}; wrote "
+        + ", ".join(map(str, paths)),
         flush=True,
     )

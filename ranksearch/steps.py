@@ -12,6 +12,9 @@ from collections.abc import Callable
 from tqdm import tqdm
 
 LINE_SECONDS = 30.0  # off a terminal: a progress line at most this often (and at the last step)
+CPU_CONFIG = "configs/cpu.yaml"  # the config sized for a CPU, which long CPU runs are pointed to
+LONG_SECONDS = 3600.0  # a CPU training projected to take longer is told so, after its first steps
+PACE_STEPS = 20  # the steps whose pace projects a training's time (after its first, which warms up)
 
 
 def clock_text(seconds: float) -> str:
@@ -25,6 +28,8 @@ def clock_text(seconds: float) -> str:
 
 class StepLines:
     """Off a terminal: a line every ``every`` seconds, and at the last step (``update(steps, loss)``)."""
+
+    takes_loss = True  # ``train_steps`` passes it the step's loss (read only when a line is printed)
 
     def __init__(self, label: str, total: int, first: int = 0, every: float = LINE_SECONDS,
                  clock: Callable[[], float] = time.monotonic, out=None):  # fmt: skip
@@ -47,6 +52,34 @@ class StepLines:
 
     def close(self) -> None:
         pass
+
+
+class PaceNote:
+    """A progress bar or ``StepLines`` whose updates it forwards; after ``PACE_STEPS`` steps, once, when the
+    ``total`` steps would take longer than ``LONG_SECONDS`` at that pace, the line ``text(seconds)`` on stderr."""
+
+    def __init__(self, progress, total: int, text: Callable[[float], str], clock: Callable[[], float] = time.monotonic,
+                 out=None):  # fmt: skip
+        self.progress, self.total, self.text, self.clock, self.out = progress, total, text, clock, out
+        self.takes_loss = getattr(progress, "takes_loss", False)
+        self.steps, self.start, self.said = 0, None, False
+
+    def update(self, steps: int = 1, loss=None) -> None:
+        if self.takes_loss:
+            self.progress.update(steps, loss)
+        else:
+            self.progress.update(steps)
+        self.steps += steps
+        if self.start is None:  # after the first step, which warms up
+            self.start, self.first = self.clock(), self.steps
+        elif not self.said and self.steps - self.first >= PACE_STEPS:
+            self.said = True
+            seconds = (self.clock() - self.start) / (self.steps - self.first) * self.total
+            if seconds > LONG_SECONDS:
+                print(self.text(seconds), file=self.out or sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.progress.close()
 
 
 def draws_bars() -> bool:

@@ -11,7 +11,6 @@ from .data import DeviceData
 from .device import autocast
 from .interrupts import interruption_point
 from .measure import predict_correct
-from .steps import StepLines
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,7 +77,7 @@ def train_steps(
         scheduler.step()
         if step >= steps - window:
             recent = recent + loss.detach().float()
-        if isinstance(progress, StepLines):
+        if getattr(progress, "takes_loss", False):  # StepLines (or a PaceNote around it)
             progress.update(1, loss.detach())  # read only when it prints a line
         elif progress is not None:
             progress.update(1)
@@ -103,10 +102,41 @@ def one_cycle(model: nn.Module, data: DeviceData, config: Config, steps: int, se
     return train_steps(model, data, optimizer, scheduler, steps, config, generator, progress)
 
 
-def pretrain(model: nn.Module, data: DeviceData, config: Config, progress=None) -> float:
-    """Train the baseline for ``pretrain_epochs`` with a one-cycle schedule; returns the final loss."""
-    steps = config.pretrain_epochs * steps_per_epoch(data, config.batch_size)
-    return one_cycle(model, data, config, steps, config.seed, progress)
+def pretrain(model: nn.Module, data: DeviceData, config: Config, progress=None, resume: dict | None = None,
+             after_epoch=None) -> float:  # fmt: skip
+    """Train the baseline for ``pretrain_epochs`` with a one-cycle schedule, epoch by epoch (the same steps and
+    batches as ``one_cycle`` in one go); returns the final loss.
+
+    ``after_epoch(state)``: called after each epoch with what resumes the training after it (``pretrain_state``);
+    ``resume``: such a state (its model weights already loaded), from which the training goes on as it would have.
+    """
+    per_epoch = steps_per_epoch(data, config.batch_size)
+    if config.pretrain_epochs == 0:
+        return 0.0
+    optimizer = sgd(model, config.pretrain_lr, config)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.pretrain_lr,
+                                                    total_steps=config.pretrain_epochs * per_epoch)  # fmt: skip
+    generator = torch.Generator().manual_seed(config.seed)
+    first = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        first = resume["epochs_done"]
+    loss = 0.0
+    for epoch in range(first, config.pretrain_epochs):
+        loss = train_steps(model, data, optimizer, scheduler, per_epoch, config, generator, progress)
+        if after_epoch is not None:
+            after_epoch(pretrain_state(epoch + 1, optimizer, scheduler, generator))
+    return loss
+
+
+def pretrain_state(epochs_done: int, optimizer, scheduler, generator: torch.Generator) -> dict:
+    """What resumes a pretraining after ``epochs_done`` epochs, with the model's weights: the optimizer's and the
+    schedule's states, the batches' generator and torch's global one (dropout), all loadable with weights_only."""
+    return {"epochs_done": epochs_done, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}  # fmt: skip
 
 
 def finetune(

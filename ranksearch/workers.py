@@ -185,11 +185,11 @@ def shares(total: int, workers: int) -> list[int]:
     return [total // workers + (1 if i < total % workers else 0) for i in range(workers) if i < total]
 
 
-def worker_threads(workers: int, gpus: int) -> int:
-    """The torch threads each of ``workers`` worker processes runs with: the CPU cores split among them, beside a
-    GPU too, where a worker's CPU work (the sampler's fit, the decomposition) runs while the others train."""
-    del gpus  # the same split: GPUs do not add cores
-    return max(1, (os.cpu_count() or 1) // workers)
+def worker_threads(workers: int, threads: int = 0) -> int:
+    """The torch threads each of ``workers`` worker processes runs with: ``threads`` (``--threads``) when set, else
+    the CPU cores split among them, beside a GPU too, where a worker's CPU work (the sampler's fit, the
+    decomposition) runs while the others train."""
+    return threads or max(1, (os.cpu_count() or 1) // workers)
 
 
 def _env(worker: Worker, gpus: int) -> dict[str, str]:
@@ -250,14 +250,14 @@ def _died(process: subprocess.Popen) -> bool:
 
 
 def run_workers(argv: list[str], parent: Worker, workers: int, gpus: int, owed: Callable[[], int],
-                grace_seconds: float) -> None:  # fmt: skip
+                grace_seconds: float, threads: int = 0) -> None:  # fmt: skip
     """Start ``workers`` processes sharing the run's trials and wait for them. While trials are still ``owed()``
     when they have ended (a worker died or crashed, or two told one queued trial), one more worker runs them: after
     ``grace_seconds`` when a worker died, so that the heartbeat has failed its trial and enqueued it again.
 
     Ctrl-C and SIGTERM (both raise KeyboardInterrupt here, whatever handlers the caller had set) send SIGTERM to
     every worker, wait for them, then raise KeyboardInterrupt."""
-    threads = worker_threads(workers, gpus)
+    threads = worker_threads(workers, threads)
     team = [Worker(parent.run_id, i, parent.total, threads) for i in range(workers)]
     previous = {signum: signal.signal(signum, _raise_interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     processes: list[subprocess.Popen] = []

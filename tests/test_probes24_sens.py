@@ -33,7 +33,8 @@ def _config(workdir: Path, name: str, extra: str) -> str:
 def _points_study(workdir: Path, heartbeat: int | None = None) -> optuna.Study:
     with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{workdir}/studies/smoke.db", heartbeat_interval=heartbeat)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{workdir}/studies/baselines/sensitivity.db",
+                                               heartbeat_interval=heartbeat)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage) if "-sensitivity-" in s.study_name]
     assert len(names) == 1
     return optuna.load_study(study_name=names[0], storage=storage)

@@ -1,13 +1,22 @@
 """Issue 28's probes (a deploying user's frictions) fixed so far: each failed before its fix."""
 
+import io
 from types import SimpleNamespace
 
+import optuna
 import pandas as pd
 import pytest
+import torch
 from test_probes24_flags import one_line_error
 
 from conftest import SMOKE_CONFIG, run_cli
+from ranksearch.baseline import check_baseline_worth
+from ranksearch.budget import BudgetSampler
+from ranksearch.config import Config
+from ranksearch.errors import UserError
+from ranksearch.progress import TrialProgress
 from ranksearch.report import plot_title
+from ranksearch.search import make_sampler
 
 
 @pytest.mark.parametrize("command", ["run", "pretrain"])
@@ -34,3 +43,176 @@ def test_trials_help_names_the_configs_value_as_the_default(workdir):
     result = run_cli("run", "--help", cwd=workdir)
     text = " ".join(result.stdout.split())
     assert "default: the config's trials" in text and "default 200" not in text
+
+
+class Proposes(optuna.samplers.BaseSampler):
+    """A sampler that proposes one vector every time (as GP, with no liar, did to two workers asking at once)."""
+
+    def __init__(self, vector: dict):
+        self.vector = vector
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {name: self.vector[name] for name in search_space}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.vector[param_name]
+
+
+SPACE = {f"rank_block{i}": optuna.distributions.FloatDistribution(1 / 32, 1.0, step=1 / 32) for i in (1, 2, 3)}
+SAME = {name: 8 / 32 for name in SPACE}
+GRID1 = optuna.distributions.FloatDistribution(1 / 32, 1.0, step=1 / 32)
+
+
+@pytest.mark.parametrize("state", ["running", "complete", "pruned"])
+def test_a_vector_another_trial_has_is_redrawn(state):
+    """Two workers asking at once had drawn 16/10/14/4/1 twice and trained it twice."""
+    storage = optuna.storages.InMemoryStorage()
+    sampler = lambda: BudgetSampler(Proposes(SAME), SPACE, list, seed=0)  # noqa: E731
+    first = optuna.create_study(directions=["maximize", "minimize"], storage=storage, sampler=sampler())
+    trial = first.ask(SPACE)
+    assert trial.params == SAME
+    if state == "complete":
+        first.tell(trial, (0.5, 0.5))
+    elif state == "pruned":
+        first.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    other = optuna.load_study(study_name=first.study_name, storage=storage, sampler=sampler())  # another worker
+    drawn = other.ask(SPACE)
+    assert drawn.params != SAME and all(v * 32 == round(v * 32) for v in drawn.params.values())
+    again = optuna.load_study(study_name=first.study_name, storage=storage, sampler=sampler())
+    assert again.ask(SPACE).params != drawn.params  # the redraw was taken too
+
+
+@pytest.mark.parametrize("name", ["gp", "tpe", "tpe-multivariate", "nsga2", "random"])
+def test_no_sampler_draws_a_vector_twice_while_new_ones_remain(name):
+    """9 trials over a space of 9 vectors: each a new one (before, every sampler repeated some)."""
+    space = {f"rank_block{i}": optuna.distributions.FloatDistribution(1 / 32, 3 / 32, step=1 / 32) for i in (1, 2)}
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=make_sampler(Config(sampler=name, trials=9), None, space))  # fmt: skip
+    for _ in range(9):
+        trial = study.ask(space)
+        ranks = list(trial.params.values())
+        study.tell(trial, (sum(ranks), max(ranks)))
+    assert len({tuple(t.params.values()) for t in study.trials}) == 9
+
+
+def test_threads_sets_the_threads_a_run_measures_with(workdir, tiny_imagefolder):
+    """There was no --threads: a process on a shared machine took every core and ran 10-20x slower."""
+    result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--study-name",
+                     "t1", "--threads", "1", "--objectives", "accuracy,macs,latency", "--trials", "1",
+                     cwd=workdir)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="t1", storage=f"sqlite:///{workdir}/studies/t1.db")
+    assert study.user_attrs["latency_device"]["threads"] == 1
+    refused = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--threads", "-1",
+                      cwd=workdir)  # fmt: skip
+    one_line_error(refused, "threads must be")
+
+
+def test_the_eta_follows_the_recent_pace_when_the_machine_gets_busy():
+    """10 trials at 4 s, then the machine is shared and trials take 74 s: the ETA had stayed near the first pace
+    (the whole run's mean); it is now the last trials' pace."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    clock = {"now": 0.0}
+    out = io.StringIO()
+    progress = TrialProgress(total=40, modules=["block1"], costs=["macs"], out=out, clock=lambda: clock["now"])
+    for seconds in [4.0] * 10 + [74.0] * 5:
+        clock["now"] += seconds
+        trial = optuna.trial.create_trial(params={"rank_block1": 0.5}, distributions={"rank_block1": GRID1},
+                                          values=(0.5, 10.0), user_attrs={"macs_ratio": 0.5})  # fmt: skip
+        study.add_trial(trial)
+        progress(study, study.trials[-1])
+    last = out.getvalue().splitlines()[-1]
+    assert "ETA 30:50" in last  # 25 trials left at 74 s (the whole run's mean said 11:23)
+
+
+def test_a_baseline_near_chance_stops_the_run_unless_the_user_insists(workdir, tiny_imagefolder):
+    """A 3-class baseline at 38 % (chance 33 %) had gone through search and export without a word."""
+    config = Config(num_classes=3, min_baseline_accuracy=None)
+    near_chance = SimpleNamespace(val_accuracy=0.38)
+    with pytest.raises(UserError, match=r"38.00% is within 10% of chance \(33.33% for 3 classes\)"):
+        check_baseline_worth(config, near_chance)
+    check_baseline_worth(config, SimpleNamespace(val_accuracy=0.44))  # 10 points over chance: on it goes
+    check_baseline_worth(Config(num_classes=3, min_baseline_accuracy=0.0), near_chance)  # the user insists
+    # a run: the smoke baseline (40 % val) under a floor of 0.9 stops before the study is written; 0 goes on
+    run = ("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--study-name", "floor",
+           "--trials", "1")  # fmt: skip
+    refused = run_cli(*run, "--min-baseline-accuracy", "0.9", cwd=workdir)
+    one_line_error(refused, "under --min-baseline-accuracy 0.9", "train it longer", after_baseline=True)
+    assert not (workdir / "studies" / "floor.db").exists()
+    assert run_cli(*run, "--min-baseline-accuracy", "0", cwd=workdir).returncode == 0
+
+
+def test_an_interrupted_pretraining_resumes_where_its_kept_epochs_end(tmp_path, tiny_imagefolder, monkeypatch,
+                                                                      capsys):  # fmt: skip
+    """Ctrl-C during pretraining lost every epoch (8.5 h of the full config on a CPU). Now the epochs done are kept,
+    and the next command goes on from them to the weights an uninterrupted pretraining gives."""
+    import ranksearch.baseline as baseline_module
+    import ranksearch.train as train_module
+    from ranksearch.baseline import ensure_baseline, train_baseline
+    from ranksearch.config import load_config
+    from ranksearch.data import device_data
+    from ranksearch.interrupts import Interrupted
+
+    config = load_config(SMOKE_CONFIG, {"data_dir": str(tiny_imagefolder), "pretrain_epochs": 4,
+                                        "baseline_dir": str(tmp_path / "baselines")})  # fmt: skip
+    data = device_data(config, torch.device("cpu"))
+    whole = train_baseline(config, data).model.state_dict()  # uninterrupted, kept nowhere
+
+    monkeypatch.setattr(baseline_module, "CHECKPOINT_SECONDS", 0.0)  # every epoch kept (tiny epochs)
+    real_steps, calls = train_module.train_steps, []
+
+    def ctrl_c_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_steps(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_steps", ctrl_c_in_epoch_3)
+    with pytest.raises(Interrupted, match=r"its first 2 epochs are kept in .*\.pretraining, and the next command"):
+        ensure_baseline(config, data)
+    monkeypatch.setattr(train_module, "train_steps", real_steps)
+    resumed = ensure_baseline(config, data)
+    assert "resuming its pretraining at epoch 3/4" in capsys.readouterr().err
+    assert all(torch.equal(resumed.model.state_dict()[k], whole[k]) for k in whole)  # bit for bit, on the CPU
+    assert [p.suffix for p in (tmp_path / "baselines").iterdir()] == [".pt"]  # the checkpoint is gone
+
+
+def test_a_cpu_pretraining_of_hours_says_so_after_its_first_steps():
+    from ranksearch.steps import PaceNote
+
+    out, clock = io.StringIO(), {"now": 0.0}
+    shown = []
+    note = PaceNote(SimpleNamespace(update=lambda steps: shown.append(steps), close=lambda: None), total=10_530,
+                    text=lambda s: f"about {s:.0f} s", clock=lambda: clock["now"], out=out)  # fmt: skip
+    for _ in range(30):
+        clock["now"] += 1.0  # 1 s a step: 10,530 steps, about 3 hours
+        note.update(1)
+    assert out.getvalue() == "about 10530 s\n" and len(shown) == 30  # once, and every step still shown
+    fast = io.StringIO()
+    quick = PaceNote(SimpleNamespace(update=lambda steps: None, close=lambda: None), total=1000,
+                     text=lambda s: "slow", clock=lambda: clock["now"], out=fast)  # fmt: skip
+    for _ in range(30):
+        clock["now"] += 0.1
+        quick.update(1)
+    assert fast.getvalue() == ""  # 100 s in all: nothing to say
+
+
+@pytest.mark.slow
+def test_sensitivity_points_are_measured_once_for_every_study_on_the_baseline(workdir, tiny_imagefolder):
+    """With the default storage (a database per study) every study name measured the points again, and the points'
+    study sat in the main study's dashboard list. They are now in one database beside the baselines."""
+    smoke = ("--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--warm-start", "sensitivity",
+             "--trials", "1")  # fmt: skip
+    first = run_cli("run", *smoke, "--study-name", "one", cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    assert "sensitivity: measuring 45 of 45 points" in first.stdout
+    second = run_cli("run", *smoke, "--study-name", "two", cwd=workdir)
+    assert second.returncode == 0, second.stderr
+    assert "measuring" not in second.stdout and "warm start (sensitivity): enqueued" in second.stdout
+    for name in ("one", "two"):  # each study's database holds that study alone
+        assert optuna.get_all_study_names(f"sqlite:///{workdir}/studies/{name}.db") == [name]
+    (points,) = optuna.get_all_study_names(f"sqlite:///{workdir}/studies/baselines/sensitivity.db")
+    assert "-sensitivity-" in points

@@ -29,8 +29,9 @@ def test_several_workers_share_one_gpu_and_the_cores(monkeypatch):
     """`run --workers 4` on one GPU: all four on it, each with a quarter of the cores (one thread each had left the
     sampler's fit and the decomposition on one core while 15 idled); on 2 GPUs, worker i on GPU i mod 2."""
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert worker_threads(4, gpus=1) == 4 and worker_threads(8, gpus=1) == 2 and worker_threads(32, gpus=1) == 1
-    team = [Worker("ab12cd34", i, 40, worker_threads(4, gpus=1)) for i in range(4)]
+    assert worker_threads(4) == 4 and worker_threads(8) == 2 and worker_threads(32) == 1
+    assert worker_threads(4, threads=3) == 3  # --threads 3
+    team = [Worker("ab12cd34", i, 40, worker_threads(4)) for i in range(4)]
     assert [_env(w, gpus=1)["CUDA_VISIBLE_DEVICES"] for w in team] == ["0"] * 4
     assert {_env(w, gpus=1)["OMP_NUM_THREADS"] for w in team} == {"4"}
     assert [_env(w, gpus=2)["CUDA_VISIBLE_DEVICES"] for w in team] == ["0", "1", "0", "1"]
