@@ -221,7 +221,7 @@ def check_baseline_worth(config: Config, baseline: Baseline) -> None:
         return
     where = ("check --normalize (what the weights were trained with) and the data" if config.weights is not None
              else "train it longer (--pretrain-epochs) or check the data")  # fmt: skip
-    against = (f"within {CHANCE_MARGIN:.0%} of chance ({chance:.2%} for {config.num_classes} classes)"
+    against = (f"within {CHANCE_MARGIN * 100:.0f} points of chance ({chance:.2%} for {config.num_classes} classes)"
                if config.min_baseline_accuracy is None else f"under --min-baseline-accuracy {floor:g}")  # fmt: skip
     raise UserError(f"the baseline's val accuracy {baseline.val_accuracy:.2%} is {against}: its compressed models "
                     f"would be measured on noise; {where}, or pass --min-baseline-accuracy 0 to go on")  # fmt: skip

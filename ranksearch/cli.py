@@ -197,17 +197,18 @@ def closing_line(config: Config) -> str:
 
 
 def _baseline(config: Config):
-    """The config's pretrained baseline: cached, or pretrained now (and cached)."""
+    """The config's pretrained baseline (cached, or pretrained now and cached), and the data it was measured on."""
     from .baseline import check_baseline_source, ensure_baseline
     from .data import device_data
     from .device import resolve_device
 
     check_baseline_source(config)  # before the data
-    return ensure_baseline(config, device_data(config, resolve_device(config.device)))
+    data = device_data(config, resolve_device(config.device))
+    return ensure_baseline(config, data), data
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    _baseline(_resolve(args))
+    _baseline(_resolve(args))  # says where it is and what it measured
     return 0
 
 
@@ -273,7 +274,8 @@ def cmd_ranks(args: argparse.Namespace) -> int:
     a 1x1 conv's or linear layer's (``svd_layers``), the smallest whose SVD rank max(1, round(k/32 * min(Cin, Cout)))
     is at least VBMF's; a module's is the largest of its layers'. The math is ``ranksearch.warmstart``'s.
     """
-    from .warmstart import vbmf_ranks
+    from .sensitivity import model_table
+    from .warmstart import clip_ranks, vbmf_ranks
 
     if not args.vbmf:
         raise UserError("ranks needs --vbmf: VBMF is the only rank estimator today (ranksearch ranks --vbmf ...)")
@@ -282,9 +284,18 @@ def cmd_ranks(args: argparse.Namespace) -> int:
     config = _resolve(args)
     if config.decomposition != "tucker2":
         raise UserError(f"ranks --vbmf estimates Tucker-2 ranks, not {config.decomposition}'s (decomposition tucker2)")
-    baseline = _baseline(config)
-    print(_ranks_report(vbmf_ranks(baseline.model, config.search_space, args.weakening), config))
+    baseline, data = _baseline(config)
+    estimates = vbmf_ranks(baseline.model, config.search_space, args.weakening)
+    print(_ranks_report(estimates, config))
+    print(_costs_line(clip_ranks(list(estimates.modules.values()), config.rank_min, config.rank_max),
+                      model_table(baseline.model, config, data.spec.input_size())))  # fmt: skip
     return 0
+
+
+def _costs_line(ranks: list[float], table) -> str:
+    """What the ``--ranks`` vector costs, as ratios to the baseline's (the exact cost table)."""
+    return (f"its cost: MACs {table.ratio('macs', ranks):.3f}x, params {table.ratio('params', ranks):.3f}x of the "
+            "baseline's")
 
 
 # `run`'s flags that `sensitivity` does not use: it measures a fixed ladder of points (no sampler, pruner or trial

@@ -243,6 +243,10 @@ def _coerce(name: str, value, kind):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise UserError(f"config key {name!r} must be int or null, got {reprlib.repr(value)}")
         return value
+    if kind == float | None:
+        if value is None:
+            return None
+        return _coerce(name, value, float)
     if kind == str | None:
         kind, what = (str, type(None)), "text or null"
     elif kind == list[str]:

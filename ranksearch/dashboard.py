@@ -33,6 +33,20 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+PARETO_PLOT_ID = "ranksearch-pareto"  # the study's own plot in optuna-dashboard (one per study, replaced each run)
+
+
+def save_pareto_plot(study: optuna.Study) -> None:
+    """The report's Pareto figure (val % against each cost's ratio to the baseline's, log, the front, the baseline,
+    a budget's line) saved into the study, where optuna-dashboard shows it on the study's page beside its own plot
+    (which draws val as a fraction against absolute costs). Nothing without a complete trial."""
+    from .report import pareto_figure
+
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        return
+    optuna_dashboard.save_plotly_graph_object(study, pareto_figure(study), graph_object_id=PARETO_PLOT_ID)
+
+
 def open_storage(storage_url: str) -> optuna.storages.BaseStorage:
     """The storage at ``storage_url``; a missing SQLite file is an error rather than a new empty database."""
     path = sqlite_path(storage_url)

@@ -103,13 +103,27 @@ def _download(data_dir: Path) -> None:
     from torchvision.datasets import CIFAR10
 
     print(f"downloading CIFAR-10 into {data_dir} ...", file=sys.stderr)
+    made = [folder for folder in (data_dir, *data_dir.parents) if not folder.exists()]  # the ones it creates
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         CIFAR10(str(data_dir), train=True, download=True)
     except Exception as error:  # no network, no permission, ...
+        for folder in made:  # innermost first: a failed start leaves no folder of its own behind
+            _remove_if_empty(folder)
         raise UserError(
             f"no CIFAR-10 in --data-dir {data_dir} and the download failed ({error}); point --data-dir at {ACCEPTED}"
         ) from None
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """``folder`` removed when it holds nothing but a partial download's leftovers (torchvision's empty archive)."""
+    try:
+        for leftover in folder.glob("cifar-10-python.tar.gz"):
+            if leftover.stat().st_size == 0:
+                leftover.unlink()
+        folder.rmdir()  # only when empty
+    except OSError:
+        pass
 
 
 def _load_torchvision(root: Path) -> Dataset:

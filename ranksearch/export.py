@@ -7,6 +7,7 @@ tensors alone.
 
 import copy
 import dataclasses
+import math
 import sys
 import warnings
 from collections.abc import Callable
@@ -96,10 +97,13 @@ def pick_best(study: optuna.Study, max_drop_pp: float, objective: str | None = N
     qualified = [t for t in front if t.values[0] >= floor - 1e-12]
     if not qualified:
         listing = "; ".join(f"trial {t.number}: val {t.values[0]:.2%}, {costs_text(t, costs)}" for t in front)
+        nearest = max(front, key=lambda t: (t.values[0], -t.number))
+        needed = math.ceil((floor + max_drop_pp / 100 - nearest.values[0]) * 1000 - 1e-9) / 10  # pp, rounded up
         raise UserError(
             f"no Pareto trial is within {max_drop_pp} pp of the baseline's val accuracy "
-            f"({floor + max_drop_pp / 100:.2%}); front: {listing or 'empty'}; "
-            "raise --max-drop or pick one with --trial N"
+            f"({floor + max_drop_pp / 100:.2%}); front: {listing or 'empty'}; --max-drop {needed:g} takes trial "
+            f"{nearest.number} (a short fine-tune's val: export's refine, --finetune-epochs, wins most of it back), "
+            "or pick one with --trial N"
         )
     best = qualified[0]
     reason = (

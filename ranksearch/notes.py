@@ -40,12 +40,16 @@ def fenced(text: str, language: str = "") -> str:
     return f"{fence}{language}\n{text}\n{fence}"
 
 
-def trial_note(trial: optuna.trial.FrozenTrial, modules: list[str], costs: list[str], export: str) -> str:
+def trial_note(trial: optuna.trial.FrozenTrial, modules: list[str], costs: list[str], export: str,
+               baseline_val: float | None = None) -> str:  # fmt: skip
     """The Markdown of ``trial``'s note (``costs``: every cost the trial may have measured; ``export``: the command
-    that exports a trial of this study, ``export_command``)."""
+    that exports a trial of this study, ``export_command``; ``baseline_val``: the baseline's val accuracy, which
+    the trial's is set against)."""
     lines = [f"## Trial {trial.number}: {trial.state.name.lower()}", ""]
     if trial.values:
-        lines += [f"**val accuracy {trial.values[0]:.2%}**", ""]
+        against = "" if baseline_val is None else (
+            f" (baseline {baseline_val:.2%}: {100 * (trial.values[0] - baseline_val):+.2f} points)")  # fmt: skip
+        lines += [f"**val accuracy {trial.values[0]:.2%}**{against}", ""]
     lines += ["| module | rank |", "|---|---|"]
     lines += [f"| {markdown_text(m)} | {_rank(trial.params.get(param_name(m)))} |" for m in modules]
     measured = [(COSTS[name], trial.user_attrs.get(COSTS[name].attr)) for name in costs if name in COSTS]
@@ -69,15 +73,39 @@ def _rank(value: float | None) -> str:
 
 
 def _weights_line(trial: optuna.trial.FrozenTrial, export: str) -> str:
-    command = f"\n\n{fenced(f'{export} --trial {trial.number} --out trial{trial.number}.pt')}\n"  # a line of its own
+    command = f"\n\n{fenced(pasted_export(export, trial))}\n"  # a block of its own
+    seed = markdown_text(trial.user_attrs.get("seed"))
     if WEIGHTS_ATTR in trial.user_attrs:
-        return f"- weights: kept while on the Pareto front (see Artifacts); to export them:{command}"
+        return (f"- weights: kept when it finished on the Pareto front (see Artifacts), and deleted if a later trial "
+                f"pushes it off; export uses them, or else re-runs its fine-tune (seed {seed}):{command}")
     if trial.state == optuna.trial.TrialState.COMPLETE:
-        seed = markdown_text(trial.user_attrs.get("seed"))
         why = trial.user_attrs.get(WEIGHTS_NOT_KEPT)
         why = "" if why is None else f" (the weights folder could not be written: {markdown_text(why)})"
         return f"- weights: not kept{why}; to export the trial, re-running its fine-tune (seed {seed}):{command}"
     return "- weights: none"
+
+
+NOTE_COLUMNS = 72  # a pasted command is broken into lines of about this many characters (a note box's width)
+
+
+def pasted_export(export: str, trial: optuna.trial.FrozenTrial) -> str:
+    """The export command of ``trial``, writing into exports/ (not the current folder), broken with `` \\`` before
+    a flag where a line would pass ``NOTE_COLUMNS`` (a note box's width)."""
+    words = export.split(" ")
+    study = words[words.index("--study-name") + 1] if "--study-name" in words else "study"
+    chunks = []  # the command's head, then each flag with its value
+    for word in [*words, "--trial", str(trial.number), "--out", f"exports/{study}-trial{trial.number}.pt"]:
+        if word.startswith("--") or not chunks:
+            chunks.append(word)
+        else:
+            chunks[-1] += f" {word}"
+    lines = [chunks[0]]
+    for chunk in chunks[1:]:
+        if len(lines[-1]) + 1 + len(chunk) > NOTE_COLUMNS:
+            lines.append(f"    {chunk}")
+        else:
+            lines[-1] += f" {chunk}"
+    return " \\\n".join(lines)
 
 
 def study_command(command: str, study_name: str, storage: str | None) -> str:
@@ -129,4 +157,5 @@ class TrialNotes:
         self.modules, self.costs, self.export = modules, costs, export
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        save_trial_note(study, trial, trial_note(trial, self.modules, self.costs, self.export))
+        baseline_val = study.user_attrs.get("baseline", {}).get("val_accuracy")
+        save_trial_note(study, trial, trial_note(trial, self.modules, self.costs, self.export, baseline_val))

@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .attrs import FAIL_REASON, RANK_PREFIX, module_of
+from .budget import parse_budget
 from .files import atomic_write
 from .models import rank_step, steps_text
 from .objectives import COST_BUDGETS, COSTS, best_within, cost, cost_ratio, study_objectives
@@ -232,6 +233,19 @@ def _baseline_trace(baseline: dict, name: str, value: float | None) -> go.Scatte
     )
 
 
+def budget_of(study: optuna.Study) -> tuple[str, float] | None:
+    """A budget study's (cost, fraction of the baseline's), else None."""
+    budget = study.user_attrs.get("config", {}).get("budget")
+    return parse_budget(budget) if budget else None
+
+
+def _budget_trace(rows: pd.DataFrame, baseline: dict | None, fraction: float) -> go.Scatter:
+    """The budget as a dashed vertical line across the panel's accuracies."""
+    values = [*(rows["val_accuracy"] * 100), *([baseline["val_accuracy"] * 100] if baseline else [])]
+    return go.Scatter(x=[fraction, fraction], y=[min(values), max(values)], name=f"budget {fraction:g}x",
+                      mode="lines", line={"dash": "dash", "color": "royalblue"}, hoverinfo="name")  # fmt: skip
+
+
 def _panel_traces(study: optuna.Study, table: pd.DataFrame, name: str) -> list[go.Scatter]:
     """The traces of the panel of cost ``name``: other trials, the 2-D front as a step line, other Pareto trials,
     the baseline."""
@@ -246,6 +260,9 @@ def _panel_traces(study: optuna.Study, table: pd.DataFrame, name: str) -> list[g
     baseline = baseline_of(study)
     if baseline:
         traces.append(_baseline_trace(baseline, name, baseline_costs(study)[name]))
+    budget = budget_of(study)
+    if budget is not None and budget[0] == name and not complete_rows(table).empty:
+        traces.append(_budget_trace(complete_rows(table), baseline, budget[1]))
     return traces
 
 
@@ -276,8 +293,10 @@ def _log_ratio_axis(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _draw_panel(axes, rows: pd.DataFrame, name: str, baseline: dict | None) -> None:
-    """One matplotlib panel: val accuracy (%) vs the ratio of cost ``name``, as in ``pareto_figure``."""
+def _draw_panel(axes, rows: pd.DataFrame, name: str, baseline: dict | None,
+                budget: tuple[str, float] | None = None) -> None:  # fmt: skip
+    """One matplotlib panel: val accuracy (%) vs the ratio of cost ``name``, as in ``pareto_figure``; a budget of
+    that cost as a dashed line."""
     ratio = ratio_column(name)
     others, front, off_front = panel_rows(rows, name)
     axes.scatter(others[ratio], others["val_accuracy"] * 100, c="lightgray", edgecolors="gray", label="trials")
@@ -290,6 +309,8 @@ def _draw_panel(axes, rows: pd.DataFrame, name: str, baseline: dict | None) -> N
         axes.annotate(str(row["number"]), point, fontsize=7, xytext=(3, 3), textcoords="offset points")
     if baseline:
         axes.scatter([1.0], [baseline["val_accuracy"] * 100], marker="*", s=200, c="black", label="baseline")
+    if budget is not None and budget[0] == name:
+        axes.axvline(budget[1], linestyle="--", color="royalblue", label=f"budget {budget[1]:g}x")
     if not front.empty or baseline:
         _log_ratio_axis(axes.xaxis)
     axes.set_xlabel(axis_title(name))
@@ -305,7 +326,7 @@ def pareto_png(study: optuna.Study, path: Path) -> Path:
     figure = Figure(figsize=(3 + 5 * len(costs), 5), dpi=120, layout="constrained")  # 8 inches wide for one
     panels = figure.subplots(1, len(costs), sharey=True, squeeze=False)[0]
     for axes, name in zip(panels, costs, strict=True):
-        _draw_panel(axes, rows, name, baseline_of(study))
+        _draw_panel(axes, rows, name, baseline_of(study), budget_of(study))
     panels[0].set_ylabel(ACCURACY_TITLE)
     figure.suptitle(plot_title(study, rows))
     path = Path(path)

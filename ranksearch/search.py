@@ -426,6 +426,9 @@ def _run_search(
     if worker is None:
         summary = budget_summary(study, config, modules) if config.budget else pareto_summary(study, modules)
         print(summary, flush=True)
+        from .dashboard import save_pareto_plot  # optuna-dashboard's imports: at the end, not at every start
+
+        save_pareto_plot(study)  # the study page's plot of val % against cost ratios, in optuna-dashboard
         if targets(config):
             data = device_data(config, resolve_device(config.device)) if config.workers > 1 else data
             deliver(study, config, data, baseline.model, config.weights_path(), run.run_id)

@@ -237,6 +237,12 @@ def queue_warm_starts(
     vectors = warm_start_vectors(config, model, allocations)
     if fit is not None:  # vectors that fit to the same one are queued once
         fitted = [fit(list(ranks)) for ranks in vectors]
+        moved = [(before, after) for before, after in zip(vectors, fitted, strict=True) if
+                 steps_key(before) != steps_key(after)]  # fmt: skip
+        if moved:  # say why a printed allocation is not what is queued
+            pairs = ", ".join(f"{_vectors_text([before])} -> {_vectors_text([after])}" for before, after in moved)
+            print(f"warm start: fitted to budget {config.budget} (or its rank spread), as every vector of the run "
+                  f"is: {pairs}", flush=True)  # fmt: skip
         vectors = [ranks for i, ranks in enumerate(fitted) if ranks not in fitted[:i]]
     enqueued, skipped = enqueue_warm_starts(study, modules, vectors)
     waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))

@@ -151,10 +151,13 @@ def test_each_trial_and_the_study_get_a_readable_note_in_optuna_dashboard(workdi
     assert first.startswith("## Trial 0: complete") and "| block1 | 8/32 |" in first and "| block5 | 1/32 |" in first
     macs, ratio = study.trials[0].user_attrs["macs"], study.trials[0].user_attrs["macs_ratio"]
     assert f"| MACs | {macs:,} | {ratio:.3f}x |" in first and "- weights: " in first
-    pasted = "python -m ranksearch export --study-name smoke --trial 0 --out trial0.pt"
-    assert f"\n```\n{pasted}\n```\n" in first
-    exported = run_cli(*pasted.split()[3:], cwd=workdir)  # as pasted into the study's folder
-    assert exported.returncode == 0 and (workdir / "trial0.pt").is_file(), exported.stderr
+    pasted = "python -m ranksearch export --study-name smoke --trial 0 \\\n    --out exports/smoke-trial0.pt"
+    assert f"\n```\n{pasted}\n```\n" in first  # broken to fit a note box; into exports/, not the current folder
+    exported = run_cli(*pasted.replace("\\", "").split()[3:], cwd=workdir)  # as pasted into the study's folder
+    assert exported.returncode == 0 and (workdir / "exports" / "smoke-trial0.pt").is_file(), exported.stderr
+    baseline_val = study.user_attrs["baseline"]["val_accuracy"]
+    drop = 100 * (study.trials[0].values[0] - baseline_val)
+    assert f"(baseline {baseline_val:.2%}: {drop:+.2f} points)" in first  # the accuracy it gave up
     assert "copied from trial 0" in copy and "| block3 | 4/32 |" in copy
     head = get_note_from_system_attrs(attrs, None)["body"]
     assert "val accuracy (maximise) vs MACs (minimise)" in head and "**Baseline**: val " in head

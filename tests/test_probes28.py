@@ -1,6 +1,7 @@
 """Issue 28's probes (a deploying user's frictions) fixed so far: each failed before its fix."""
 
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
@@ -132,7 +133,7 @@ def test_a_baseline_near_chance_stops_the_run_unless_the_user_insists(workdir, t
     """A 3-class baseline at 38 % (chance 33 %) had gone through search and export without a word."""
     config = Config(num_classes=3, min_baseline_accuracy=None)
     near_chance = SimpleNamespace(val_accuracy=0.38)
-    with pytest.raises(UserError, match=r"38.00% is within 10% of chance \(33.33% for 3 classes\)"):
+    with pytest.raises(UserError, match=r"38.00% is within 10 points of chance \(33.33% for 3 classes\)"):
         check_baseline_worth(config, near_chance)
     check_baseline_worth(config, SimpleNamespace(val_accuracy=0.44))  # 10 points over chance: on it goes
     check_baseline_worth(Config(num_classes=3, min_baseline_accuracy=0.0), near_chance)  # the user insists
@@ -216,3 +217,102 @@ def test_sensitivity_points_are_measured_once_for_every_study_on_the_baseline(wo
         assert optuna.get_all_study_names(f"sqlite:///{workdir}/studies/{name}.db") == [name]
     (points,) = optuna.get_all_study_names(f"sqlite:///{workdir}/studies/baselines/sensitivity.db")
     assert "-sensitivity-" in points
+
+
+def test_the_dashboard_shows_the_reports_pareto_plot_and_notes_that_hold_after_the_front_moves(workdir,
+                                                                                                tiny_imagefolder):
+    """The study page had Optuna's own plot alone (val as a fraction against absolute MACs); a trial pushed off the
+    front kept a note saying its weights are "kept while on the Pareto front"."""
+    import json
+
+    from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+
+    from ranksearch.attrs import WEIGHTS_ATTR
+    from ranksearch.notes import trial_note
+
+    result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "2",
+                     cwd=workdir)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{workdir}/studies/smoke.db")
+    plots = get_plotly_graph_objects(study._storage.get_study_system_attrs(study._study_id))
+    figure = json.loads(plots["ranksearch-pareto"])
+    assert figure["layout"]["yaxis"]["title"]["text"] == "validation accuracy (%)"
+    assert figure["layout"]["xaxis"]["type"] == "log" and "baseline's" in figure["layout"]["xaxis"]["title"]["text"]
+    trial = study.trials[0]
+    kept = optuna.trial.create_trial(params=trial.params, distributions=trial.distributions, values=trial.values,
+                                     user_attrs={**trial.user_attrs, WEIGHTS_ATTR: "x", "seed": 7})  # fmt: skip
+    note = trial_note(kept, ["block1"], [], "python -m ranksearch export --study-name smoke")
+    assert "kept while on the Pareto front" not in note
+    assert "deleted if a later trial pushes it off" in note and "re-runs its fine-tune (seed 7)" in note
+
+
+def test_a_budget_plot_draws_the_budget():
+    from ranksearch.report import pareto_figure
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("config", {"budget": "macs=0.2"})
+    study.set_user_attr("baseline", {"val_accuracy": 0.9, "test_accuracy": 0.9, "macs": 100, "params": 10})
+    for val, ratio in ((0.8, 0.19), (0.7, 0.15)):
+        attrs = {"macs": ratio * 100, "macs_ratio": ratio, "params": 5, "params_ratio": 0.5}
+        study.add_trial(optuna.trial.create_trial(params={"rank_block1": 0.5}, distributions={"rank_block1": GRID1},
+                                                  value=val, user_attrs=attrs))  # fmt: skip
+    figure = pareto_figure(study)
+    (budget,) = [t for t in figure.data if t.name == "budget 0.2x"]
+    assert list(budget.x) == [0.2, 0.2]
+
+
+def test_export_best_names_the_margin_that_takes_the_nearest_trial():
+    """`export --trial best` failed on every CPU study (all trials over 1 point below the baseline) and said only
+    "raise --max-drop"; the tutorial's "where next" suggested it as it was."""
+    from ranksearch.export import pick_best
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr("baseline", {"val_accuracy": 0.40, "test_accuracy": 0.4, "macs": 100, "params": 10})
+    for val, ratio in ((0.20, 0.227), (0.30, 0.296)):
+        attrs = {"macs": ratio * 100, "macs_ratio": ratio, "params": 5, "params_ratio": 0.5}
+        study.add_trial(optuna.trial.create_trial(params={"rank_block1": 0.5}, distributions={"rank_block1": GRID1},
+                                                  values=(val, ratio * 100), user_attrs=attrs))  # fmt: skip
+    with pytest.raises(UserError, match=r"--max-drop 10 takes trial 1 "):
+        pick_best(study, 1.0)
+    assert pick_best(study, 10.0).trial.number == 1  # and it does
+
+
+def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """A download that failed (no network) left an empty data/, though a failed start is said to leave nothing."""
+    import torchvision.datasets
+
+    from ranksearch.data import load_dataset
+
+    def no_network(root, train, download):
+        (Path(root) / "cifar-10-python.tar.gz").touch()  # torchvision opens the archive before the first byte
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    with pytest.raises(UserError, match="the download failed"):
+        load_dataset(tmp_path / "data" / "cifar", download=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_warm_start_vector_fitted_to_the_budget_says_so(capsys):
+    """The sensitivity allocation printed 16/12/8/6/12 and 17/12/8/6/12 was queued, with no word why."""
+    from ranksearch.warmstart import queue_warm_starts
+
+    study = optuna.create_study(direction="maximize")
+    config = Config(warm_start=["sensitivity"], budget="macs=0.2", trials=4)
+    modules = ["block1", "block2", "block3", "block4", "block5"]
+    allocation = [k / 32 for k in (16, 12, 8, 6, 12)]
+    fit = lambda ranks: [ranks[0] + 1 / 32, *ranks[1:]]  # noqa: E731 (the budget's boundary is one step up)
+    queue_warm_starts(study, config, None, modules, [allocation], fit)
+    out = capsys.readouterr().out
+    assert "fitted to budget macs=0.2" in out and "16/12/8/6/12 /32 -> 17/12/8/6/12 /32" in out
+    assert "enqueued 1: 17/12/8/6/12 /32" in out
+
+
+def test_ranks_vbmf_says_what_its_vector_costs(workdir, tiny_imagefolder):
+    """`ranks --vbmf` printed a --ranks vector without its MACs."""
+    result = run_cli("ranks", "--vbmf", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder),
+                     cwd=workdir)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2].startswith("--ranks ")
+    assert lines[-1].startswith("its cost: MACs ") and lines[-1].endswith("x of the baseline's")
