@@ -46,6 +46,7 @@ def _out_path(text: str) -> Path:
     return Path(text)
 
 
+SPEED_BATCH_MAX = 4096  # export --speed-batch: a larger batch is a typo (and a long measurement)
 FINETUNE_EPOCHS_MAX = 1000  # export's refine: more is a typo (1e9 ran silently past any patience)
 REFINE_LR_MAX = 10.0  # export's refine: a larger peak rate per batch is a typo (1e300 overflowed SGD's float32)
 _DECOMPOSITION_HELP = f"what k x k convs become: {_choices(conv_decompositions(), Config.decomposition)}"
@@ -402,6 +403,9 @@ def _export_flags(parser: argparse.ArgumentParser) -> None:
                         "each format is written with its own suffix in place of --out's")  # fmt: skip
     parser.add_argument("--data-dir", help="the study's data (default: the folder recorded in the study)")
     parser.add_argument("--device", help="auto | cpu | cuda (default: the device the trial ran on)")
+    parser.add_argument("--speed-batch", type=int, default=None, metavar="B", help="the written model's speed "
+                        "against the baseline's is measured here at batch 1 and B (default 32; 0 or 1: batch 1 "
+                        "alone), printed and recorded in the .pt")  # fmt: skip
     parser.add_argument("--weights-dir", help=_WEIGHTS_DIR_HELP)
     _plugin_flag(parser, _STUDY_PLUGIN_HELP.format("model, decomposition or a cost"))
 
@@ -448,6 +452,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .export import check_out, choose_trial, export_device, export_trial, parse_formats
+    from .latency import SPEED_BATCH
 
     formats = parse_formats(args.format)
     if args.finetune_epochs < 0:
@@ -458,12 +463,16 @@ def _export(args: argparse.Namespace) -> int:
         raise UserError(f"--finetune-epochs {args.finetune_epochs}: at most {FINETUNE_EPOCHS_MAX} (a refine, not a "
                         "training from scratch)")  # fmt: skip
     recipe = _refine_recipe(args)
+    speed_batch = SPEED_BATCH if args.speed_batch is None else args.speed_batch
+    if not 0 <= speed_batch <= SPEED_BATCH_MAX:
+        raise UserError(f"--speed-batch must be 0..{SPEED_BATCH_MAX} (images per timed forward pass), got "
+                        f"{speed_batch}")  # fmt: skip
     paths = check_out(args.out, formats, refine=args.finetune_epochs > 0)
     weights = _weights_folder(args)
     study = _open_study(args, ("model", "decomposition", "costs"))  # it rebuilds, verifies and picks by cost
     trial = choose_trial(study, args.trial, args.max_drop, args.objective)
     export_trial(study, trial, args.data_dir, export_device(trial, args.device), paths, args.finetune_epochs,
-                 recipe, args.from_scratch_check, weights)  # fmt: skip
+                 recipe, args.from_scratch_check, weights, speed_batch)  # fmt: skip
     return 0
 
 

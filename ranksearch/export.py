@@ -29,6 +29,7 @@ from .errors import UserError, first_line
 from .files import atomic_write, atomic_write_set, check_writable, clear_stale_partials, folder_lock
 from .fold import fold_batchnorm
 from .inputs import CIFAR10_SHAPE
+from .latency import SPEED_BATCH, measured_speed
 from .load import FILE_KIND, FILE_VERSION
 from .measure import count_macs
 from .models import ranks_text
@@ -228,15 +229,23 @@ def refine_checkpoint(pt: Path) -> Path:
     return pt.with_name(pt.name + ".refine.pt")
 
 
-def study_teacher(study: optuna.Study, config: Config, device: torch.device) -> nn.Module:
-    """The study's baseline, the teacher of a distilled refine; a one-line UserError when its file is gone."""
+def study_baseline(study: optuna.Study, config: Config, device: torch.device) -> nn.Module | None:
+    """The study's baseline model, or None when its file is gone."""
     recorded = study.user_attrs.get("baseline_path")
     if not recorded or not Path(recorded).is_file():
-        raise UserError(
-            f"the study's baseline {recorded or '(not recorded)'}, the teacher of the refine's distillation, is "
-            "gone; pass --refine-distill 0 to refine without distillation"
-        )
+        return None
     return load_baseline(Path(recorded), config, device).model
+
+
+def study_teacher(study: optuna.Study, config: Config, device: torch.device) -> nn.Module:
+    """The study's baseline, the teacher of a distilled refine; a one-line UserError when its file is gone."""
+    baseline = study_baseline(study, config, device)
+    if baseline is None:
+        raise UserError(
+            f"the study's baseline {study.user_attrs.get('baseline_path') or '(not recorded)'}, the teacher of the "
+            "refine's distillation, is gone; pass --refine-distill 0 to refine without distillation"
+        )
+    return baseline
 
 
 def check_from_scratch(
@@ -544,12 +553,13 @@ def write_locked(model: nn.Module, paths: dict[str, Path], metadata: dict, shape
 def export_trial(
     study: optuna.Study, trial: optuna.trial.FrozenTrial, data_dir: str | None, device: torch.device,
     paths: dict[str, Path], finetune_epochs: int = 0, recipe: RefineRecipe | None = None,
-    from_scratch_check: bool = False, weights: Path | None = None,
+    from_scratch_check: bool = False, weights: Path | None = None, speed_batch: int = SPEED_BATCH,
 ) -> dict[str, Path]:  # fmt: skip
     """Rebuild and verify ``trial``'s model (from its weights kept in the folder ``weights``, or re-run), optionally
     refine it ``finetune_epochs`` epochs by ``recipe`` (resuming a killed export's checkpoint) and compare it with its
-    architecture trained from scratch, and write it to ``paths`` (format -> file, from ``check_out``). ``recipe``:
-    default ``RefineRecipe()``."""
+    architecture trained from scratch, and write it to ``paths`` (format -> file, from ``check_out``), with its
+    speed against the baseline's at batch 1 and ``speed_batch`` measured here. ``recipe``: default
+    ``RefineRecipe()``."""
     config, recipe = study_config(study), recipe or RefineRecipe()
     distilled = finetune_epochs > 0 and recipe.distill_weight > 0
     teacher = study_teacher(study, config, device) if distilled else None
@@ -562,6 +572,8 @@ def export_trial(
                                           before)  # fmt: skip
     if from_scratch_check:
         extra["from_scratch"] = check_from_scratch(model, data, config, finetune_epochs, seed, scores)
+    baseline = teacher if teacher is not None else study_baseline(study, config, device)
+    extra["speed"] = measured_speed(model, baseline, data.spec.shape(), device, speed_batch)
     metadata = model_metadata(study, trial, config, model, data, scores, before, source, finetune_epochs, extra)
     write_locked(model, paths, metadata, data.spec.shape())
     if finetune_epochs > 0:

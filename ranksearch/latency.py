@@ -5,6 +5,7 @@ measured (latencies from different machines or thread counts do not compare).
 """
 
 import contextlib
+import math
 import statistics
 import time
 import warnings
@@ -15,11 +16,16 @@ import torch
 from torch import nn
 
 from .device import cpu_name
+from .errors import first_line
 from .fold import fold_batchnorm
 from .inputs import CIFAR10_SHAPE
 
 CPU = torch.device("cpu")
 MIN_TIMED_RUNS = 3  # timed passes a measurement makes even when one pass outlasts max_seconds (a large batch)
+PAIRED_ROUNDS = 2  # a model and the baseline are timed in turn this many times each, the fastest of each kept
+SPEED_BATCH = 32  # the second batch an export or a delivery times its model at (besides 1), unless told another
+SPEED_SECONDS = 5.0  # each of those measurements' time limit (a settled median usually comes far sooner)
+DEPLOYED_FORM = "BatchNorm folded, TorchScript"
 PROGRESS_SECONDS = 10.0  # a longer measurement says how far it is this often (batch 4096 on a CPU: minutes)
 
 
@@ -143,3 +149,46 @@ def latency_device(device: torch.device, threads: int) -> dict:
         "threads": threads,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
+
+
+def speed_against(model: nn.Module, baseline: nn.Module, input_shape: tuple[int, ...], device: torch.device,
+                  batches: list[int]) -> dict:  # fmt: skip
+    """``model``'s speed against ``baseline``'s in the form a user ships (``deployed_form``), on this machine, at
+    each of ``batches``: the two timed in turns ``PAIRED_ROUNDS`` times (the load of a shared machine moves both
+    alike), the fastest median of each kept. What an export records (plain values: loadable with weights_only)."""
+    mine, theirs = (deployed_form(m, input_shape=input_shape, device=device) for m in (model, baseline))
+    measured = {}
+    for batch in batches:
+        fastest = {"ms": math.inf, "baseline_ms": math.inf}
+        for _ in range(PAIRED_ROUNDS):
+            for key, form in (("ms", mine), ("baseline_ms", theirs)):
+                result = measure_latency(form, input_shape=input_shape, batch=batch, device=device,
+                                         max_seconds=SPEED_SECONDS)  # fmt: skip
+                fastest[key] = min(fastest[key], result.median_ms)
+        measured[str(batch)] = fastest | {"speedup": fastest["baseline_ms"] / fastest["ms"]}
+    return {"where": latency_device(device, torch.get_num_threads()), "form": DEPLOYED_FORM, "batches": measured}
+
+
+def speed_text(speed: dict) -> str:
+    """One line: the speed-up at each batch, where it was measured."""
+    where = speed["where"]
+    machine = where["gpu"] or f"{where['cpu']}, {where['threads']} thread(s)"
+    parts = [f"batch {batch}: {row['ms']:.2f} ms against the baseline's {row['baseline_ms']:.2f} ms, "
+             f"{row['speedup']:.2f}x as fast" for batch, row in speed["batches"].items()]  # fmt: skip
+    return f"speed on this machine ({machine}; {speed['form']}): " + "; ".join(parts)
+
+
+def measured_speed(model: nn.Module, baseline: nn.Module | None, input_shape: tuple[int, ...], device: torch.device,
+                   batch: int) -> dict | None:  # fmt: skip
+    """``speed_against`` at batch 1 and ``batch`` (none when 0 or 1), said in a line; None, said, when there is no
+    baseline to time against or the model cannot take its deployed form."""
+    if baseline is None:
+        print("speed: not measured (the study's baseline file is gone)", flush=True)
+        return None
+    try:
+        speed = speed_against(model, baseline, input_shape, device, sorted({1, batch} - {0}))
+    except (ValueError, RuntimeError) as error:  # fx or TorchScript cannot follow the model
+        print(f"speed: not measured ({first_line(error)})", flush=True)
+        return None
+    print(speed_text(speed), flush=True)
+    return speed

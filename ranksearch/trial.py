@@ -23,7 +23,7 @@ from .data import DeviceData
 from .decompose import DECOMPOSITIONS, Bases, DecomposedLayer, data_aware_bases, decompose, integer_rank
 from .device import precision, synchronize
 from .inputs import CIFAR10_SHAPE
-from .latency import deployed_form, measure_latency
+from .latency import PAIRED_ROUNDS, deployed_form, measure_latency
 from .measure import count_macs
 from .models import RANK_STEPS, rank_layers, rank_modules, set_ranks
 from .objectives import COSTS, Metric
@@ -196,7 +196,6 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-PAIRED_ROUNDS = 2  # a new architecture and the baseline are timed in turn this many times each, fastest kept
 
 
 class LatencyMeter:
