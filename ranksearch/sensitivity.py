@@ -165,12 +165,13 @@ POINTS_DATABASE = "sensitivity.db"  # beside the baselines: the points of every 
 
 
 def points_storage_url(config: Config, name: str) -> str:
-    """Where the points' study ``name`` is: in a server storage (PostgreSQL, MySQL), which every machine's workers
-    share, the run's; with SQLite, one database beside the baselines, so that every study on a baseline uses the
-    points measured once (0.11.0 kept them in each study's own database, where they are still read)."""
+    """Where the points' study ``name`` is: in a storage the user named (``--storage``), which every study in it
+    and every machine's workers share; with the default storage (a database per study), one database beside the
+    baselines, so that every study on a baseline uses the points measured once (0.11.0 kept them in each study's
+    own database, where they are still read)."""
+    if config.storage is not None:
+        return config.storage
     own = config.storage_url()
-    if not own.startswith("sqlite:"):
-        return own
     path = Path(own.removeprefix("sqlite:///"))
     if path.is_file() and name in optuna.get_all_study_names(own):
         return own  # measured by 0.11.0 for this study

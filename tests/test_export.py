@@ -392,7 +392,7 @@ def test_the_readme_example_reproduces_the_recorded_test_accuracy_from_image_fil
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (cwd / "named").iterdir()) == ["best.onnx", "best.pt"]
     code = readme_example()
-    paths = 'EXPORT, TEST_DIR = "exports/best.pt", "/tmp/cifar10-jpeg/test"'
+    paths = 'EXPORT, TEST_DIR = "exports/best.pt", "data/cifar10-jpeg/test"'
     assert paths in code
     namespace: dict = {}
     exec(code.replace(paths, f"EXPORT, TEST_DIR = {str(cwd / 'named' / 'best.pt')!r}, "

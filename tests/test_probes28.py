@@ -330,6 +330,8 @@ def test_export_and_delivery_measure_the_speed_up_and_record_it(workdir, tiny_im
     assert "x as fast at batch 1 -> " in said  # the delivered line
     delivered = torch.load(workdir / "studies" / "smoke-delivered.pt", weights_only=True)
     assert set(delivered["speed"]["batches"]) == {"1", "32"} and delivered["speed"]["form"].startswith("BatchNorm")
+    report = run_cli("report", "--study-name", "smoke", "--out", "report", cwd=workdir)
+    assert report.returncode == 0 and "x as fast at batch 1, " in report.stdout, report.stdout + report.stderr
     export = run_cli("export", "--study-name", "smoke", "--trial", "0", "--out", "exports/t0.pt", "--speed-batch",
                      "0", cwd=workdir)  # fmt: skip
     assert export.returncode == 0, export.stderr

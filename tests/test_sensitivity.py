@@ -108,9 +108,8 @@ def test_sensitivity_measures_each_point_once_writes_plots_and_warm_starts_a_run
     again = run_cli("sensitivity", "--config", str(SMOKE_CONFIG), "--data-dir", data, "--out", "sens", cwd=workdir)
     assert again.returncode == 0 and "measuring" not in again.stdout  # stored: nothing measured twice
     assert _table(again.stdout) == _table(first.stdout)  # the same table, read back from the study
-    run = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", data, "--storage",
-                  f"sqlite:///{workdir}/studies/smoke.db", "--study-name", "main", "--warm-start", "sensitivity",
-                  "--trials", "2", cwd=workdir)  # fmt: skip
+    run = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", data, "--study-name", "main", "--warm-start",
+                  "sensitivity", "--trials", "2", cwd=workdir)  # another study: the same points (issue 28)
     assert run.returncode == 0, run.stderr
     assert "measuring" not in run.stdout and "warm start (sensitivity): enqueued" in run.stdout
     assert len(_sensitivity_study(workdir).trials) == 45
@@ -124,7 +123,7 @@ def test_sensitivity_workers_share_the_points(engine, request, workdir, tiny_ima
     result = run_cli("sensitivity", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--storage",
                      storage, "--workers", "2", "--out", "sens", cwd=workdir, subprocess=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    study = _sensitivity_study(workdir, storage if engine == "postgresql" else None)  # SQLite: beside the baselines
+    study = _sensitivity_study(workdir, storage)  # a storage named by --storage holds the points
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     points = {(t.params["module"], t.params["rank"]) for t in complete}
     assert len(complete) == len(points) == 45, (result.stdout, result.stderr)  # a worker's error is in stderr
