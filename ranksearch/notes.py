@@ -11,6 +11,7 @@ module or model name, an error's text) passes through ``markdown_text`` or sits 
 
 import json
 import re
+import textwrap
 from types import SimpleNamespace
 
 import optuna
@@ -64,8 +65,16 @@ def trial_note(trial: optuna.trial.FrozenTrial, modules: list[str], costs: list[
     for key, text in ((COPIED_FROM, "copied from trial {}: the same ranks"), (RETRY_OF, "re-runs trial {}"),
                       (FAIL_REASON, "failed: {}"), ("pruned_at", "pruned: {}")):  # fmt: skip
         if key in trial.user_attrs:
-            lines.append(f"- {text.format(markdown_text(trial.user_attrs[key]))}")
+            lines.append(broken(f"- {text.format(markdown_text(trial.user_attrs[key]))}"))
     return "\n".join(lines) + "\n"
+
+
+NOTE_TEXT_COLUMNS = 90  # optuna-dashboard does not wrap a note's lines: longer ones widen the box past the window
+
+
+def broken(line: str) -> str:
+    """A note's text ``line`` with ``<br>`` where it passes ``NOTE_TEXT_COLUMNS`` (at spaces)."""
+    return "<br>".join(textwrap.wrap(line, NOTE_TEXT_COLUMNS, break_long_words=False, break_on_hyphens=False))
 
 
 def _rank(value: float | None) -> str:
@@ -76,12 +85,13 @@ def _weights_line(trial: optuna.trial.FrozenTrial, export: str) -> str:
     command = f"\n\n{fenced(pasted_export(export, trial))}\n"  # a block of its own
     seed = markdown_text(trial.user_attrs.get("seed"))
     if WEIGHTS_ATTR in trial.user_attrs:
-        return (f"- weights: kept when it finished on the Pareto front (see Artifacts), and deleted if a later trial "
-                f"pushes it off; export uses them, or else re-runs its fine-tune (seed {seed}):{command}")
+        return broken(f"- weights: kept when it finished on the Pareto front (see Artifacts), and deleted if a later "
+                      f"trial pushes it off; export uses them, or else re-runs its fine-tune (seed {seed}):") + command
     if trial.state == optuna.trial.TrialState.COMPLETE:
         why = trial.user_attrs.get(WEIGHTS_NOT_KEPT)
         why = "" if why is None else f" (the weights folder could not be written: {markdown_text(why)})"
-        return f"- weights: not kept{why}; to export the trial, re-running its fine-tune (seed {seed}):{command}"
+        text = f"- weights: not kept{why}; to export the trial, re-running its fine-tune (seed {seed}):"
+        return broken(text) + command
     return "- weights: none"
 
 
