@@ -73,8 +73,11 @@ NOTE_TEXT_COLUMNS = 90  # optuna-dashboard does not wrap a note's lines: longer 
 
 
 def broken(line: str) -> str:
-    """A note's text ``line`` with ``<br>`` where it passes ``NOTE_TEXT_COLUMNS`` (at spaces)."""
-    return "<br>".join(textwrap.wrap(line, NOTE_TEXT_COLUMNS, break_long_words=False, break_on_hyphens=False))
+    """A note's text ``line`` (a list item's) with a Markdown hard break (a backslash at a line's end) where it
+    passes ``NOTE_TEXT_COLUMNS`` (at spaces); the next lines indented to stay in the item. Raw HTML (``<br>``) is
+    shown as text by the dashboard."""
+    parts = textwrap.wrap(line, NOTE_TEXT_COLUMNS, break_long_words=False, break_on_hyphens=False)
+    return "\\\n  ".join(parts)
 
 
 def _rank(value: float | None) -> str:
