@@ -26,10 +26,11 @@ else
   epochs=1 speed=(--steps 10 --rounds 1 --width 0.0625) workers=1,2 trials=2,2 fast=(2 2)
   config=(--config "$repo/configs/smoke.yaml" --val-size 500) python=${PYTHON:-python3}
 fi
-out=${OUT:-$(mktemp -d)}
+out=${OUT:-$(mktemp -d)} && mkdir -p "$out"
 work=$(mktemp -d) && cd "$work"
-$python -c "import torch, optuna, ranksearch; print('torch', torch.__version__, 'optuna', optuna.__version__,
-          'ranksearch', ranksearch.__version__, 'cores', __import__('os').cpu_count())"
+$python -c "import torch, optuna, ranksearch, optuna_dashboard, pandas, plotly, tensorly, thop  # all a run imports
+print('torch', torch.__version__, 'optuna', optuna.__version__, 'ranksearch', ranksearch.__version__,
+      'cores', __import__('os').cpu_count())"
 start=$(date +%s)
 
 echo "== 1. the training loop against a plain loop (steps/s, one process)"
