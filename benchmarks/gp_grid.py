@@ -26,7 +26,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sampler_per_trial import NAMES, SPACE, history, values  # noqa: E402
+from sampler_per_trial import history  # noqa: E402
+from sampler_size import seconds_per_ask  # noqa: E402
 from wasted_corner import Surrogate  # noqa: E402
 
 from ranksearch.baseline import new_model  # noqa: E402
@@ -45,27 +46,13 @@ TRIALS = 40
 UNIFORM = (2, 4, 8, 16)  # the default warm start: every module at these /32
 
 
-def seconds_per_ask(sampler_class, told: list, asks: int) -> float:
-    rng = np.random.default_rng(1)
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    study.add_trials(told)
-    seconds = []
-    for index in range(asks):
-        study.sampler = sampler_class(seed=index)
-        start = time.perf_counter()
-        trial = study.ask(SPACE)
-        seconds.append(time.perf_counter() - start)
-        study.tell(trial, values([trial.params[n] for n in NAMES], rng))
-    return float(np.mean(seconds))
-
-
 def time_part(sizes: list[int], asks: int) -> None:
     print("| told trials | Optuna's optimizer s/suggestion | grid optimizer s/suggestion | ratio |\n"
           "|---:|---:|---:|---:|")
     for size in sizes:
         told = history(size)
-        optuna_s = seconds_per_ask(OPTIMIZERS["optuna"], told, asks)
-        grid_s = seconds_per_ask(OPTIMIZERS["grid"], told, asks)
+        optuna_s = seconds_per_ask(lambda index: OPTIMIZERS["optuna"](seed=index), told, asks)
+        grid_s = seconds_per_ask(lambda index: OPTIMIZERS["grid"](seed=index), told, asks)
         print(f"| {size} | {optuna_s:.3f} | {grid_s:.3f} | {grid_s / optuna_s:.2f}x |", flush=True)
 
 

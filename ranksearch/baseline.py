@@ -109,6 +109,7 @@ def check_input(model: nn.Module, config: Config, data: DeviceData) -> None:
 
 
 PRETRAINING_KIND = "ranksearch-pretraining"
+PRETRAINING_KEYS = {"model", "epochs_done", "optimizer", "scheduler", "generator", "torch_rng"}  # what resumes it
 CHECKPOINT_SECONDS = 60.0  # a pretraining's state is saved after an epoch once this long has passed since the last
 # save (and after the first epoch): a GPU's 3-s epochs do not each pay a 120-MB write
 
@@ -127,7 +128,8 @@ def read_pretraining(checkpoint: Path) -> dict | None:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if saved.get("kind") != PRETRAINING_KIND or saved.get("name") != checkpoint.name:
             raise ValueError("not this baseline's pretraining")
-        saved["model"], saved["epochs_done"]  # noqa: B018 (present)
+        if not PRETRAINING_KEYS <= saved.keys():
+            raise KeyError(f"missing {sorted(PRETRAINING_KEYS - saved.keys())}")
     except Exception as error:
         print(f"baseline: ignoring the unreadable pretraining checkpoint {checkpoint} ({type(error).__name__}); "
               "pretraining from the first epoch", file=sys.stderr, flush=True)  # fmt: skip

@@ -21,6 +21,8 @@ from .inputs import CIFAR10_CLASSES, CIFAR_MEAN, CIFAR_SIZE, CIFAR_STD, InputSpe
 from .steps import draws_bars
 
 CROP_PADDING = 4
+DRAW_STEPS = 64  # the training batches' crops and flips are drawn this many steps at a time, and copied to the
+# device at once: no copy per step (one to a GPU waits for its queue), nor a whole epoch's for a 200-step fine-tune
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 # v2: validated by the files and the pixels' fingerprint; v3: images kept at their own size (v2 resized to 32x32)
 CACHE_NAME = ".ranksearch-cache-v3.pt"
@@ -390,13 +392,15 @@ class DeviceData:
         n = self.size("train")
         batch_size = min(batch_size, n)
         while True:
-            order = torch.randperm(n, generator=generator)
+            order = to_device(torch.randperm(n, generator=generator), self.index_device)
             steps = n // batch_size
-            shifts, flips = (to_device(t, self.device) for t in augmentation_draws(generator, steps, batch_size))
-            order = to_device(order, self.index_device)
-            chunks = [order[step * batch_size : (step + 1) * batch_size] for step in range(steps)]
-            for step, (images, labels) in enumerate(self._batches("train", chunks)):
-                yield self.normalize(crop_and_flip(images, shifts[step], flips[step])), labels
+            batches = self._batches("train", [order[s * batch_size : (s + 1) * batch_size] for s in range(steps)])
+            for first in range(0, steps, DRAW_STEPS):  # the draws come from the generator in the order of the steps
+                count = min(DRAW_STEPS, steps - first)
+                shifts, flips = (to_device(t, self.device) for t in augmentation_draws(generator, count, batch_size))
+                for step in range(count):
+                    images, labels = next(batches)
+                    yield self.normalize(crop_and_flip(images, shifts[step], flips[step])), labels
 
     @property
     def index_device(self) -> torch.device:
@@ -472,9 +476,8 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def augmentation_draws(generator: torch.Generator, steps: int, batch_size: int,
                        padding: int = CROP_PADDING) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """An epoch's crops and flips, drawn at once on the CPU in the order ``augment`` draws them batch by batch (the
-    same values): shifts (steps, 2, B) in 0..2*padding and flips (steps, B). One copy to the GPU per epoch, none per
-    step."""
+    """``steps`` batches' crops and flips, drawn at once on the CPU in the order ``augment`` draws them batch by
+    batch (the same values): shifts (steps, 2, B) in 0..2*padding and flips (steps, B)."""
     shifts = torch.empty((steps, 2, batch_size), dtype=torch.int64)
     flips = torch.empty((steps, batch_size), dtype=torch.bool)
     for step in range(steps):

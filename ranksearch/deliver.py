@@ -33,7 +33,7 @@ from .export import (
     write_locked,
 )
 from .files import check_writable
-from .latency import SPEED_BATCH, measured_speed
+from .latency import SPEED_BATCH, measured_speed, speedups_of, speedups_text
 from .models import ranks_text
 from .objectives import COSTS
 from .refine import RefineRecipe
@@ -198,17 +198,11 @@ def deliver_target(
     _say(f"{target.label}: delivered trial {best.trial.number} (ranks {ranks_text(best.trial.params.values())}, "
          f"MACs {metadata['macs_ratio']:.3f}x): val {best.scores['val_accuracy']:.2%}, test "
          f"{best.scores['test_accuracy']:.2%} (baseline: val {baseline['val_accuracy']:.2%}, test "
-         f"{baseline['test_accuracy']:.2%}){_speed_words(extra['speed'])} -> {paths['pt']}")  # fmt: skip
-    speedups = {batch: row["speedup"] for batch, row in (extra["speed"] or {}).get("batches", {}).items()}
+         f"{baseline['test_accuracy']:.2%}){speedups_text(speedups_of(extra['speed']))} -> {paths['pt']}")  # fmt: skip
     return {"target": target.label, "trial": best.trial.number, "path": str(paths["pt"]), "epochs": epochs,
             "val_accuracy": best.scores["val_accuracy"], "test_accuracy": best.scores["test_accuracy"],
-            "macs_ratio": metadata["macs_ratio"], "speedup": speedups, "candidates": rows}  # fmt: skip
-
-
-def _speed_words(speed: dict | None) -> str:
-    """", 2.75x as fast at batch 1" (as measured on this machine), or nothing when it was not measured."""
-    row = (speed or {}).get("batches", {}).get("1")
-    return f", {row['speedup']:.2f}x as fast at batch 1" if row else ""
+            "macs_ratio": metadata["macs_ratio"], "speedup": speedups_of(extra["speed"]),
+            "candidates": rows}  # fmt: skip
 
 
 def deliver(study: optuna.Study, config: Config, data: DeviceData, teacher: nn.Module, weights: Path,

@@ -151,22 +151,45 @@ def latency_device(device: torch.device, threads: int) -> dict:
     }
 
 
+def in_turns(median_ms: Callable[[nn.Module], float], mine: nn.Module, theirs: nn.Module) -> tuple[float, float]:
+    """The fastest of ``PAIRED_ROUNDS`` medians of ``mine`` and of ``theirs``, timed in turns: the load of a shared
+    machine moves both alike, so their ratio holds while it comes and goes."""
+    fastest_mine = fastest_theirs = math.inf
+    for _ in range(PAIRED_ROUNDS):
+        fastest_mine = min(fastest_mine, median_ms(mine))
+        fastest_theirs = min(fastest_theirs, median_ms(theirs))
+    return fastest_mine, fastest_theirs
+
+
 def speed_against(model: nn.Module, baseline: nn.Module, input_shape: tuple[int, ...], device: torch.device,
                   batches: list[int]) -> dict:  # fmt: skip
     """``model``'s speed against ``baseline``'s in the form a user ships (``deployed_form``), on this machine, at
-    each of ``batches``: the two timed in turns ``PAIRED_ROUNDS`` times (the load of a shared machine moves both
-    alike), the fastest median of each kept. What an export records (plain values: loadable with weights_only)."""
+    each of ``batches``, timed ``in_turns``. What an export records (plain values: loadable with weights_only)."""
     mine, theirs = (deployed_form(m, input_shape=input_shape, device=device) for m in (model, baseline))
     measured = {}
     for batch in batches:
-        fastest = {"ms": math.inf, "baseline_ms": math.inf}
-        for _ in range(PAIRED_ROUNDS):
-            for key, form in (("ms", mine), ("baseline_ms", theirs)):
-                result = measure_latency(form, input_shape=input_shape, batch=batch, device=device,
-                                         max_seconds=SPEED_SECONDS)  # fmt: skip
-                fastest[key] = min(fastest[key], result.median_ms)
-        measured[str(batch)] = fastest | {"speedup": fastest["baseline_ms"] / fastest["ms"]}
+        median = lambda form, batch=batch: measure_latency(form, input_shape=input_shape, batch=batch,  # noqa: E731
+                                                           device=device, max_seconds=SPEED_SECONDS).median_ms
+        ms, baseline_ms = in_turns(median, mine, theirs)
+        measured[str(batch)] = {"ms": ms, "baseline_ms": baseline_ms, "speedup": baseline_ms / ms}
     return {"where": latency_device(device, torch.get_num_threads()), "form": DEPLOYED_FORM, "batches": measured}
+
+
+def speedups_of(speed: dict | None) -> dict[str, float]:
+    """Batch -> speed-up of a ``speed_against`` record (empty when nothing was measured)."""
+    return {batch: row["speedup"] for batch, row in (speed or {}).get("batches", {}).items()}
+
+
+def speedups_text(speedups: object) -> str:
+    """", 4.47x as fast at batch 1, 2.79x at 32", or nothing when there is none. ``speedups`` may come from a
+    stranger's study (a delivery's record): anything but batch -> number is left out."""
+    if not isinstance(speedups, dict):
+        return ""
+    rows = sorted((int(batch), value) for batch, value in speedups.items()
+                  if str(batch).isdigit() and isinstance(value, int | float) and math.isfinite(value))  # fmt: skip
+    parts = [f"{value:.2f}x as fast at batch {batch}" if i == 0 else f"{value:.2f}x at {batch}"
+             for i, (batch, value) in enumerate(rows)]  # fmt: skip
+    return "".join(f", {part}" for part in parts)
 
 
 def speed_text(speed: dict) -> str:

@@ -94,12 +94,9 @@ class TrialProgress:
         return "best val " + ", ".join(parts)
 
 
-LONG_RUN_SECONDS = LONG_SECONDS  # a CPU run asked for longer than this is told, after its first trial, how long
-
-
 class LongRunNote:
     """Optuna callback: after the first trial this process finished on a CPU, when the trials asked would take more
-    than ``LONG_RUN_SECONDS`` at its pace, one line saying how long, and what a CPU-sized config is."""
+    than ``LONG_SECONDS`` at its pace, one line saying how long, and what a CPU-sized config is."""
 
     def __init__(self, total: int, out: TextIO | None = None):
         self.total, self.out, self.said = total, out, False
@@ -109,7 +106,7 @@ class LongRunNote:
         if self.said or seconds is None or trial.user_attrs.get(COPIED_FROM) is not None:
             return
         self.said = True
-        if seconds * self.total > LONG_RUN_SECONDS:
+        if seconds * self.total > LONG_SECONDS:
             print(f"note: at this trial's {seconds:.0f} s, the {self.total} trials asked take about "
                   f"{clock_text(seconds * self.total)} on this CPU; {CPU_CONFIG} is sized for a CPU "
                   "(--config configs/cpu.yaml --trials 20: 4-9 min on 2 idle cores)", file=self.out or sys.stdout,

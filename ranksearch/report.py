@@ -14,7 +14,9 @@ from plotly.subplots import make_subplots
 
 from .attrs import FAIL_REASON, RANK_PREFIX, module_of
 from .budget import parse_budget
+from .errors import UserError
 from .files import atomic_write
+from .latency import speedups_text
 from .models import rank_step, steps_text
 from .objectives import COST_BUDGETS, COSTS, best_within, cost, cost_ratio, study_objectives
 from .progress import trial_ranks_text
@@ -234,9 +236,14 @@ def _baseline_trace(baseline: dict, name: str, value: float | None) -> go.Scatte
 
 
 def budget_of(study: optuna.Study) -> tuple[str, float] | None:
-    """A budget study's (cost, fraction of the baseline's), else None."""
-    budget = study.user_attrs.get("config", {}).get("budget")
-    return parse_budget(budget) if budget else None
+    """A budget study's (cost, fraction of the baseline's), else None (also for a record that is no budget: the
+    study may be anyone's)."""
+    config = study.user_attrs.get("config")
+    budget = config.get("budget") if isinstance(config, dict) else None
+    try:
+        return parse_budget(budget) if isinstance(budget, str) else None
+    except UserError:
+        return None
 
 
 def _budget_trace(rows: pd.DataFrame, baseline: dict | None, fraction: float) -> go.Scatter:
@@ -428,14 +435,5 @@ def _delivered_lines(study: optuna.Study) -> list[str]:
     """What the study's last delivery wrote (``deliver.DELIVERED``), a line per model."""
     return [f"delivered at {d['target']}: trial {d['trial']} refined {d['epochs']} epochs, val "
             f"{d['val_accuracy']:.2%}, test {d['test_accuracy']:.2%}, MACs {d['macs_ratio']:.3f}x"
-            f"{_speedup_words(d.get('speedup'))} -> {d['path']}"
+            f"{speedups_text(d.get('speedup'))} -> {d['path']}"  # measured where it was delivered
             for d in study.user_attrs.get("delivered") or []]  # fmt: skip
-
-
-def _speedup_words(speedup: dict | None) -> str:
-    """", 4.47x as fast at batch 1, 2.79x at 32 (measured where it was delivered)", or nothing before 0.12.0."""
-    if not speedup:
-        return ""
-    parts = [f"{value:.2f}x as fast at batch {batch}" if i == 0 else f"{value:.2f}x at {batch}"
-             for i, (batch, value) in enumerate(sorted(speedup.items(), key=lambda item: int(item[0])))]
-    return ", " + ", ".join(parts) + " (measured where it was delivered)"

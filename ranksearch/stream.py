@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DeviceData, ImageTensors, decode_each, made_from, val_indices
+from .data import DeviceData, ImageTensors, decode_each, made_from, to_device, val_indices
 from .errors import UserError, first_line
 from .files import atomic_save, partial_path, read_or_make
 from .inputs import pixel_statistics
@@ -216,9 +216,7 @@ class StreamedData(DeviceData):
             if number + 1 < len(rows):
                 pending = self.pool.submit(data.images.rows, rows[number + 1])
             labels = data.labels[torch.from_numpy(batch_rows)]
-            if self.device.type == "cuda":  # pinned: the copy to the GPU does not block
-                images, labels = images.pin_memory(), labels.pin_memory()
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            yield to_device(images, self.device), to_device(labels, self.device)  # pinned: the copy does not block
 
     @property
     def index_device(self) -> torch.device:

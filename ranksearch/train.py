@@ -91,45 +91,43 @@ def steps_per_epoch(data: DeviceData, batch_size: int) -> int:
     return max(1, data.size("train") // batch_size)
 
 
-def one_cycle(model: nn.Module, data: DeviceData, config: Config, steps: int, seed: int, progress=None) -> float:
+def one_cycle(model: nn.Module, data: DeviceData, config: Config, steps: int, seed: int, progress=None,
+              resume: dict | None = None, after_epoch=None) -> float:  # fmt: skip
     """The baseline's recipe for ``steps`` steps: one-cycle to ``config.pretrain_lr``, batches drawn from ``seed``;
-    returns the final loss."""
+    returns the final loss. It runs epoch by epoch, the same batches as in one go (an epoch's draws all come from
+    the generator after the one before's).
+
+    ``after_epoch(state)``: called after each whole epoch with what resumes the training after it
+    (``pretrain_state``); ``resume``: such a state (its model weights already loaded), from which the training goes
+    on as it would have.
+    """
     if steps == 0:
         return 0.0
     optimizer = sgd(model, config.pretrain_lr, config)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.pretrain_lr, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
-    return train_steps(model, data, optimizer, scheduler, steps, config, generator, progress)
-
-
-def pretrain(model: nn.Module, data: DeviceData, config: Config, progress=None, resume: dict | None = None,
-             after_epoch=None) -> float:  # fmt: skip
-    """Train the baseline for ``pretrain_epochs`` with a one-cycle schedule, epoch by epoch (the same steps and
-    batches as ``one_cycle`` in one go); returns the final loss.
-
-    ``after_epoch(state)``: called after each epoch with what resumes the training after it (``pretrain_state``);
-    ``resume``: such a state (its model weights already loaded), from which the training goes on as it would have.
-    """
-    per_epoch = steps_per_epoch(data, config.batch_size)
-    if config.pretrain_epochs == 0:
-        return 0.0
-    optimizer = sgd(model, config.pretrain_lr, config)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.pretrain_lr,
-                                                    total_steps=config.pretrain_epochs * per_epoch)  # fmt: skip
-    generator = torch.Generator().manual_seed(config.seed)
-    first = 0
+    per_epoch, done, loss = steps_per_epoch(data, config.batch_size), 0, 0.0
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
-        first = resume["epochs_done"]
-    loss = 0.0
-    for epoch in range(first, config.pretrain_epochs):
-        loss = train_steps(model, data, optimizer, scheduler, per_epoch, config, generator, progress)
-        if after_epoch is not None:
-            after_epoch(pretrain_state(epoch + 1, optimizer, scheduler, generator))
+        done = resume["epochs_done"] * per_epoch
+    while done < steps:
+        count = min(per_epoch, steps - done)
+        loss = train_steps(model, data, optimizer, scheduler, count, config, generator, progress)
+        done += count
+        if after_epoch is not None and count == per_epoch:
+            after_epoch(pretrain_state(done // per_epoch, optimizer, scheduler, generator))
     return loss
+
+
+def pretrain(model: nn.Module, data: DeviceData, config: Config, progress=None, resume: dict | None = None,
+             after_epoch=None) -> float:  # fmt: skip
+    """Train the baseline for ``pretrain_epochs`` with a one-cycle schedule (``one_cycle``: ``resume`` and
+    ``after_epoch`` as there); returns the final loss."""
+    steps = config.pretrain_epochs * steps_per_epoch(data, config.batch_size)
+    return one_cycle(model, data, config, steps, config.seed, progress, resume, after_epoch)
 
 
 def pretrain_state(epochs_done: int, optimizer, scheduler, generator: torch.Generator) -> dict:

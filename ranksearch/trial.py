@@ -7,7 +7,6 @@ Export re-runs a trial through the same functions (``trial_model``, ``trial_seed
 
 import copy
 import json
-import math
 import sys
 import time
 
@@ -23,7 +22,7 @@ from .data import DeviceData
 from .decompose import DECOMPOSITIONS, Bases, DecomposedLayer, data_aware_bases, decompose, integer_rank
 from .device import precision, synchronize
 from .inputs import CIFAR10_SHAPE
-from .latency import PAIRED_ROUNDS, deployed_form, measure_latency
+from .latency import deployed_form, in_turns, measure_latency
 from .measure import count_macs
 from .models import RANK_STEPS, rank_layers, rank_modules, set_ranks
 from .objectives import COSTS, Metric
@@ -196,8 +195,6 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-
-
 class LatencyMeter:
     """Median latency (ms) at ``latency_batch`` on the trial device of a model's deployed form (BatchNorm folded,
     TorchScript), measured once per architecture (in this process or by an earlier trial of the study).
@@ -221,11 +218,8 @@ class LatencyMeter:
 
     def measure(self, model: nn.Module) -> float:
         """``model``'s latency at the load ``baseline_ms`` was measured under (see the class)."""
-        deployed = deployed_form(model, input_shape=self.shape, device=self.device)
-        mine = theirs = math.inf
-        for _ in range(PAIRED_ROUNDS):
-            mine = min(mine, self._median_ms(deployed))
-            theirs = min(theirs, self._median_ms(self.baseline))
+        mine, theirs = in_turns(self._median_ms, deployed_form(model, input_shape=self.shape, device=self.device),
+                                self.baseline)  # fmt: skip
         return self.baseline_ms * mine / theirs
 
     def latency(self, model: nn.Module, study: optuna.Study) -> tuple[float, float]:

@@ -155,9 +155,11 @@ def test_augment_gives_the_pixels_earlier_versions_gave():
         assert torch.equal(augment(images, torch.Generator().manual_seed(seed)), expected)
 
 
-def test_training_batches_are_the_ones_drawn_batch_by_batch(tiny_imagefolder):
-    """An epoch's crops and flips, drawn at once (one copy to a GPU per epoch), are the ones 0.11.0 drew batch by
+@pytest.mark.parametrize("draw_steps", [64, 2])  # an epoch's draws at once, and in chunks across its steps
+def test_training_batches_are_the_ones_drawn_batch_by_batch(tiny_imagefolder, monkeypatch, draw_steps):
+    """Crops and flips drawn many steps at a time (one copy to a GPU per chunk) are the ones 0.11.0 drew batch by
     batch after each epoch's permutation: the same batches, so resumed studies measure alike."""
+    monkeypatch.setattr("ranksearch.data.DRAW_STEPS", draw_steps)
     data = DeviceData(load_dataset(tiny_imagefolder), val_size=20, split_seed=0, device=torch.device("cpu"))
 
     def batch_by_batch(batch_size, generator):

@@ -329,7 +329,7 @@ def test_export_and_delivery_measure_the_speed_up_and_record_it(workdir, tiny_im
     assert run.returncode == 0, run.stderr
     said = run.stdout + run.stderr
     assert "speed on this machine (" in said and "batch 1: " in said and "batch 32: " in said
-    assert "x as fast at batch 1 -> " in said  # the delivered line
+    assert "x as fast at batch 1, " in said and "x at 32 -> " in said  # the delivered line
     delivered = torch.load(workdir / "studies" / "smoke-delivered.pt", weights_only=True)
     assert set(delivered["speed"]["batches"]) == {"1", "32"} and delivered["speed"]["form"].startswith("BatchNorm")
     report = run_cli("report", "--study-name", "smoke", "--out", "report", cwd=workdir)
@@ -343,3 +343,19 @@ def test_export_and_delivery_measure_the_speed_up_and_record_it(workdir, tiny_im
     refused = run_cli("export", "--study-name", "smoke", "--trial", "0", "--out", "exports/t1.pt", "--speed-batch",
                       "-1", cwd=workdir)  # fmt: skip
     one_line_error(refused, "--speed-batch must be 0..4096")
+
+
+def test_a_strangers_delivery_and_budget_records_print_nothing_they_do_not_hold():
+    """The report reads a study that may be anyone's: speed-ups that are no numbers and a budget that is no budget
+    leave their words out instead of a traceback."""
+    from ranksearch.latency import speedups_text
+    from ranksearch.report import budget_of
+
+    assert speedups_text({"32": 2.79, "1": 4.47}) == ", 4.47x as fast at batch 1, 2.79x at 32"
+    assert speedups_text({"1": "os.system('x')", "../x": 1.0, "2": float("nan")}) == ""
+    assert speedups_text("not a dict") == ""
+    study = optuna.create_study()
+    study.set_user_attr("config", {"budget": "rm -rf /"})
+    assert budget_of(study) is None
+    study.set_user_attr("config", "no dict")
+    assert budget_of(study) is None

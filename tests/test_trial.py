@@ -14,6 +14,7 @@ from ranksearch import count_macs, trial
 from ranksearch.baseline import Baseline
 from ranksearch.config import load_config
 from ranksearch.data import DeviceData, load_dataset
+from ranksearch.latency import PAIRED_ROUNDS
 from ranksearch.models import vgg16_cifar
 from ranksearch.report import trials_table, write_report
 from ranksearch.search import make_sampler, sampler_seed
@@ -166,7 +167,7 @@ def test_latency_objective_is_measured_once_per_architecture(setup, trainings, m
     study.optimize(objective, n_trials=3)
     architectures = {id(model) for model in timed if model is not objective.latency.baseline}
     beside = sum(model is objective.latency.baseline for model in timed)  # first alone, then beside each architecture
-    assert len(trainings) == 3 and len(architectures) == 2 and beside == 1 + 2 * trial.PAIRED_ROUNDS
+    assert len(trainings) == 3 and len(architectures) == 2 and beside == 1 + 2 * PAIRED_ROUNDS
     one, two, three = study.trials
     assert len(one.values) == 3 and one.values[2] == one.user_attrs["latency_ms"] > 0
     assert two.values[2] == one.values[2] and two.user_attrs["latency_s"] == 0 < one.user_attrs["latency_s"]
