@@ -264,8 +264,9 @@ def cached_bases(model: nn.Module, checkpoint: Path) -> dict[str, Bases]:
 def pretraining_interrupted(checkpoints: EpochCheckpoints) -> str:
     """What Ctrl-C during pretraining kept, and what the next command does."""
     if checkpoints.epochs_kept:
-        return (f"interrupted while pretraining the baseline; its first {checkpoints.epochs_kept} epochs are kept in "
-                f"{checkpoints.checkpoint}, and the next command that needs it resumes from there; no trial ran")
+        kept = "epoch is" if checkpoints.epochs_kept == 1 else f"{checkpoints.epochs_kept} epochs are"
+        return (f"interrupted while pretraining the baseline; its first {kept} kept in {checkpoints.checkpoint}, and "
+                "the next command that needs it resumes from there; no trial ran")
     return ("interrupted while pretraining the baseline: no epoch of it was kept, and no trial ran; the next command "
             "that needs it pretrains it from the first epoch")
 
