@@ -487,8 +487,8 @@ md(r"""
 `python -m ranksearch run` stores its search in an Optuna study: each trial picks `rank_block1` ...
 `rank_block5` (normalized ranks $k/32$), decomposes the pretrained baseline, fine-tunes it briefly and records two
 values, **validation accuracy** (a fraction, maximized) and **MACs** (minimized). Trial user attributes add
-`macs_ratio` and `params_ratio` (relative to the baseline), `conv_ranks` and more; the study's `baseline`
-attribute holds the undecomposed model's `val_accuracy`, `test_accuracy`, `macs` and `params`.
+`macs_ratio` and `params_ratio` (relative to the baseline) and more; system attributes hold `conv_ranks` (every
+conv's integer rank). The study's `baseline` attribute holds the undecomposed model's `val_accuracy`, `test_accuracy`, `macs` and `params`.
 
 No trial is best in both values at once; the **Pareto front** (`study.best_trials`) is the set of trials that no
 other trial beats in both. The study is found through two environment variables, with the CPU config's study

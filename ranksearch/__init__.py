@@ -6,7 +6,7 @@ tensorly, thop or onnx; the other public names load when first used, and ``load_
 
 import importlib
 
-__version__ = "0.12.0"
+__version__ = "0.13.0"
 
 from .decompose import decompose  # noqa: E402  (eager: the function shadows its subpackage's name)
 

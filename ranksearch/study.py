@@ -385,8 +385,9 @@ def check_compatible(study: optuna.Study, config: Config) -> None:
 # trials in rungs, so their budget studies do not resume (their multi-objective ones do).
 # 0.11.0 adds the user's weights, a set normalization and streamed data (the same batches): no earlier trial changes.
 # 0.12.0 draws an epoch's crops and flips at once (the same values) and GP's suggestions faster: none changes either.
-MEASURES_ALIKE = ("0.8.0", "0.9.0", "0.10.0", "0.11.0")
-BUDGET_MEASURES_ALIKE = ("0.10.0", "0.11.0")  # budget studies: since rungs
+# 0.13.0 records a trial's conv_ranks and kept_convs as system attrs, not user attrs (both are read).
+MEASURES_ALIKE = ("0.8.0", "0.9.0", "0.10.0", "0.11.0", "0.12.0")
+BUDGET_MEASURES_ALIKE = ("0.10.0", "0.11.0", "0.12.0")  # budget studies: since rungs
 
 
 def setup_mismatch(study_name: str, recorded: dict, config: Config, measured: bool = True) -> str | None:

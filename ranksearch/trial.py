@@ -35,9 +35,13 @@ TRAINED_STEPS = "trained_steps"  # a trial's SGD steps of fine-tune, every rung 
 # What a copy takes from its original: what was measured and how to rebuild it (the seed, the kept weights, which
 # exist exactly while both are on the Pareto front, having the same values); not timings, nor the tags a run sets.
 COPIED_ATTRS = (
-    "ranks", "macs", "params", "macs_ratio", "params_ratio", "latency_ms", "latency_ratio", "conv_ranks",
-    "kept_convs", "seed", "device", "device_name", "eval_dtype", "torch_version", WEIGHTS_ATTR, WEIGHTS_NOT_KEPT,
+    "ranks", "macs", "params", "macs_ratio", "params_ratio", "latency_ms", "latency_ratio", "seed", "device",
+    "device_name", "eval_dtype", "torch_version", WEIGHTS_ATTR, WEIGHTS_NOT_KEPT,
 )  # fmt: skip
+# Trial system attrs (user attrs before 0.13.0): every conv's integer rank (conv name -> R) and the convs kept
+# undecomposed. They are system attrs because optuna-dashboard lists a trial's user attrs one to a line, unwrapped:
+# VGG16's 13 ranks made that line 330 characters, wider than a 1400-pixel window.
+CONV_RANKS, KEPT_CONVS = "conv_ranks", "kept_convs"
 
 
 def suggest_ranks(trial: optuna.Trial, modules: list[str], config: Config) -> dict[str, float]:
@@ -61,6 +65,21 @@ def conv_ranks(model: nn.Module, decomposition: str = "tucker2") -> tuple[dict[s
     return ranks, kept
 
 
+def record_conv_ranks(trial: optuna.Trial, integer_ranks: dict[str, int], kept: list[str]) -> None:
+    """Record a trial's ``conv_ranks`` (``CONV_RANKS``, ``KEPT_CONVS``) as its system attrs."""
+    for key, value in ((CONV_RANKS, integer_ranks), (KEPT_CONVS, kept)):
+        trial.storage.set_trial_system_attr(trial._trial_id, key, value)
+
+
+def recorded_conv_ranks(trial: optuna.trial.FrozenTrial) -> tuple[dict[str, int], list[str]] | None:
+    """The ``conv_ranks`` a finished trial recorded: in its system attrs, or its user attrs (before 0.13.0); None
+    if it recorded none (a failed trial)."""
+    for attrs in (trial.system_attrs, trial.user_attrs):
+        if CONV_RANKS in attrs:
+            return attrs[CONV_RANKS], attrs[KEPT_CONVS]
+    return None
+
+
 def trial_seed(config: Config, number: int) -> int:
     """The seed of trial ``number``'s fine-tune: export re-runs a trial from it."""
     return config.seed * 1_000_003 + number
@@ -78,6 +97,8 @@ def copy_result(trial: optuna.Trial, original: optuna.trial.FrozenTrial) -> list
     for key in (*COPIED_ATTRS, *registered):
         if key in original.user_attrs:
             trial.set_user_attr(key, original.user_attrs[key])
+    if (recorded := recorded_conv_ranks(original)) is not None:
+        record_conv_ranks(trial, *recorded)
     trial.set_user_attr(COPIED_FROM, original.number)
     trial.set_user_attr(TRAINED_STEPS, 0)  # what the search paid for it
     return list(original.values)
@@ -155,8 +176,7 @@ def trial_model(
 def architecture(model: nn.Module, decomposition: str = "tucker2") -> str:
     """What a model's latency depends on: every conv's integer rank and which convs are kept (rank vectors that
     round to the same integer ranks give the same layers)."""
-    integer_ranks, kept = conv_ranks(model, decomposition)
-    return json.dumps([integer_ranks, kept], sort_keys=True)
+    return json.dumps(conv_ranks(model, decomposition), sort_keys=True)
 
 
 def recorded_latency(study: optuna.Study | None, key: str) -> float | None:
@@ -165,9 +185,9 @@ def recorded_latency(study: optuna.Study | None, key: str) -> float | None:
     if study is None:
         return None
     for t in study.get_trials(deepcopy=False, states=(COMPLETE,)):
-        if "latency_ms" in t.user_attrs and "conv_ranks" in t.user_attrs:
-            if json.dumps([t.user_attrs["conv_ranks"], t.user_attrs["kept_convs"]], sort_keys=True) == key:
-                return t.user_attrs["latency_ms"]
+        recorded = recorded_conv_ranks(t)
+        if "latency_ms" in t.user_attrs and recorded is not None and json.dumps(recorded, sort_keys=True) == key:
+            return t.user_attrs["latency_ms"]
     return None
 
 
@@ -325,8 +345,6 @@ class Objective:
             "params": params,
             "macs_ratio": macs / base.macs,
             "params_ratio": params / base.params,
-            "conv_ranks": integer_ranks,
-            "kept_convs": kept,
             "seed": seed,
             TRAINED_STEPS: self.rungs[-1],
             **seconds,
@@ -347,6 +365,7 @@ class Objective:
             attrs["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        record_conv_ranks(trial, integer_ranks, kept)
         if self.weights is not None:
             self.keep_weights(trial, model)
         if config.budget is not None:  # a single objective; the costs are the attrs above

@@ -51,7 +51,7 @@ def test_a_decomposition_from_a_plugin_file_runs_exports_and_loads(workdir, tiny
     trial = next(t for t in study.trials if t.state.name == "COMPLETE")
     digest = hashlib.sha256((PLUGINS / "spatial_svd.py").read_bytes()).hexdigest()
     assert study.user_attrs["config"]["plugins"] == [{"name": "spatial_svd.py", "sha256": digest}]  # by content
-    assert trial.user_attrs["macs_ratio"] < 0.5 and trial.user_attrs["kept_convs"] == []
+    assert trial.user_attrs["macs_ratio"] < 0.5 and trial.system_attrs["kept_convs"] == []
     out = workdir / "out" / "svd.pt"
     export = run_cli("export", "--study-name", "smoke", "--trial", str(trial.number), "--out", str(out),
                      "--plugin", plugin, cwd=workdir, subprocess=True)  # fmt: skip

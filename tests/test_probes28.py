@@ -1,6 +1,7 @@
 """Issue 28's probes (a deploying user's frictions) fixed so far: each failed before its fix."""
 
 import io
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -359,3 +360,37 @@ def test_a_strangers_delivery_and_budget_records_print_nothing_they_do_not_hold(
     assert budget_of(study) is None
     study.set_user_attr("config", "no dict")
     assert budget_of(study) is None
+
+
+def test_a_trials_user_attrs_each_fit_one_line_of_the_dashboards_trial_page(workdir, tiny_imagefolder):
+    """optuna-dashboard lists a trial's user attrs one to a line, unwrapped: VGG16's ``conv_ranks`` (conv name ->
+    R, 13 of them) made that line wider than a 1400-pixel window, and the page scrolled sideways. The per-conv
+    record is now in the trial's system attrs, which the dashboard does not list."""
+    from optuna_dashboard._serializer import serialize_attrs
+
+    result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "1",
+                     cwd=workdir)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (trial,) = optuna.load_study(study_name="smoke", storage=f"sqlite:///{workdir}/studies/smoke.db").trials
+    shown = [f"{a['key']} {a['value']}" for a in serialize_attrs(trial.user_attrs)]
+    assert max(len(line) for line in shown) <= 100, max(shown, key=len)  # about what a 1400-px window shows
+    convs = trial.system_attrs["conv_ranks"]
+    assert len(convs) == 13 and set(trial.system_attrs["kept_convs"]) <= set(convs)
+
+
+def test_a_latency_is_reused_from_a_trial_that_recorded_its_conv_ranks_either_way():
+    """Trials before 0.13.0 recorded ``conv_ranks`` as user attrs: a resumed study still reuses their latency."""
+    from ranksearch.trial import recorded_latency
+
+    record = ({"features.0": 3, "features.3": 2}, ["features.0"])
+    key = json.dumps(record, sort_keys=True)
+    study = optuna.create_study()
+    old = {"latency_ms": 2.5, "conv_ranks": record[0], "kept_convs": record[1]}
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs=old))
+    assert recorded_latency(study, key) == 2.5
+    study = optuna.create_study()
+    new = optuna.trial.create_trial(value=0.5, user_attrs={"latency_ms": 4.0},
+                                    system_attrs={"conv_ranks": record[0], "kept_convs": record[1]})  # fmt: skip
+    study.add_trial(new)
+    assert recorded_latency(study, key) == 4.0
+    assert recorded_latency(study, json.dumps(({"features.0": 3, "features.3": 1}, ["features.0"]))) is None

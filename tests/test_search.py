@@ -11,7 +11,7 @@ from ranksearch.models import RANK_STEPS
 pytestmark = pytest.mark.slow
 MODULES = ["block1", "block2", "block3", "block4", "block5"]
 TRIAL_ATTRS = {
-    "ranks", "params", "macs_ratio", "params_ratio", "conv_ranks", "kept_convs", "seed",
+    "ranks", "params", "macs_ratio", "params_ratio", "seed",
     "decompose_s", "finetune_s", "eval_s", "count_s", "device", "device_name", "eval_dtype", "torch_version",
 }  # fmt: skip
 
@@ -40,7 +40,7 @@ def test_search_writes_a_resumable_sqlite_study(tmp_path, tiny_imagefolder):
         assert all(float(v * RANK_STEPS).is_integer() and 1 / 32 <= v <= 1 for v in trial.params.values())
         assert TRIAL_ATTRS <= set(trial.user_attrs) and "val_accuracy" not in trial.user_attrs
         assert trial.user_attrs["macs"] == trial.values[1]  # every cost is an attr, whatever the objectives
-        assert 0 <= trial.values[0] <= 1 and trial.values[1] > 0 and len(trial.user_attrs["conv_ranks"]) == 13
+        assert 0 <= trial.values[0] <= 1 and trial.values[1] > 0 and len(trial.system_attrs["conv_ranks"]) == 13
         steps = [str(round(trial.params[f"rank_{m}"] * 32)) for m in MODULES]
         assert trial.user_attrs["ranks"] == "/".join(steps) + " /32"
         assert (trial.user_attrs["device"], trial.user_attrs["eval_dtype"]) == ("cpu", "fp32")

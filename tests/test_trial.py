@@ -173,4 +173,4 @@ def test_latency_objective_is_measured_once_per_architecture(setup, trainings, m
     assert two.values[2] == one.values[2] and two.user_attrs["latency_s"] == 0 < one.user_attrs["latency_s"]
     assert three.values[2] != one.values[2] or three.user_attrs["latency_s"] > 0
     assert one.user_attrs["latency_ratio"] == pytest.approx(one.values[2] / objective.latency.baseline_ms)
-    assert one.values[1] == one.user_attrs["macs"] and one.user_attrs["conv_ranks"] == two.user_attrs["conv_ranks"]
+    assert one.values[1] == one.user_attrs["macs"] and one.system_attrs["conv_ranks"] == two.system_attrs["conv_ranks"]
