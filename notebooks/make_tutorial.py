@@ -488,7 +488,8 @@ md(r"""
 `rank_block5` (normalized ranks $k/32$), decomposes the pretrained baseline, fine-tunes it briefly and records two
 values, **validation accuracy** (a fraction, maximized) and **MACs** (minimized). Trial user attributes add
 `macs_ratio` and `params_ratio` (relative to the baseline) and more; system attributes hold `conv_ranks` (every
-conv's integer rank). The study's `baseline` attribute holds the undecomposed model's `val_accuracy`, `test_accuracy`, `macs` and `params`.
+conv's integer rank). The study's `baseline` attribute holds the undecomposed model's `val_accuracy`,
+`test_accuracy`, `macs` and `params`.
 
 No trial is best in both values at once; the **Pareto front** (`study.best_trials`) is the set of trials that no
 other trial beats in both. The study is found through two environment variables, with the CPU config's study
@@ -600,7 +601,12 @@ md(r"""
 ## Where next
 
 - Export a Pareto trial as a model file (`.pt`, ONNX, TorchScript), re-checked against the study:
-  `python -m ranksearch export --study-name vgg16-cifar10-cpu --trial best --max-drop 5 --finetune-epochs 2 --out model.pt`
+
+  ```bash
+  python -m ranksearch export --study-name vgg16-cifar10-cpu --trial best --max-drop 5 \
+      --finetune-epochs 2 --out model.pt
+  ```
+
   (`--trial best` takes the Pareto trial with the fewest MACs within `--max-drop` points of the baseline's
   validation accuracy, 1 by default: a CPU study's trials, fine-tuned for a few dozen steps, sit further below
   it, and the export's refine, `--finetune-epochs`, wins most of that back; when none is within the margin, the
