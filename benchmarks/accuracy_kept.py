@@ -6,7 +6,7 @@ Stages, each resumable (every finished unit of work is saved under --work and sk
   factors  data-aware factors (decompose_method activation) against hosvd at equal ranks, on rank vectors from 2x to
            12x fewer MACs: val right after decomposition, after BatchNorm re-estimation, after the trial's 30-step
            proxy (+ BN), after a 1-epoch refine (+ BN); each method's proxy Spearman with its 1-epoch refine
-  recipes  refine recipes (ranksearch.refine.RECIPES) at equal epochs, from the trial's model (decomposed, BN
+  recipes  refine recipes (ranksearch.deliver.refine.RECIPES) at equal epochs, from the trial's model (decomposed, BN
            re-estimated, 30 steps), on a 5x and a 10x vector
   result   at >= 5x and >= 10x fewer MACs: the searched, uniform and VBMF vectors, refined with the default recipe,
            test accuracy next to the from-scratch check (same architecture, random init, same number of steps)
@@ -24,17 +24,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ranksearch.baseline import ensure_baseline
-from ranksearch.config import load_config
-from ranksearch.data import device_data
+from ranksearch.data.datasets import device_data
 from ranksearch.decompose.activation import Tucker2Basis
-from ranksearch.device import resolve_device
-from ranksearch.measure import count_macs
+from ranksearch.deliver.refine import RECIPES, RefineRecipe, from_scratch, refine
 from ranksearch.models import RANK_STEPS, rank_modules
-from ranksearch.refine import RECIPES, RefineRecipe, from_scratch, refine
-from ranksearch.train import evaluate, steps_per_epoch
-from ranksearch.trial import decomposed_model, trial_bases, trial_model
-from ranksearch.warmstart import vbmf_ranks
+from ranksearch.models.measure import count_macs
+from ranksearch.search.trial import decomposed_model, trial_bases, trial_model
+from ranksearch.search.warmstart import vbmf_ranks
+from ranksearch.study.config import load_config
+from ranksearch.train.baseline import ensure_baseline
+from ranksearch.train.loops import evaluate, steps_per_epoch
+from ranksearch.utils.device import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_quality import CONFIG, Results, ranks_text  # noqa: E402

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ranksearch.data import augment
+from ranksearch.data.datasets import augment
 
 
 def augment_by_indexing(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:

@@ -10,9 +10,9 @@ import argparse
 import torch
 
 from ranksearch import count_macs, load_model
-from ranksearch.data import DeviceData, load_dataset
-from ranksearch.load import read_export
-from ranksearch.train import evaluate
+from ranksearch.data.datasets import DeviceData, load_dataset
+from ranksearch.deliver.load import read_export
+from ranksearch.train.loops import evaluate
 
 
 def main() -> None:

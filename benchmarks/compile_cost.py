@@ -14,14 +14,14 @@ import time
 
 import torch
 
-from ranksearch.baseline import baseline_path, load_baseline
-from ranksearch.config import load_config
-from ranksearch.data import device_data
+from ranksearch.data.datasets import device_data
 from ranksearch.decompose import model_bases
-from ranksearch.device import resolve_device, synchronize
 from ranksearch.models import rank_modules
-from ranksearch.train import finetune
-from ranksearch.trial import decomposed_model
+from ranksearch.search.trial import decomposed_model
+from ranksearch.study.config import load_config
+from ranksearch.train.baseline import baseline_path, load_baseline
+from ranksearch.train.loops import finetune
+from ranksearch.utils.device import resolve_device, synchronize
 
 
 def timed_finetune(model, data, config, seed: int) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ranksearch.data import _image_files, content_fingerprint, files_key, load_dataset
+from ranksearch.data.datasets import _image_files, content_fingerprint, files_key, load_dataset
 
 
 def timed(fn):

@@ -22,15 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-from ranksearch.budget import fit_to_budget
-from ranksearch.measure import count_macs
+from ranksearch.deliver.refine import RECIPES
+from ranksearch.deliver.refine import refine as run_refine
 from ranksearch.models import RANK_STEPS, rank_modules
-from ranksearch.refine import RECIPES
-from ranksearch.refine import refine as run_refine
-from ranksearch.sensitivity import model_table
-from ranksearch.train import steps_per_epoch
-from ranksearch.trial import trial_bases
-from ranksearch.warmstart import vbmf_ranks
+from ranksearch.models.measure import count_macs
+from ranksearch.objectives.cost_table import cost_table
+from ranksearch.search.samplers import fit_to_budget
+from ranksearch.search.trial import trial_bases
+from ranksearch.search.warmstart import vbmf_ranks
+from ranksearch.train.loops import steps_per_epoch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_kept import as_ranks, quality_setup, scores, trial_state  # noqa: E402
@@ -76,7 +76,7 @@ def refined_row(config, data, baseline, bases, modules, budget: str, ks: list[in
 def refine_references(config, data, baseline, results: Results, epochs: int, which: list[str],
                       budgets: list[str]) -> None:  # fmt: skip
     modules = list(rank_modules(baseline.model))
-    table = model_table(baseline.model, config, data.spec.input_size())
+    table = cost_table(baseline.model, config.search_space, config.decomposition, data.spec.input_size())
     bases = trial_bases(config, baseline, data)
     steps = config.finetune_steps + epochs * steps_per_epoch(data, config.batch_size)
     for budget, vectors in references(config, baseline, table, modules).items():

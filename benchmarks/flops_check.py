@@ -15,8 +15,8 @@ import sys
 from fractions import Fraction
 
 from ranksearch import count_macs, decompose, set_ranks
-from ranksearch.measure import flop_counter_macs
 from ranksearch.models import build_model, module_names
+from ranksearch.models.measure import flop_counter_macs
 
 MODELS = [
     ("vgg11", 0.25), ("vgg16", 0.25), ("resnet20", 1.0), ("resnet56", 1.0), ("resnet18", 0.25),

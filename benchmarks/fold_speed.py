@@ -19,10 +19,10 @@ from torch import nn
 
 from ranksearch import count_macs, decompose, load_model, set_ranks
 from ranksearch.decompose import Tucker2Conv
-from ranksearch.fold import fold_batchnorm
-from ranksearch.latency import LatencyResult, latency_device, measure_latency
-from ranksearch.load import read_export
+from ranksearch.deliver.load import read_export
 from ranksearch.models import build_model, module_names
+from ranksearch.models.fold import fold_batchnorm
+from ranksearch.objectives.latency import LatencyResult, latency_device, measure_latency
 
 BATCHES = (1, 64)
 

@@ -1,7 +1,7 @@
-"""The GP sampler's acquisition optimizer: Optuna's own against ``ranksearch.gp_grid`` (issue 27), side by side.
+"""The GP sampler's acquisition optimizer: Optuna's own against ``ranksearch.search.gp_grid`` (issue 27), side by side.
 
 ``time``: seconds per suggestion after 50, 100, 200 and 400 told trials of ``sampler_per_trial.py``'s toy history
-(5 modules on the 1/32 grid, two objectives), each asked of a new sampler seeded per trial as ``search.TrialSeeded``
+(5 modules on the 1/32 grid, two objectives), each asked of a new sampler seeded per trial as ``samplers.TrialSeeded``
 asks; the two optimizers alternate within each size, on one thread.
 
 ``hypervolume``: 40-trial searches on the surrogate of ``wasted_corner.py`` (the quarter-width VGG16's val accuracy
@@ -30,13 +30,13 @@ from sampler_per_trial import history  # noqa: E402
 from sampler_size import seconds_per_ask  # noqa: E402
 from wasted_corner import Surrogate  # noqa: E402
 
-from ranksearch.baseline import new_model  # noqa: E402
-from ranksearch.budget import BudgetSampler, within_spread  # noqa: E402
-from ranksearch.config import load_config  # noqa: E402
-from ranksearch.gp_grid import GridGPSampler  # noqa: E402
 from ranksearch.models import RANK_STEPS, rank_modules  # noqa: E402
-from ranksearch.search import TrialSeeded  # noqa: E402
-from ranksearch.sensitivity import curves, model_table  # noqa: E402
+from ranksearch.objectives.cost_table import cost_table  # noqa: E402
+from ranksearch.search.gp_grid import GridGPSampler  # noqa: E402
+from ranksearch.search.samplers import BudgetSampler, TrialSeeded, within_spread  # noqa: E402
+from ranksearch.search.sensitivity import curves  # noqa: E402
+from ranksearch.study.config import load_config  # noqa: E402
+from ranksearch.train.baseline import new_model  # noqa: E402
 
 OPTIMIZERS = {"optuna": optuna.samplers.GPSampler, "grid": GridGPSampler}
 QUALITY = HERE / "results" / "quality"
@@ -91,7 +91,7 @@ def hypervolume_part(seeds: list[int]) -> None:
     config = load_config(HERE.parent / "configs" / "cpu-quality.yaml", {"download": False})
     model = new_model(config)
     modules = list(rank_modules(model))
-    table = model_table(model, config, (1, 3, 32, 32))
+    table = cost_table(model, config.search_space, config.decomposition, (1, 3, 32, 32))
     baseline_val = torch.load(BASELINE, weights_only=True)["metrics"]["val_accuracy"]
     storage = f"sqlite:///{QUALITY / 'issue17.db'}"
     points = curves(optuna.load_study(study_name=POINTS, storage=storage), modules)

@@ -15,14 +15,14 @@ import time
 import torch
 from torch import nn
 
-from ranksearch.baseline import cached_bases, ensure_baseline
-from ranksearch.config import load_config
-from ranksearch.data import device_data
+from ranksearch.data.datasets import device_data
 from ranksearch.decompose import Tucker2Conv, reconstruction_error
-from ranksearch.device import resolve_device
 from ranksearch.models import rank_modules
-from ranksearch.train import evaluate
-from ranksearch.trial import trial_model
+from ranksearch.search.trial import trial_model
+from ranksearch.study.config import load_config
+from ranksearch.train.baseline import cached_bases, ensure_baseline
+from ranksearch.train.loops import evaluate
+from ranksearch.utils.device import resolve_device
 
 METHODS = ("hooi", "hosvd", "hosvd+refine")
 

@@ -1,4 +1,4 @@
-"""A sampler kept across trials against a new one per trial (what ``search.TrialSeeded`` does), on one history.
+"""A sampler kept across trials against a new one per trial (what ``samplers.TrialSeeded`` does), on one history.
 
 Asks GP for ``--asks`` suggestions after ``--history`` told trials of a 5-module, 2-objective toy on the 1/32 grid,
 both ways side by side in this process, and prints the mean seconds per suggestion. GP keeps one cache across

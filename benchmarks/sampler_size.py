@@ -1,6 +1,6 @@
 """Seconds per suggestion against the study's size: GP (and TPE beside it) after 50, 100, 200 and 400 told trials.
 
-Each suggestion is asked of a new sampler seeded per trial, as ``search.TrialSeeded`` asks, on the toy history of
+Each suggestion is asked of a new sampler seeded per trial, as ``samplers.TrialSeeded`` asks, on the toy history of
 ``sampler_per_trial.py`` (5 modules on the 1/32 grid, two objectives); every size and sampler side by side in this
 process, on one thread, each timing the mean of ``--asks`` suggestions.
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from search_quality import hypervolume_curve  # the same hypervolume as issue 10's figures
 
-from ranksearch import objectives
+from ranksearch.objectives import registry as objectives
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "cpu-quality.yaml"
@@ -213,13 +213,13 @@ def context(args) -> None:
     (the same exact knapsack), and measure that allocation beside the uniform vector and the global one."""
     import torch
 
-    from ranksearch.baseline import ensure_baseline
-    from ranksearch.config import load_config
-    from ranksearch.costs import cost_table
-    from ranksearch.data import device_data
-    from ranksearch.sensitivity import Point, allocate
-    from ranksearch.train import evaluate
-    from ranksearch.trial import trial_bases, trial_model
+    from ranksearch.data.datasets import device_data
+    from ranksearch.objectives.cost_table import cost_table
+    from ranksearch.search.sensitivity import Point, allocate
+    from ranksearch.search.trial import trial_bases, trial_model
+    from ranksearch.study.config import load_config
+    from ranksearch.train.baseline import ensure_baseline
+    from ranksearch.train.loops import evaluate
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.lanes))
     os.chdir(args.work)

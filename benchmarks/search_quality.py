@@ -33,18 +33,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ranksearch.baseline import ensure_baseline
-from ranksearch.config import load_config
-from ranksearch.data import device_data
-from ranksearch.device import resolve_device
-from ranksearch.latency import deployed_form, measure_latency
-from ranksearch.load import load_model, read_export
-from ranksearch.measure import count_macs
+from ranksearch.data.datasets import device_data
+from ranksearch.deliver.load import load_model, read_export
 from ranksearch.models import RANK_STEPS, rank_modules
 from ranksearch.models import ranks_text as models_ranks_text
-from ranksearch.objectives import dominated_flags
-from ranksearch.train import evaluate, steps_per_epoch
-from ranksearch.trial import decomposed_model, trial_bases, trial_model
+from ranksearch.models.measure import count_macs
+from ranksearch.objectives.latency import deployed_form, measure_latency
+from ranksearch.objectives.registry import dominated_flags
+from ranksearch.search.trial import decomposed_model, trial_bases, trial_model
+from ranksearch.study.config import load_config
+from ranksearch.train.baseline import ensure_baseline
+from ranksearch.train.loops import evaluate, steps_per_epoch
+from ranksearch.utils.device import resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "cpu-quality.yaml"

@@ -12,11 +12,11 @@ import copy
 
 import torch
 
-from ranksearch.config import Config
-from ranksearch.costs import cost_table
 from ranksearch.decompose import decompose
-from ranksearch.latency import speed_against
 from ranksearch.models import build_model, set_ranks
+from ranksearch.objectives.cost_table import cost_table
+from ranksearch.objectives.latency import speed_against
+from ranksearch.study.config import Config
 
 VECTORS = {  # k of k/32 per module
     "uniform 16/32": (16, 16, 16, 16, 16),

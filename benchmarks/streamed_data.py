@@ -49,8 +49,8 @@ def measure(root: Path, share: float, steps: int, batch: int, stage: str) -> dic
     cache, ``steps`` augmented batches, three passes over val)."""
     import torch
 
-    from ranksearch.config import Config
-    from ranksearch.data import device_data
+    from ranksearch.data.datasets import device_data
+    from ranksearch.study.config import Config
 
     torch.set_num_threads(1)
     before_mb = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -108,8 +108,8 @@ def statistics(root: Path) -> None:
     made every start compute them), side by side, twice (the first pair may read the cache from disk)."""
     import torch
 
-    from ranksearch.config import Config
-    from ranksearch.data import CACHE_NAME, device_data
+    from ranksearch.data.datasets import CACHE_NAME, device_data
+    from ranksearch.study.config import Config
 
     torch.set_num_threads(1)
     config = Config(data_dir=str(root), download=False, val_size=2000, data_memory_share=1.0)

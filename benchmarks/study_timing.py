@@ -21,12 +21,12 @@ PARTS = ("decompose_s", "finetune_s", "eval_s", "count_s")
 
 def batch_prep_share(study: optuna.Study, data_dir: str, steps: int) -> float:
     """Fraction of a fine-tune step's time spent preparing its batch (same process, same data, CPU)."""
-    from ranksearch.baseline import baseline_path, load_baseline
-    from ranksearch.config import Config
-    from ranksearch.data import device_data
-    from ranksearch.export import study_config
+    from ranksearch.data.datasets import device_data
+    from ranksearch.deliver.export import study_config
     from ranksearch.models import rank_modules
-    from ranksearch.trial import trial_model
+    from ranksearch.search.trial import trial_model
+    from ranksearch.study.config import Config
+    from ranksearch.train.baseline import baseline_path, load_baseline
 
     device = torch.device("cpu")
     fields = {**study_config(study).to_dict(), "data_dir": data_dir, "device": "cpu", "finetune_steps": steps}

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ranksearch.baseline import new_model
-from ranksearch.config import Config
-from ranksearch.data import DeviceData, augment, device_data
-from ranksearch.device import autocast, resolve_device, synchronize, use_deterministic_kernels
-from ranksearch.train import one_cycle, prepare
+from ranksearch.data.datasets import DeviceData, augment, device_data
+from ranksearch.study.config import Config
+from ranksearch.train.baseline import new_model
+from ranksearch.train.loops import one_cycle, prepare
+from ranksearch.utils.device import autocast, resolve_device, synchronize, use_deterministic_kernels
 
 
 def plain_loop(model: nn.Module, data: DeviceData, config: Config, steps: int, seed: int) -> float:

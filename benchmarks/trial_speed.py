@@ -23,12 +23,13 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from ranksearch import count_macs, decompose, set_ranks, vgg16_cifar
-from ranksearch.config import Config
-from ranksearch.data import CIFAR_MEAN, CIFAR_STD, DeviceData, load_dataset
+from ranksearch.data.datasets import DeviceData, load_dataset
+from ranksearch.data.inputs import CIFAR_MEAN, CIFAR_STD
 from ranksearch.decompose import model_bases
 from ranksearch.models import rank_modules
-from ranksearch.train import evaluate
-from ranksearch.trial import trial_model
+from ranksearch.search.trial import trial_model
+from ranksearch.study.config import Config
+from ranksearch.train.loops import evaluate
 
 
 def clock(fn):

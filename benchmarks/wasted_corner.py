@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from ranksearch.baseline import ensure_baseline
-from ranksearch.budget import fit_to_budget, within_spread
-from ranksearch.config import load_config
-from ranksearch.data import device_data
-from ranksearch.device import resolve_device
+from ranksearch.data.datasets import device_data
 from ranksearch.models import RANK_STEPS, rank_modules
-from ranksearch.search import make_sampler
-from ranksearch.sensitivity import curves, model_table
+from ranksearch.objectives.cost_table import cost_table
+from ranksearch.search.samplers import fit_to_budget, make_sampler, within_spread
+from ranksearch.search.sensitivity import curves
+from ranksearch.study.config import load_config
+from ranksearch.train.baseline import ensure_baseline
+from ranksearch.utils.device import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_quality import CONFIG  # noqa: E402
@@ -116,7 +116,7 @@ def main() -> None:
     data = device_data(config, resolve_device("cpu"))
     baseline = ensure_baseline(config, data)
     modules = list(rank_modules(baseline.model))
-    table = model_table(baseline.model, config, data.spec.input_size())
+    table = cost_table(baseline.model, config.search_space, config.decomposition, data.spec.input_size())
     points = curves(optuna.load_study(study_name=args.points, storage=args.storage), modules)
     surrogate = Surrogate(points, modules, baseline.val_accuracy)
     print(f"\nsamplers alone on the surrogate, {TRIALS} trials each: starved draws (share), best predicted val")

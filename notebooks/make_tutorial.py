@@ -500,9 +500,9 @@ code(r"""
 import optuna
 import pandas as pd
 
-from ranksearch.errors import UserError
 from ranksearch.models import RANK_STEPS
-from ranksearch.study import load_existing_study
+from ranksearch.study.storage import load_existing_study
+from ranksearch.utils.errors import UserError
 
 STORAGE = os.environ.get("RANKSEARCH_STUDY_STORAGE", "sqlite:///../studies/vgg16-cifar10-cpu.db")
 STUDY = os.environ.get("RANKSEARCH_STUDY_NAME", "vgg16-cifar10-cpu")

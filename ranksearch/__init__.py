@@ -11,7 +11,7 @@ __version__ = "0.13.0"
 from .decompose import decompose  # noqa: E402  (eager: the function shadows its subpackage's name)
 
 _PUBLIC = {  # name: the module that defines it
-    "vgg16_cifar": ".models", "set_ranks": ".models", "count_macs": ".measure", "load_model": ".load",
+    "vgg16_cifar": ".models", "set_ranks": ".models", "count_macs": ".models.measure", "load_model": ".deliver.load",
 }  # fmt: skip
 __all__ = ["decompose", *_PUBLIC, "__version__"]
 

@@ -8,13 +8,13 @@ from fractions import Fraction
 from pathlib import Path
 
 from . import __version__
-from .attrs import FAIL_REASON
-from .config import SAMPLERS, WORKER_STORAGE_ENV, Config, default_storage_url, load_config
 from .decompose import conv_decompositions, factor_methods
-from .errors import MASK, UserError, shown_url
-from .interrupts import Terminated, interrupted_line
 from .models import model_names
-from .objectives import COSTS, parse_objectives
+from .objectives.registry import COSTS, parse_objectives
+from .study.attrs import FAIL_REASON
+from .study.config import SAMPLERS, WORKER_STORAGE_ENV, Config, default_storage_url, load_config
+from .utils.errors import MASK, UserError, shown_url
+from .utils.interrupts import Terminated, interrupted_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,9 +169,9 @@ def _resolve(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .search import run_search
-    from .study import deleted_study_is_one_line
-    from .workers import Worker
+    from .run import run_search
+    from .search.workers import Worker
+    from .study.storage import deleted_study_is_one_line
 
     config = _resolve(args)
     worker = Worker.parse(args.worker) if args.worker else None
@@ -189,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def closing_line(config: Config) -> str:
     """Where ``run`` left its study and how to look at it, the storage's password masked (``shown_url``)."""
-    from .notes import study_command
+    from .inspect.notes import study_command
 
     url = config.storage_url()
     shown, hint = shown_url(url), study_command("dashboard", config.study_name, config.storage)
@@ -199,9 +199,9 @@ def closing_line(config: Config) -> str:
 
 def _baseline(config: Config):
     """The config's pretrained baseline (cached, or pretrained now and cached), and the data it was measured on."""
-    from .baseline import check_baseline_source, ensure_baseline
-    from .data import device_data
-    from .device import resolve_device
+    from .data.datasets import device_data
+    from .train.baseline import check_baseline_source, ensure_baseline
+    from .utils.device import resolve_device
 
     check_baseline_source(config)  # before the data
     data = device_data(config, resolve_device(config.device))
@@ -241,7 +241,7 @@ def _noise_note(layer) -> str:
 def _ranks_line(ranks: list[float], config: Config) -> str:
     """The ``--ranks`` text for ``run``, clipped into [rank_min, rank_max] (and saying so when that changed any)."""
     from .models import rank_text
-    from .warmstart import clip_ranks, ranks_argument
+    from .search.warmstart import clip_ranks, ranks_argument
 
     clipped = clip_ranks(ranks, config.rank_min, config.rank_max)
     note = f"  (clipped into rank_min..rank_max: {rank_text(config.rank_min)}..{rank_text(config.rank_max)})"
@@ -273,10 +273,10 @@ def cmd_ranks(args: argparse.Namespace) -> int:
     A conv's grid rank is the smallest k/32 whose Tucker-2 ranks (R = max(1, round(k/32 * Cout)), R_in = min(R, Cin),
     R_out = min(R, Cout)) are at least VBMF's in both modes (a 0, only noise, counts as 1; 1 when no k reaches them);
     a 1x1 conv's or linear layer's (``svd_layers``), the smallest whose SVD rank max(1, round(k/32 * min(Cin, Cout)))
-    is at least VBMF's; a module's is the largest of its layers'. The math is ``ranksearch.warmstart``'s.
+    is at least VBMF's; a module's is the largest of its layers'. The math is ``ranksearch.search.warmstart``'s.
     """
-    from .sensitivity import model_table
-    from .warmstart import clip_ranks, vbmf_ranks
+    from .objectives.cost_table import cost_table
+    from .search.warmstart import clip_ranks, vbmf_ranks
 
     if not args.vbmf:
         raise UserError("ranks needs --vbmf: VBMF is the only rank estimator today (ranksearch ranks --vbmf ...)")
@@ -289,7 +289,8 @@ def cmd_ranks(args: argparse.Namespace) -> int:
     estimates = vbmf_ranks(baseline.model, config.search_space, args.weakening)
     print(_ranks_report(estimates, config))
     print(_costs_line(clip_ranks(list(estimates.modules.values()), config.rank_min, config.rank_max),
-                      model_table(baseline.model, config, data.spec.input_size())))  # fmt: skip
+                      cost_table(baseline.model, config.search_space, config.decomposition,
+                                 data.spec.input_size())))  # fmt: skip
     return 0
 
 
@@ -324,9 +325,9 @@ def _check_sensitivity_flags(args: argparse.Namespace) -> None:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    """``sensitivity``: each module decomposed alone at a ladder of ranks (``ranksearch.sensitivity``)."""
-    from .sensitivity import run_sensitivity
-    from .workers import Worker
+    """``sensitivity``: each module decomposed alone at a ladder of ranks (``ranksearch.search.sensitivity``)."""
+    from .search.sensitivity import run_sensitivity
+    from .search.workers import Worker
 
     _check_sensitivity_flags(args)
     config = _resolve(args)
@@ -350,9 +351,9 @@ _WEIGHTS_DIR_HELP = ("server storages (PostgreSQL) only: the study's weights fol
 
 
 def _weights_folder(args: argparse.Namespace) -> Path:
-    """The study's kept weights folder (``study.weights_folder``; ``--weights-dir`` is refused for SQLite, whose
+    """The study's kept weights folder (``storage.weights_folder``; ``--weights-dir`` is refused for SQLite, whose
     studies keep them beside the database)."""
-    from .study import weights_folder
+    from .study.storage import weights_folder
 
     return weights_folder(_storage_url(args), args.study_name, args.weights_dir, given_as="--weights-dir")
 
@@ -361,8 +362,8 @@ def _open_study(args: argparse.Namespace, uses: tuple[str, ...]):
     """The study ``--study-name`` names, made by ``run`` (a sensitivity study is refused in one line), with the
     plugins passed (``--plugin``) imported when they are its own; a one-line error when what the command ``uses`` of
     it (its "model", "decomposition", "costs") comes from a plugin not passed."""
-    from .sensitivity import is_sensitivity_study
-    from .study import load_existing_study, load_study_plugins
+    from .search.sensitivity import is_sensitivity_study
+    from .study.storage import load_existing_study, load_study_plugins
 
     study = load_existing_study(_storage_url(args), args.study_name)
     if is_sensitivity_study(study):
@@ -414,7 +415,7 @@ def _refine_recipe(args: argparse.Namespace):
     """The default refine recipe with the ``--refine-*`` flags given, checked."""
     import dataclasses
 
-    from .refine import RefineRecipe
+    from .deliver.refine import RefineRecipe
 
     flags = {"lr": args.refine_lr, "warmup_epochs": args.refine_warmup_epochs, "distill_weight": args.refine_distill}
     given = {field: value for field, value in flags.items() if value is not None}
@@ -441,7 +442,7 @@ EXPORT_INTERRUPTED = ("export interrupted; its files are renamed into place toge
 def cmd_export(args: argparse.Namespace) -> int:
     """``export``: pick a trial, rebuild, verify (and refine) it, write its files; Ctrl-C and SIGTERM say what they
     left (``main`` prints it: exit 130, 143)."""
-    from .interrupts import Interrupted, Terminated, sigterm_interrupts
+    from .utils.interrupts import Interrupted, Terminated, sigterm_interrupts
 
     try:
         with sigterm_interrupts():
@@ -451,8 +452,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import check_out, choose_trial, export_device, export_trial, parse_formats
-    from .latency import SPEED_BATCH
+    from .deliver.export import check_out, choose_trial, export_device, export_trial, parse_formats
+    from .objectives.latency import SPEED_BATCH
 
     formats = parse_formats(args.format)
     if args.finetune_epochs < 0:
@@ -483,8 +484,8 @@ def _report_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .files import check_writable
-    from .report import summary, write_report
+    from .inspect.report import summary, write_report
+    from .utils.files import check_writable
 
     check_writable(args.out, "--out")
     study = _open_study(args, ("costs",))  # its costs' labels and units; no model is built
@@ -501,7 +502,7 @@ def _dashboard_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from .dashboard import serve
+    from .inspect.dashboard import serve
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
@@ -565,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ranksearch: {interrupted_line(interrupt)}", file=sys.stderr)
         return 143 if isinstance(interrupt, Terminated) else 130
     except Exception as error:  # a storage that failed (killed, blocked by a lock) is one line, the storage's own
-        from .study import storage_failure
+        from .study.storage import storage_failure
 
         why = storage_failure(error)
         if why is None:

@@ -144,7 +144,7 @@ def _process_state_kept(args, cwd: Path):
 
     import optuna
 
-    from ranksearch import workers
+    from ranksearch.search import workers
 
     optuna_logger = optuna.logging._get_library_root_logger()
     optuna_handlers = [h for h in optuna_logger.handlers if isinstance(h, logging.StreamHandler)]

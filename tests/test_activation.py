@@ -1,17 +1,19 @@
 """Data-aware factors (decompose_method: activation): the statistics, their cache, the math of each method, and runs
 of every decomposition and model end to end."""
 
+import importlib
+
 import pytest
 import torch
 import yaml
 from torch import nn
 
 from conftest import SMOKE_CONFIG, run_cli
-from ranksearch.activations import cached_statistics, layer_statistics
-from ranksearch.data import DeviceData, load_dataset
+from ranksearch.data.datasets import DeviceData, load_dataset
 from ranksearch.decompose import CPConv, FactorOptions, SVDLayer, Tucker2Conv, data_aware_bases, decompose
 from ranksearch.decompose.activation import whitening
-from ranksearch.load import load_model
+from ranksearch.decompose.statistics import cached_statistics, layer_statistics
+from ranksearch.deliver.load import load_model
 from ranksearch.models import attach_rank_buffers, build_model, rank_layers, set_ranks
 
 
@@ -136,7 +138,8 @@ def test_statistics_are_cached_beside_the_baseline_and_remade_for_other_weights(
     def no_measuring(*args):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr("ranksearch.activations.layer_statistics", no_measuring)
+    statistics = importlib.import_module("ranksearch.decompose.statistics")  # ranksearch.decompose is the function
+    monkeypatch.setattr(statistics, "layer_statistics", no_measuring)
     again = cached_statistics(model, checkpoint, tiny_data, images=16)
     name = next(iter(first))
     torch.testing.assert_close(again[name].inputs, first[name].inputs)

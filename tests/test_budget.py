@@ -8,12 +8,13 @@ import optuna
 import pytest
 
 from conftest import SMOKE_CONFIG, run_cli
-from ranksearch.budget import BudgetSampler, RungPruner, fit_to_budget, make_pruner, parse_budget, rungs
-from ranksearch.costs import cost_table
 from ranksearch.decompose import decompose
-from ranksearch.errors import UserError
-from ranksearch.measure import count_macs
 from ranksearch.models import RANK_STEPS, attach_rank_buffers, build_model, set_ranks
+from ranksearch.models.measure import count_macs
+from ranksearch.objectives.budget import parse_budget, rungs
+from ranksearch.objectives.cost_table import cost_table
+from ranksearch.search.samplers import BudgetSampler, RungPruner, fit_to_budget, make_pruner
+from ranksearch.utils.errors import UserError
 
 
 @pytest.mark.parametrize(
@@ -72,8 +73,8 @@ def test_parse_budget():
 
 @pytest.mark.parametrize("sampler", ["tpe", "tpe-multivariate", "gp", "nsga2", "random"])
 def test_every_draw_of_the_budget_sampler_meets_the_budget(sampler):
-    from ranksearch.config import Config
-    from ranksearch.search import make_sampler
+    from ranksearch.search.samplers import make_sampler
+    from ranksearch.study.config import Config
 
     table = cost_table(build_model("vgg16", width=0.25, num_classes=10))
     names = [f"rank_{m}" for m in table.modules]
@@ -186,8 +187,8 @@ def test_a_latency_budget_measures_each_candidate_architecture_with_the_trials_m
     whose milliseconds are the architecture's MACs, so that the result is known)."""
     import types
 
-    from ranksearch.config import Config
-    from ranksearch.search import budget_fit, budget_ratio_of
+    from ranksearch.search.runner import budget_fit, budget_ratio_of
+    from ranksearch.study.config import Config
 
     model = build_model("vgg16", width=0.25, num_classes=10)
     table = cost_table(model)

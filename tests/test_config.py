@@ -3,8 +3,8 @@ import random
 import pytest
 
 from conftest import SMOKE_CONFIG
-from ranksearch.config import Config, baseline_key, load_config, search_fields
-from ranksearch.errors import UserError
+from ranksearch.study.config import Config, baseline_key, load_config, search_fields
+from ranksearch.utils.errors import UserError
 
 
 def test_defaults_are_the_full_size_job_and_files_override_them(tmp_path):

@@ -20,9 +20,9 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from test_report import BASELINE, DIST, PARETO, TRIALS, _params, hand_built_study
 
 from conftest import REPO
-from ranksearch.dashboard import make_app, make_dashboard_server, server_url, study_path
-from ranksearch.errors import UserError
-from ranksearch.weights import WeightsStore
+from ranksearch.inspect.dashboard import make_app, make_dashboard_server, server_url, study_path
+from ranksearch.study.weights import WeightsStore
+from ranksearch.utils.errors import UserError
 
 SERVE_FIRST_LINE = r"optuna-dashboard on (http://127\.0\.0\.1:\d+/dashboard/studies/\d+) \(Ctrl-C to stop\)\n"
 
@@ -136,7 +136,7 @@ def _ctrl_c_as_a_terminal_gives_it() -> None:
 
 
 def test_serve_prints_the_study_url_serves_it_and_stops_on_ctrl_c(storage):
-    code = f"from ranksearch.dashboard import serve; serve({storage!r}, '127.0.0.1', 0, study_name='s')"
+    code = f"from ranksearch.inspect.dashboard import serve; serve({storage!r}, '127.0.0.1', 0, study_name='s')"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
         [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import CLASSES, class_color, write_imagefolder
-from ranksearch.data import (
+from ranksearch.data.datasets import (
     CACHE_NAME,
     DeviceData,
     augment,
@@ -16,7 +16,7 @@ from ranksearch.data import (
     load_dataset,
     split_train_val,
 )  # fmt: skip
-from ranksearch.errors import UserError
+from ranksearch.utils.errors import UserError
 
 
 def test_imagefolder_is_decoded_once_and_cached(tmp_path, monkeypatch):
@@ -28,7 +28,7 @@ def test_imagefolder_is_decoded_once_and_cached(tmp_path, monkeypatch):
     assert first.train.images.shape == (30, 3, 32, 32) and first.train.images.dtype == torch.uint8
     assert first.test.labels.tolist() == [label for label in range(10) for _ in range(2)]
     assert int(first.train.images[5, 1, 10, 10]) == class_color(int(first.train.labels[5]))
-    monkeypatch.setattr("ranksearch.data._decode_one", None)  # the second start reads the cache alone
+    monkeypatch.setattr("ranksearch.data.datasets._decode_one", None)  # the second start reads the cache alone
     second = load_dataset(root)
     assert torch.equal(second.train.images, first.train.images)
 
@@ -159,7 +159,7 @@ def test_augment_gives_the_pixels_earlier_versions_gave():
 def test_training_batches_are_the_ones_drawn_batch_by_batch(tiny_imagefolder, monkeypatch, draw_steps):
     """Crops and flips drawn many steps at a time (one copy to a GPU per chunk) are the ones 0.11.0 drew batch by
     batch after each epoch's permutation: the same batches, so resumed studies measure alike."""
-    monkeypatch.setattr("ranksearch.data.DRAW_STEPS", draw_steps)
+    monkeypatch.setattr("ranksearch.data.datasets.DRAW_STEPS", draw_steps)
     data = DeviceData(load_dataset(tiny_imagefolder), val_size=20, split_seed=0, device=torch.device("cpu"))
 
     def batch_by_batch(batch_size, generator):

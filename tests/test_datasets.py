@@ -11,13 +11,13 @@ import yaml
 from PIL import Image
 
 from conftest import CLASSES, SMOKE_CONFIG, run_cli, write_imagefolder
-from ranksearch.config import load_config
-from ranksearch.data import DeviceData, load_dataset
-from ranksearch.errors import UserError
-from ranksearch.inputs import CIFAR_MEAN, CIFAR_STD, InputSpec, pixel_statistics, spec_of
-from ranksearch.load import load_model
-from ranksearch.measure import count_macs
+from ranksearch.data.datasets import DeviceData, load_dataset
+from ranksearch.data.inputs import CIFAR_MEAN, CIFAR_STD, InputSpec, pixel_statistics, spec_of
+from ranksearch.deliver.load import load_model
 from ranksearch.models import build_model
+from ranksearch.models.measure import count_macs
+from ranksearch.study.config import load_config
+from ranksearch.utils.errors import UserError
 
 SIZE = 48  # pixels: not CIFAR's 32
 SEVEN = [f"kind{i}" for i in range(7)]

@@ -139,7 +139,7 @@ def test_decompose_with_cached_bases_equals_decompose_without():
 
 
 def test_bases_are_cached_on_disk_for_exactly_the_baseline_weights(tmp_path):
-    from ranksearch.baseline import cached_bases
+    from ranksearch.train.baseline import cached_bases
 
     model = vgg16_cifar(width=0.125)
     checkpoint = tmp_path / "baseline.pt"

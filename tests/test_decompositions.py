@@ -24,8 +24,8 @@ from ranksearch.decompose import (
     svd_rank,
 )
 from ranksearch.decompose.cp import cp_weight
-from ranksearch.measure import count_macs, flop_counter_macs
 from ranksearch.models import build_model, rank_modules, set_ranks
+from ranksearch.models.measure import count_macs, flop_counter_macs
 
 FIXTURES = Path(__file__).parent / "data"
 
@@ -210,7 +210,7 @@ def test_the_svd_switch_gives_linear_and_pointwise_layers_modules_of_their_own()
 
 
 def test_one_baseline_checkpoint_serves_configs_with_and_without_the_svd_switch():
-    from ranksearch.baseline import _as_ranked_by
+    from ranksearch.train.baseline import _as_ranked_by
 
     plain, switched = build_model("resnet20", width=0.25), build_model("resnet20", width=0.25, svd_layers=True)
     for saved, into in ((plain, switched), (switched, plain)):
@@ -223,7 +223,7 @@ def test_one_baseline_checkpoint_serves_configs_with_and_without_the_svd_switch(
 def test_a_cp_or_hooi_trial_without_kept_weights_re_exports_as_it_ran(flags, workdir, tiny_imagefolder):
     """Re-running a trial's fine-tune (its weights were not kept) rebuilds the model it measured, and, as the trial
     did, computes no Tucker-2 channel bases: CP and HOOI factor the weights themselves."""
-    from ranksearch.weights import WeightsStore
+    from ranksearch.study.weights import WeightsStore
 
     run = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "1",
                   "--ranks", "8/32,8/32,8/32,8/32,8/32", *flags, cwd=workdir)  # fmt: skip

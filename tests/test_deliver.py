@@ -14,13 +14,13 @@ import torch
 
 import ranksearch
 from conftest import REPO, SMOKE_CONFIG, run_cli
-from ranksearch.budget import fit_to_budget, within_spread
-from ranksearch.config import load_config, search_fields
-from ranksearch.deliver import DELIVERED, PENDING, Target, candidates, target_paths, targets
-from ranksearch.errors import UserError
-from ranksearch.measure import count_macs
-from ranksearch.study import setup_mismatch
-from ranksearch.weights import unkept
+from ranksearch.deliver.delivery import DELIVERED, PENDING, Target, candidates, target_paths, targets
+from ranksearch.models.measure import count_macs
+from ranksearch.search.samplers import fit_to_budget, within_spread
+from ranksearch.study.config import load_config, search_fields
+from ranksearch.study.storage import setup_mismatch
+from ranksearch.study.weights import unkept
+from ranksearch.utils.errors import UserError
 
 SMOKE = ("--config", str(SMOKE_CONFIG))
 
@@ -189,7 +189,8 @@ def test_no_module_is_starved_below_a_quarter_of_the_largest():
 
 @pytest.mark.parametrize("sampler", ["gp", "tpe"])
 def test_a_multi_objective_study_draws_within_the_rank_spread(sampler):
-    from ranksearch.search import make_sampler, rank_space, spread_fit
+    from ranksearch.search.runner import rank_space, spread_fit
+    from ranksearch.search.samplers import make_sampler
 
     config = load_config(None, {"sampler": sampler, "trials": 10})
     modules = [f"block{i}" for i in range(1, 6)]
@@ -211,8 +212,8 @@ def test_a_sensitivity_point_is_the_fine_tune_alone_in_budget_mode():
     budget run's warm start measured it with the budget's rungs: 270 steps where other runs' points had 30."""
     from types import SimpleNamespace
 
-    from ranksearch.baseline import new_model
-    from ranksearch.sensitivity import PointObjective
+    from ranksearch.search.sensitivity import PointObjective
+    from ranksearch.train.baseline import new_model
 
     config = load_config(None, {"budget": "macs=0.2", "finetune_steps": 30})
     assert config.rung_steps() == [30, 90, 270]

@@ -10,11 +10,9 @@ import torch
 
 from conftest import CLASSES, REPO, SMOKE_CONFIG, run_cli
 from ranksearch import count_macs, load_model, vgg16_cifar
-from ranksearch.config import RUN_CONTROL, Config
-from ranksearch.data import DeviceData, load_dataset
+from ranksearch.data.datasets import DeviceData, load_dataset
 from ranksearch.decompose import Tucker2Conv
-from ranksearch.errors import UserError
-from ranksearch.export import (
+from ranksearch.deliver.export import (
     BEFORE_FIELD_EXISTED,
     export_device,
     output_paths,
@@ -22,11 +20,13 @@ from ranksearch.export import (
     study_config,
     verify,
 )
-from ranksearch.load import CIFAR10_CLASSES, INPUT_SPEC
-from ranksearch.measure import predict_correct
-from ranksearch.study import check_data
-from ranksearch.train import evaluate
-from ranksearch.weights import WeightsStore
+from ranksearch.deliver.load import CIFAR10_CLASSES, INPUT_SPEC
+from ranksearch.models.measure import predict_correct
+from ranksearch.study.config import RUN_CONTROL, Config
+from ranksearch.study.storage import check_data
+from ranksearch.study.weights import WeightsStore
+from ranksearch.train.loops import evaluate
+from ranksearch.utils.errors import UserError
 
 DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)
 FIXTURES = Path(__file__).parent / "data"

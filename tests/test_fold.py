@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from ranksearch.decompose import decompose
-from ranksearch.export import save_onnx, save_torchscript
-from ranksearch.fold import fold_batchnorm
+from ranksearch.deliver.export import save_onnx, save_torchscript
 from ranksearch.models import build_model, set_ranks
+from ranksearch.models.fold import fold_batchnorm
 
 
 def with_trained_batchnorms(model: nn.Module) -> nn.Module:
@@ -109,7 +109,7 @@ def test_onnx_export_carries_no_batchnorm_and_matches_the_unfolded_model(make, t
 def test_a_deployable_file_that_computes_otherwise_is_refused_and_not_left_behind(save, name, tmp_path, monkeypatch):
     """The ONNX / TorchScript check has a tolerance: a file whose logits differ (here a folding gone wrong) is an
     error, and nothing is left under its name nor beside it."""
-    from ranksearch import export
+    from ranksearch.deliver import export
 
     if save is save_onnx:
         pytest.importorskip("onnxruntime")

@@ -3,9 +3,9 @@
 import numpy as np
 import optuna
 
-from ranksearch.config import Config
-from ranksearch.gp_grid import GridGPSampler, on_grid
-from ranksearch.search import make_sampler
+from ranksearch.search.gp_grid import GridGPSampler, on_grid
+from ranksearch.search.samplers import make_sampler
+from ranksearch.study.config import Config
 
 GRID = optuna.distributions.FloatDistribution(1 / 32, 1.0, step=1 / 32)
 NAMES = [f"rank_block{i}" for i in range(1, 6)]

@@ -14,16 +14,16 @@ import optuna
 import pytest
 
 from conftest import REPO, SMOKE_CONFIG, _free_port
-from ranksearch.data import CACHE_NAME
-from ranksearch.errors import UserError
-from ranksearch.study import open_storage
+from ranksearch.data.datasets import CACHE_NAME
+from ranksearch.study.storage import open_storage
+from ranksearch.utils.errors import UserError
 
 # Each process opens the storage and joins the study "race" as `run` does, once every process is ready.
 JOIN = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from ranksearch.config import Config
-    from ranksearch.study import create_or_load
+    from ranksearch.study.config import Config
+    from ranksearch.study.storage import create_or_load
 
     url, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     ready.touch()

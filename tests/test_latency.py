@@ -6,7 +6,7 @@ import time
 import torch
 from torch import nn
 
-from ranksearch.latency import latency_device, measure_latency
+from ranksearch.objectives.latency import latency_device, measure_latency
 
 
 class Sleeps(nn.Module):

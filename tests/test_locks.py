@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from conftest import REPO
-from ranksearch.files import atomic_save, file_lock, lock_path, read_or_make
+from ranksearch.utils.files import atomic_save, file_lock, lock_path, read_or_make
 
 WORKERS = 4
 
@@ -93,8 +93,8 @@ def test_a_waiter_blocks_until_the_holder_is_done_and_says_so(tmp_path, capsys):
 def test_a_lock_is_released_when_its_process_dies(tmp_path):
     path = tmp_path / "baseline.pt"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from ranksearch.files import file_lock\nfrom pathlib import Path\nimport os, time\n"
-         f"with file_lock(Path({str(path)!r})):\n    print('held', flush=True)\n    time.sleep(600)"],
+        [sys.executable, "-c", "from ranksearch.utils.files import file_lock\nfrom pathlib import Path\n"
+         f"import os, time\nwith file_lock(Path({str(path)!r})):\n    print('held', flush=True)\n    time.sleep(600)"],
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -111,7 +111,7 @@ def test_a_read_only_folder_works_without_a_lock(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
     code = (
-        "from pathlib import Path\nfrom ranksearch.files import file_lock\n"
+        "from pathlib import Path\nfrom ranksearch.utils.files import file_lock\n"
         f"with file_lock(Path({str(folder / 'x.pt')!r}), 'waiting') as waited:\n    print('ran', waited)\n"
     )
     command = [sys.executable, "-c", code]

@@ -5,8 +5,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ranksearch import count_macs, decompose, set_ranks, vgg16_cifar
 from ranksearch.decompose import decomposed_from_state_dict
-from ranksearch.measure import count_params, flop_counter_macs
 from ranksearch.models import build_model, module_names
+from ranksearch.models.measure import count_params, flop_counter_macs
 
 VGG16_CHANNELS = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
 

@@ -9,10 +9,8 @@ from torch import nn
 
 from conftest import SMOKE_CONFIG, run_cli, write_imagefolder
 from ranksearch import decompose, load_model
-from ranksearch.config import load_config
+from ranksearch.data.inputs import CIFAR10_CLASSES
 from ranksearch.decompose import Tucker2Conv, decomposed_from_state_dict
-from ranksearch.errors import UserError
-from ranksearch.inputs import CIFAR10_CLASSES
 from ranksearch.models import (
     build_model,
     check_model_name,
@@ -25,7 +23,9 @@ from ranksearch.models import (
     set_ranks,
     top_level_children,
 )
-from ranksearch.trial import decomposed_model, suggest_ranks
+from ranksearch.search.trial import decomposed_model, suggest_ranks
+from ranksearch.study.config import load_config
+from ranksearch.utils.errors import UserError
 
 
 def n_params(model: nn.Module) -> int:

@@ -6,8 +6,8 @@ import pytest
 from test_cli import assert_one_line_error
 
 from conftest import SMOKE_CONFIG, run_cli
-from ranksearch.errors import UserError
-from ranksearch.objectives import check_objectives
+from ranksearch.objectives.registry import check_objectives
+from ranksearch.utils.errors import UserError
 
 SMOKE = ("--config", str(SMOKE_CONFIG))
 

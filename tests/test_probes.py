@@ -6,8 +6,8 @@ import optuna
 import pytest
 
 from conftest import SMOKE_CONFIG, run_cli
-from ranksearch.config import check_study_name
-from ranksearch.errors import UserError
+from ranksearch.study.config import check_study_name
+from ranksearch.utils.errors import UserError
 
 NOT_NAMES = ["../../../escape", "a/b", "/abs/path", "", ".", "..", ".hidden", "x" * 300, "tab\tname", "new\nline"]
 
@@ -34,7 +34,7 @@ def test_names_that_are_names_pass():
 
 def test_the_closing_pareto_line_counts_finished_trials_only():
     """"Pareto front: 3 of 4 trials" counted a queued trial that never ran."""
-    from ranksearch.search import pareto_summary
+    from ranksearch.search.runner import pareto_summary
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     grid = {"rank_b": optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)}
@@ -78,7 +78,7 @@ def test_another_programs_sqlite_file_is_refused_and_left_as_it_was(tmp_path, ti
 
 def test_the_dashboard_refuses_an_empty_host_and_warns_on_a_public_one(tmp_path, capsys):
     """``dashboard --host ""`` bound 0.0.0.0 and answered on the machine's address; ``--host 0.0.0.0`` said nothing."""
-    from ranksearch.dashboard import make_dashboard_server
+    from ranksearch.inspect.dashboard import make_dashboard_server
 
     url = f"sqlite:///{tmp_path / 'd.db'}"
     optuna.create_study(storage=url, study_name="d")
@@ -166,7 +166,7 @@ def test_each_trial_and_the_study_get_a_readable_note_in_optuna_dashboard(workdi
 
 def test_a_note_names_the_study_and_its_storage_without_the_password():
     """The note said ``ranksearch export --trial 5``: export needs --study-name, so the pasted line failed."""
-    from ranksearch.notes import export_command
+    from ranksearch.inspect.notes import export_command
 
     assert export_command("s", None) == export_command("s", "sqlite:///studies/s.db") == (
         "python -m ranksearch export --study-name s")  # fmt: skip
@@ -179,8 +179,8 @@ def test_a_signal_handler_never_raises_it_flags_and_the_trial_stops_at_its_next_
     callback (the handler raised where it landed), and the worker went on to the end."""
     import signal
 
-    from ranksearch import workers
-    from ranksearch.interrupts import Signals, interruption_point
+    from ranksearch.search import workers
+    from ranksearch.utils.interrupts import Signals, interruption_point
 
     monkeypatch.setattr(Signals, "in_trial", True)
     monkeypatch.setattr(Signals, "pending", False)
@@ -216,7 +216,7 @@ def test_image_names_that_are_no_regular_files_are_named(kind, tmp_path):
     import os
 
     from conftest import write_imagefolder
-    from ranksearch.data import load_dataset
+    from ranksearch.data.datasets import load_dataset
 
     data = write_imagefolder(tmp_path / "data", train_per_class=2, test_per_class=1)
     odd = data / "train" / "class3" / "odd.jpg"
@@ -230,7 +230,7 @@ def test_image_names_that_are_no_regular_files_are_named(kind, tmp_path):
 
 def test_damaged_kept_weights_are_reported_and_the_fine_tune_re_run(workdir, tiny_imagefolder):
     """A damaged kept-weights file (random bytes, a pickle, a dict) gave a traceback at export."""
-    from ranksearch.weights import WeightsStore
+    from ranksearch.study.weights import WeightsStore
 
     run = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "1",
                   "--ranks", "8/32,8/32,8/32,8/32,8/32", cwd=workdir)  # fmt: skip
@@ -249,7 +249,7 @@ def test_a_postgresql_port_that_never_answers_times_out_in_one_line(tmp_path, mo
     """A PostgreSQL URL to a loopback port that accepts and never answers hung silently past 60 s."""
     import socket
 
-    from ranksearch import study as study_module
+    from ranksearch.study import storage as study_module
 
     monkeypatch.setattr(study_module, "CONNECT_TIMEOUT", 2)
     with socket.socket() as silent:
@@ -271,7 +271,7 @@ def test_two_exports_to_one_out_take_turns(workdir, tiny_imagefolder):
     import time
 
     from conftest import REPO
-    from ranksearch.files import folder_lock
+    from ranksearch.utils.files import folder_lock
 
     run = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "1",
                   "--ranks", "8/32,8/32,8/32,8/32,8/32", cwd=workdir)  # fmt: skip
@@ -296,7 +296,7 @@ def test_a_long_cpu_run_says_how_long_after_its_first_trial():
     import datetime
     import io
 
-    from ranksearch.progress import LongRunNote
+    from ranksearch.inspect.progress import LongRunNote
 
     start = datetime.datetime(2026, 12, 1, 12, 0, 0)
 
@@ -326,7 +326,7 @@ def test_an_image_edited_in_place_keeping_size_and_mtime_is_decoded_again(tmp_pa
     from PIL import Image
 
     from conftest import write_imagefolder
-    from ranksearch.data import load_dataset
+    from ranksearch.data.datasets import load_dataset
 
     data = write_imagefolder(tmp_path / "data", train_per_class=2, test_per_class=1)
     image = data / "train" / "class0" / "raw.bmp"  # BMP: raw pixels, so an edit keeps the file's size
@@ -345,7 +345,7 @@ def test_a_storage_that_stops_taking_writes_mid_run_is_one_line(monkeypatch):
     """``studies/`` made unwritable mid-run gave a traceback (the trial stays RUNNING until the heartbeat)."""
     import sqlalchemy
 
-    from ranksearch.workers import Worker, optimize_share
+    from ranksearch.search.workers import Worker, optimize_share
 
     study = optuna.create_study()
 
@@ -360,12 +360,12 @@ def test_a_storage_that_stops_taking_writes_mid_run_is_one_line(monkeypatch):
 def test_a_failure_timing_the_baselines_latency_leaves_no_study(tmp_path, tiny_imagefolder, monkeypatch):
     """``--latency-batch 1000000000``: a 12 TB allocation traceback after the study was created, and the next plain
     run was refused ("exists with directions ..."); the same after Ctrl-C during the baseline's latency timing."""
-    from ranksearch import trial
+    from ranksearch.objectives import latency
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 12000000000000 bytes")
 
-    monkeypatch.setattr(trial, "measure_latency", out_of_memory)
+    monkeypatch.setattr(latency, "measure_latency", out_of_memory)
     result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--objectives",
                      "accuracy,latency", "--latency-batch", "4096", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 2 and "lower --latency-batch" in result.stderr, result.stderr

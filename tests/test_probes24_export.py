@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import SMOKE_CONFIG, run_cli
-from ranksearch.config import Config
+from ranksearch.study.config import Config
 
 DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)
 BASELINE = {"val_accuracy": 0.9, "test_accuracy": 0.9, "macs": 1000, "params": 10}
@@ -49,7 +49,7 @@ def url(tmp_path) -> str:
 def sensitivity_study(url) -> str:
     """A study of sensitivity points, written by ``open_sensitivity`` itself (a baseline only named), with one
     measured point."""
-    from ranksearch.sensitivity import open_sensitivity
+    from ranksearch.search.sensitivity import open_sensitivity
 
     baseline = types.SimpleNamespace(path=Path("baseline.pt"), metrics=lambda: BASELINE)
     study = open_sensitivity(Config(model="vgg16", study_name="smoke", storage=url), baseline)
@@ -172,7 +172,7 @@ def test_only_our_stale_temporaries_of_dead_writers_are_cleared(tmp_path):
     """C2: a kill -9 during the ONNX write left ``.m.onnx.<pid>-<hex>.partial`` for good."""
     import os
 
-    from ranksearch.files import clear_stale_partials
+    from ranksearch.utils.files import clear_stale_partials
 
     dead, live = dead_pid(), os.getpid()
     stale = [tmp_path / f".m.onnx.{dead}-0123abcd.partial", tmp_path / f".m.pt.{dead}-89abcdef.partial"]
@@ -305,7 +305,7 @@ def test_sigterm_during_an_export_says_so_and_leaves_the_earlier_set(two_trials,
 @pytest.mark.slow
 def test_ctrl_c_during_an_export_says_exports_own_message(two_trials, earlier_set, monkeypatch):
     """C1: Ctrl-C printed `run`'s "finished trials are saved: run again to resume"."""
-    from ranksearch import export
+    from ranksearch.deliver import export
 
     def interrupted(*args, **kwargs):
         def write(partial):
@@ -325,8 +325,8 @@ def test_ctrl_c_during_an_export_says_exports_own_message(two_trials, earlier_se
 @pytest.mark.slow
 def test_a_diverging_refine_is_one_line(two_trials, tmp_path, monkeypatch):
     """T: a refine whose loss became NaN ended in a ``TrainingDiverged`` traceback."""
-    from ranksearch import export
-    from ranksearch.train import TrainingDiverged
+    from ranksearch.deliver import export
+    from ranksearch.train.loops import TrainingDiverged
 
     def diverging(*args, **kwargs):
         raise TrainingDiverged("training loss became nan (try a lower learning rate)")

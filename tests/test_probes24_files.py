@@ -12,9 +12,9 @@ import pytest
 from test_dashboard import wsgi_get
 
 from conftest import SMOKE_CONFIG, run_cli
-from ranksearch.dashboard import check_host, is_loopback, make_app, make_dashboard_server
-from ranksearch.errors import UserError
-from ranksearch.weights import WeightsStore, is_weights_id
+from ranksearch.inspect.dashboard import check_host, is_loopback, make_app, make_dashboard_server
+from ranksearch.study.weights import WeightsStore, is_weights_id
+from ranksearch.utils.errors import UserError
 
 RANKS = ("--ranks", "8/32,8/32,8/32,8/32,8/32", "--ranks", "2/32,2/32,2/32,2/32,2/32")
 
@@ -128,7 +128,7 @@ NO_UUIDS = ["../x", "/etc/passwd", "a/b", "..", "", "{0b7e4bd4-2f5c-4c1e-9a57-3c
 @pytest.mark.parametrize("artifact_id", NO_UUIDS)
 def test_an_artifact_id_that_is_no_uuid_reads_and_removes_nothing(tmp_path, artifact_id):
     """The dashboard's store reads and removes only files of the form the weights store writes."""
-    from ranksearch.dashboard import WeightsStores
+    from ranksearch.inspect.dashboard import WeightsStores
 
     folder = tmp_path / "s-weights"
     folder.mkdir()
@@ -234,7 +234,7 @@ def test_a_study_deleted_while_a_run_works_on_it_ends_the_run_in_one_line(where,
 
 def test_weights_of_a_trial_beside_the_database(tmp_path):
     """The folder is derived from the storage: beside a SQLite file; for a server storage, the config's."""
-    from ranksearch.study import weights_folder
+    from ranksearch.study.storage import weights_folder
 
     assert weights_folder(f"sqlite:///{tmp_path}/a/s.db", "s") == tmp_path / "a" / "s-weights"
     assert weights_folder("sqlite:///studies/s.db", "s") == Path("studies/s-weights")

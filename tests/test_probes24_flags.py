@@ -8,9 +8,9 @@ import optuna
 import pytest
 
 from conftest import SMOKE_CONFIG, run_cli
-from ranksearch.budget import canonical_budget
-from ranksearch.config import CONFIG_MAX_BYTES, load_config
-from ranksearch.errors import UserError
+from ranksearch.objectives.budget import canonical_budget
+from ranksearch.study.config import CONFIG_MAX_BYTES, load_config
+from ranksearch.utils.errors import UserError
 
 SMOKE = ("--config", str(SMOKE_CONFIG))
 
@@ -213,8 +213,8 @@ def test_t_a_huge_rate_or_decay_is_refused_before_any_work(tmp_path, tiny_imagef
 
 def test_t_a_diverged_pretraining_is_one_line(tmp_path, tiny_imagefolder, monkeypatch):
     """A rate within the bounds may still diverge on some data: the baseline's TrainingDiverged was a traceback."""
-    from ranksearch import baseline
-    from ranksearch.train import TrainingDiverged
+    from ranksearch.train import baseline
+    from ranksearch.train.loops import TrainingDiverged
 
     def diverge(*args, **kwargs):
         raise TrainingDiverged("training loss became nan (try a lower learning rate)")

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import REPO, SMOKE_CONFIG, run_cli
-from ranksearch.errors import UserError
-from ranksearch.load import load_model
+from ranksearch.deliver.load import load_model
+from ranksearch.utils.errors import UserError
 
 FIXTURES = Path(__file__).parent / "data"
 # A plugin that says when it runs (it appends to MARKER) and registers a model and a cost, so that every command on
@@ -86,8 +86,8 @@ def _one_line_naming_the_plugin(result: subprocess.CompletedProcess) -> None:
 
 
 def test_a_studys_plugin_is_recorded_by_content_and_imported_by_no_command_that_is_not_given_it(marker_study):
-    from ranksearch.dashboard import make_app, study_path
-    from ranksearch.study import load_existing_study
+    from ranksearch.inspect.dashboard import make_app, study_path
+    from ranksearch.study.storage import load_existing_study
 
     study = optuna.load_study(study_name="smoke", storage=marker_study.storage)
     assert study.user_attrs["config"]["plugins"] == [{"name": "marker.py", "sha256": marker_study.digest}]
@@ -152,7 +152,7 @@ def test_an_edited_exports_plugins_are_never_run(marker_study, tmp_path):
     code = f"""
 import json, sys
 from ranksearch import load_model
-from ranksearch.errors import UserError
+from ranksearch.utils.errors import UserError
 seen = {{}}
 for name, path in {paths!r}.items():
     try:

@@ -12,8 +12,8 @@ import optuna
 import pytest
 
 from conftest import REPO, SMOKE_CONFIG, run_cli
-from ranksearch.attrs import FAIL_REASON
-from ranksearch.errors import UserError, shown_url
+from ranksearch.study.attrs import FAIL_REASON
+from ranksearch.utils.errors import UserError, shown_url
 
 SECRET = "secretpw"
 HOSTILE = "<img src=x onerror=alert(1)> [x](javascript:alert(1))"
@@ -69,7 +69,7 @@ def test_run_and_a_missing_study_never_print_the_password(postgres_url, workdir,
 def test_a_failed_trials_note_escapes_the_path_in_its_error():
     """A working folder named like HTML and a ``javascript:`` link, weights unwritable: the failed trial's note
     stored the path verbatim, and optuna-dashboard renders notes as Markdown with HTML."""
-    from ranksearch.notes import export_command, trial_note
+    from ranksearch.inspect.notes import export_command, trial_note
 
     error = f"PermissionError: [Errno 13] Permission denied: '/tmp/{HOSTILE}/studies/smoke-weights/t0.pt'"
     trial = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={FAIL_REASON: error})
@@ -79,7 +79,7 @@ def test_a_failed_trials_note_escapes_the_path_in_its_error():
 
 
 def test_the_study_note_escapes_the_data_and_model_it_names_and_fences_the_config():
-    from ranksearch.notes import study_note
+    from ranksearch.inspect.notes import study_note
 
     config = {"model": HOSTILE, "data_dir": f"/x/```\n{HOSTILE}", "budget": None}
     baseline = {"val_accuracy": 0.5, "test_accuracy": 0.5, "macs": 10, "params": 2}
@@ -105,7 +105,7 @@ def test_a_storage_blocked_by_another_sessions_lock_fails_in_one_line(postgres_u
                                                                       monkeypatch):  # fmt: skip
     """Another session's ``LOCK TABLE trials IN ACCESS EXCLUSIVE MODE``: no output for 90 s (a connect timeout but
     no lock timeout). The lock timeout is lowered to 1 s here; it is ``LOCK_TIMEOUT`` (30 s) for users."""
-    from ranksearch import study as study_module
+    from ranksearch.study import storage as study_module
 
     run = ("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "1",
            "--storage", postgres_url)  # fmt: skip
@@ -128,7 +128,7 @@ def test_a_killed_storage_is_reported_by_its_own_error_not_optunas_max_length_gu
     """PostgreSQL killed mid-run: "invalid data in the commit, e.g. exceeding max length" (Optuna's wrapper)."""
     import sqlalchemy
 
-    from ranksearch.study import storage_failure
+    from ranksearch.study.storage import storage_failure
 
     driver = Exception("consuming input failed: server closed the connection unexpectedly\nThis probably means...")
     try:
@@ -157,7 +157,7 @@ def test_a_16_bit_png_keeps_its_gray_levels(tmp_path):
     import numpy as np
 
     from conftest import write_imagefolder
-    from ranksearch.data import load_dataset
+    from ranksearch.data.datasets import load_dataset
 
     root = write_imagefolder(tmp_path / "data", train_per_class=2, test_per_class=1)
     levels = np.tile(np.arange(32, dtype=np.uint16) * 2048, (32, 1))  # 0 .. 63488 across each row
@@ -174,7 +174,7 @@ def test_a_32_bit_image_is_refused_naming_the_file(tmp_path, dtype, suffix):
     import numpy as np
 
     from conftest import write_imagefolder
-    from ranksearch.data import load_dataset
+    from ranksearch.data.datasets import load_dataset
 
     root = write_imagefolder(tmp_path / "data", train_per_class=2, test_per_class=1)
     pixels = np.random.default_rng(0).random((32, 32)).astype(dtype)
@@ -205,7 +205,7 @@ def test_a_slow_latency_measurement_says_how_far_it_is_and_stops_near_its_limit(
     did not count, and the 10 s were checked after whole rounds of 10 runs)."""
     from torch import nn
 
-    from ranksearch import latency
+    from ranksearch.objectives import latency
 
     clock = _FakeClock(4.0)  # 4 s a forward pass
     monkeypatch.setattr(latency.time, "perf_counter", clock)
@@ -221,7 +221,7 @@ def test_a_slow_latency_measurement_says_how_far_it_is_and_stops_near_its_limit(
 def test_a_fast_latency_measurement_prints_nothing(monkeypatch):
     from torch import nn
 
-    from ranksearch import latency
+    from ranksearch.objectives import latency
 
     clock = _FakeClock(0.001)
     monkeypatch.setattr(latency.time, "perf_counter", clock)
@@ -233,18 +233,17 @@ def test_a_fast_latency_measurement_prints_nothing(monkeypatch):
 
 
 def test_the_trial_latency_meter_prints_its_progress(monkeypatch, capsys):
-    from types import SimpleNamespace
 
     from torch import nn
 
-    from ranksearch import latency, trial
+    from ranksearch.objectives import latency
 
     clock = _FakeClock(6.0)
     monkeypatch.setattr(latency.time, "perf_counter", clock)
-    monkeypatch.setattr(trial, "deployed_form", lambda model, input_shape, device: model)
+    monkeypatch.setattr(latency, "deployed_form", lambda model, input_shape, device: model)
     model = nn.Module()
     model.forward = clock.forward
-    meter = trial.LatencyMeter(SimpleNamespace(latency_batch=4096, decomposition="tucker2"), latency.CPU, model)
+    meter = latency.LatencyMeter(4096, "tucker2", latency.CPU, model)
     assert meter.baseline_ms == 6000.0
     assert "latency at batch 4096: " in capsys.readouterr().out
 
@@ -312,8 +311,8 @@ def test_postgresql_killed_mid_run_is_one_line_with_the_servers_own_error(own_po
 
 
 def test_storage_aside_takes_the_url_off_the_command_line():
-    from ranksearch.config import WORKER_STORAGE_ENV
-    from ranksearch.workers import storage_aside
+    from ranksearch.search.workers import storage_aside
+    from ranksearch.study.config import WORKER_STORAGE_ENV
 
     url = "postgresql+psycopg://rs:secretpw@db/studies"
     for argv in (["run", "--storage", url, "--trials", "4"], ["run", f"--storage={url}", "--trials", "4"]):

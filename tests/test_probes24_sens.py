@@ -117,7 +117,7 @@ def test_a_point_that_failed_is_named_with_its_reason_no_allocations_then_a_reru
 ):
     """W6: the failed count and its reason are true; allocations come from a complete set only (else exit
     non-zero); the next run measures the failed point again."""
-    from ranksearch import sensitivity
+    from ranksearch.search import sensitivity
 
     measure = sensitivity.trial_model
 
@@ -143,7 +143,7 @@ def test_a_point_that_failed_is_named_with_its_reason_no_allocations_then_a_reru
 def test_of_two_copies_of_a_point_started_together_one_yields():
     """W7: two processes that queued one point at the same instant each start a copy; the later-started copy
     yields to the earlier one (whichever checks first), and any copy yields to a measured one."""
-    from ranksearch.sensitivity import counted_elsewhere
+    from ranksearch.search.sensitivity import counted_elsewhere
 
     study = optuna.create_study(direction="maximize")
     for _ in range(2):
@@ -226,7 +226,7 @@ def test_a_trial_that_is_no_queued_point_is_pruned_before_it_measures():
     """W7 (seen on the merged code): when another process took the last queued point between this one's check and
     its ask, the sampler drew a trial with an arbitrary module and rank (off the ladder), which was measured and
     counted as a point."""
-    from ranksearch.sensitivity import PointObjective
+    from ranksearch.search.sensitivity import PointObjective
 
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial({"module": "block1", "rank": 0.5})

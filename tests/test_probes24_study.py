@@ -15,9 +15,9 @@ from test_cli import assert_one_line_error
 from test_join import start_together
 
 from conftest import REPO, SMOKE_CONFIG, run_cli
-from ranksearch.config import Config, load_config
-from ranksearch.errors import UserError
-from ranksearch.study import CLAIM, claim_study, create_or_load, open_storage, record_setup, release_claim
+from ranksearch.study.config import Config, load_config
+from ranksearch.study.storage import CLAIM, claim_study, create_or_load, open_storage, record_setup, release_claim
+from ranksearch.utils.errors import UserError
 
 SMOKE = ("--config", str(SMOKE_CONFIG))
 
@@ -118,8 +118,8 @@ def test_of_two_heartbeats_claimed_at_once_exactly_one_wins(tmp_path):
 
 CLAIM_AND_EXIT = textwrap.dedent("""
     import sys
-    from ranksearch.config import load_config
-    from ranksearch.study import claim_study, create_or_load
+    from ranksearch.study.config import load_config
+    from ranksearch.study.storage import claim_study, create_or_load
 
     config = load_config(sys.argv[1], {"storage": sys.argv[2], "study_name": "smoke", "finetune_steps": 5})
     claim_study(create_or_load(config), config)  # then ends without a trial and without releasing (as kill -9)
@@ -163,16 +163,16 @@ def test_a_claim_with_trials_is_never_reconfigured(tmp_path):
 # moment two runs started together meet. The other run's study is a file the test prepared, moved into place.
 APPEARS = textwrap.dedent("""
     import os
-    import ranksearch.search as search
+    import ranksearch.run as run
 
-    prepare = search.prepare_run
+    prepare = run.prepare_run
 
     def prepare_run(config, worker=None):
         prepared = prepare(config, worker)
         os.replace(os.environ["OTHER_STUDY"], "studies/smoke.db")
         return prepared
 
-    search.prepare_run = prepare_run
+    run.prepare_run = prepare_run
 """)
 
 
@@ -265,8 +265,8 @@ def test_a_study_of_the_release_before_resumes_and_an_older_ones_does_not():
     """0.9.0 changed where weights live and how plugins are recorded, not what a trial measures: a 0.8.0 study
     (plugins recorded by path) resumes; one of 0.1.0 is refused as before."""
     from ranksearch import __version__
-    from ranksearch.config import Config, search_fields
-    from ranksearch.study import setup_mismatch
+    from ranksearch.study.config import Config, search_fields
+    from ranksearch.study.storage import setup_mismatch
 
     config = Config()
     recorded = {"heartbeat_seconds": config.heartbeat_seconds, "config": search_fields(config) | {"plugins": []}}

@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from conftest import REPO, SMOKE_CONFIG, run_cli
-from ranksearch.attrs import FAIL_REASON, RETRY_OF, WEIGHTS_ATTR, WEIGHTS_NOT_KEPT
+from ranksearch.study.attrs import FAIL_REASON, RETRY_OF, WEIGHTS_ATTR, WEIGHTS_NOT_KEPT
 
 UNKEPT_NOTE = "cannot keep trial 1's weights"
 
@@ -126,7 +126,7 @@ def test_a_trial_failed_by_the_heartbeat_says_why_and_its_retry_says_whose(workd
 def test_a_heartbeat_failed_trial_is_not_done_in_its_run():
     """The parent of ``run --workers N`` counts a trial failed by the heartbeat as owed (its retry runs it),
     now that it has a reason, as it counts an interrupted one; a trial that failed by itself is done."""
-    from ranksearch.workers import done_in_run
+    from ranksearch.search.workers import done_in_run
 
     def failed(reason: str | None) -> optuna.trial.FrozenTrial:
         attrs = {"run_id": "r"} | ({FAIL_REASON: reason} if reason else {})
@@ -176,7 +176,7 @@ def test_ctrl_c_during_pretraining_says_what_was_lost_and_leaves_no_lock(tmp_pat
 
 def _take_turns(path, holder, rounds: int, barrier, clashes) -> None:
     """``rounds`` times: hold ``path``'s lock, write this process's id into ``holder``, read it back."""
-    from ranksearch.files import file_lock
+    from ranksearch.utils.files import file_lock
 
     barrier.wait()
     for _ in range(rounds):

@@ -12,13 +12,12 @@ import torch
 from test_probes24_flags import one_line_error
 
 from conftest import SMOKE_CONFIG, run_cli
-from ranksearch.baseline import check_baseline_worth
-from ranksearch.budget import BudgetSampler
-from ranksearch.config import Config
-from ranksearch.errors import UserError
-from ranksearch.progress import TrialProgress
-from ranksearch.report import plot_title
-from ranksearch.search import make_sampler
+from ranksearch.inspect.progress import TrialProgress
+from ranksearch.inspect.report import plot_title
+from ranksearch.search.samplers import BudgetSampler, make_sampler
+from ranksearch.study.config import Config
+from ranksearch.train.baseline import check_baseline_worth
+from ranksearch.utils.errors import UserError
 
 
 @pytest.mark.parametrize("command", ["run", "pretrain"])
@@ -151,12 +150,12 @@ def test_an_interrupted_pretraining_resumes_where_its_kept_epochs_end(tmp_path, 
                                                                       capsys):  # fmt: skip
     """Ctrl-C during pretraining lost every epoch (8.5 h of the full config on a CPU). Now the epochs done are kept,
     and the next command goes on from them to the weights an uninterrupted pretraining gives."""
-    import ranksearch.baseline as baseline_module
-    import ranksearch.train as train_module
-    from ranksearch.baseline import ensure_baseline, train_baseline
-    from ranksearch.config import load_config
-    from ranksearch.data import device_data
-    from ranksearch.interrupts import Interrupted
+    import ranksearch.train.baseline as baseline_module
+    import ranksearch.train.loops as train_module
+    from ranksearch.data.datasets import device_data
+    from ranksearch.study.config import load_config
+    from ranksearch.train.baseline import ensure_baseline, train_baseline
+    from ranksearch.utils.interrupts import Interrupted
 
     config = load_config(SMOKE_CONFIG, {"data_dir": str(tiny_imagefolder), "pretrain_epochs": 4,
                                         "baseline_dir": str(tmp_path / "baselines")})  # fmt: skip
@@ -183,7 +182,7 @@ def test_an_interrupted_pretraining_resumes_where_its_kept_epochs_end(tmp_path, 
 
 
 def test_a_cpu_pretraining_of_hours_says_so_after_its_first_steps():
-    from ranksearch.steps import PaceNote
+    from ranksearch.utils.steps import PaceNote
 
     out, clock = io.StringIO(), {"now": 0.0}
     shown = []
@@ -228,8 +227,8 @@ def test_the_dashboard_shows_the_reports_pareto_plot_and_notes_that_hold_after_t
 
     from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 
-    from ranksearch.attrs import WEIGHTS_ATTR
-    from ranksearch.notes import trial_note
+    from ranksearch.inspect.notes import trial_note
+    from ranksearch.study.attrs import WEIGHTS_ATTR
 
     result = run_cli("run", "--config", str(SMOKE_CONFIG), "--data-dir", str(tiny_imagefolder), "--trials", "2",
                      cwd=workdir)  # fmt: skip
@@ -250,7 +249,7 @@ def test_the_dashboard_shows_the_reports_pareto_plot_and_notes_that_hold_after_t
 
 
 def test_a_budget_plot_draws_the_budget():
-    from ranksearch.report import pareto_figure
+    from ranksearch.inspect.report import pareto_figure
 
     study = optuna.create_study(direction="maximize")
     study.set_user_attr("config", {"budget": "macs=0.2"})
@@ -267,7 +266,7 @@ def test_a_budget_plot_draws_the_budget():
 def test_export_best_names_the_margin_that_takes_the_nearest_trial():
     """`export --trial best` failed on every CPU study (all trials over 1 point below the baseline) and said only
     "raise --max-drop"; the tutorial's "where next" suggested it as it was."""
-    from ranksearch.export import pick_best
+    from ranksearch.deliver.export import pick_best
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.set_user_attr("baseline", {"val_accuracy": 0.40, "test_accuracy": 0.4, "macs": 100, "params": 10})
@@ -284,7 +283,7 @@ def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
     """A download that failed (no network) left an empty data/, though a failed start is said to leave nothing."""
     import torchvision.datasets
 
-    from ranksearch.data import load_dataset
+    from ranksearch.data.datasets import load_dataset
 
     def no_network(root, train, download):
         (Path(root) / "cifar-10-python.tar.gz").touch()  # torchvision opens the archive before the first byte
@@ -298,7 +297,7 @@ def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
 
 def test_a_warm_start_vector_fitted_to_the_budget_says_so(capsys):
     """The sensitivity allocation printed 16/12/8/6/12 and 17/12/8/6/12 was queued, with no word why."""
-    from ranksearch.warmstart import queue_warm_starts
+    from ranksearch.search.warmstart import queue_warm_starts
 
     study = optuna.create_study(direction="maximize")
     config = Config(warm_start=["sensitivity"], budget="macs=0.2", trials=4)
@@ -349,8 +348,8 @@ def test_export_and_delivery_measure_the_speed_up_and_record_it(workdir, tiny_im
 def test_a_strangers_delivery_and_budget_records_print_nothing_they_do_not_hold():
     """The report reads a study that may be anyone's: speed-ups that are no numbers and a budget that is no budget
     leave their words out instead of a traceback."""
-    from ranksearch.latency import speedups_text
-    from ranksearch.report import budget_of
+    from ranksearch.inspect.report import budget_of
+    from ranksearch.objectives.latency import speedups_text
 
     assert speedups_text({"32": 2.79, "1": 4.47}) == ", 4.47x as fast at batch 1, 2.79x at 32"
     assert speedups_text({"1": "os.system('x')", "../x": 1.0, "2": float("nan")}) == ""
@@ -380,7 +379,7 @@ def test_a_trials_user_attrs_each_fit_one_line_of_the_dashboards_trial_page(work
 
 def test_a_latency_is_reused_from_a_trial_that_recorded_its_conv_ranks_either_way():
     """Trials before 0.13.0 recorded ``conv_ranks`` as user attrs: a resumed study still reuses their latency."""
-    from ranksearch.trial import recorded_latency
+    from ranksearch.objectives.latency import recorded_latency
 
     record = ({"features.0": 3, "features.3": 2}, ["features.0"])
     key = json.dumps(record, sort_keys=True)

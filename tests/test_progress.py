@@ -6,8 +6,8 @@ from datetime import datetime, timedelta
 import optuna
 import pytest
 
-from ranksearch.progress import TrialProgress, trial_ranks_text
-from ranksearch.steps import clock_text
+from ranksearch.inspect.progress import TrialProgress, trial_ranks_text
+from ranksearch.utils.steps import clock_text
 
 MODULES = ["block1", "block2", "block3", "block4", "block5"]
 DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)
@@ -113,7 +113,7 @@ def test_a_long_training_in_a_log_prints_a_line_every_30_seconds_and_at_the_end(
     """Pretraining printed nothing for 11 minutes off a terminal (and the refine a line per epoch only)."""
     import torch
 
-    from ranksearch.steps import StepLines
+    from ranksearch.utils.steps import StepLines
 
     now = [0.0]
     lines = StepLines("baseline: pretraining", total=100, clock=lambda: now[0])
@@ -140,7 +140,7 @@ def test_a_bar_only_on_a_terminal_that_has_columns(monkeypatch):
 
     from tqdm import tqdm
 
-    from ranksearch.steps import StepLines, draws_bars, step_progress
+    from ranksearch.utils.steps import StepLines, draws_bars, step_progress
 
     leader, follower = pty.openpty()
     with os.fdopen(follower, "w") as terminal:

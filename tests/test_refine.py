@@ -18,13 +18,21 @@ import torch.nn.functional as F
 
 from conftest import REPO, SMOKE_CONFIG, run_cli
 from ranksearch import decompose, load_model, set_ranks, vgg16_cifar
-from ranksearch import refine as refine_module
 from ranksearch.cli import main
-from ranksearch.config import load_config
-from ranksearch.data import DeviceData, load_dataset
+from ranksearch.data.datasets import DeviceData, load_dataset
+from ranksearch.deliver import refine as refine_module
+from ranksearch.deliver.refine import (
+    RECIPES,
+    RefineRecipe,
+    from_scratch,
+    lr_factor,
+    refine,
+    reinitialised,
+    warmup_steps,
+)
 from ranksearch.models.ranks import module_names
-from ranksearch.refine import RECIPES, RefineRecipe, from_scratch, lr_factor, refine, reinitialised, warmup_steps
-from ranksearch.train import distillation_loss
+from ranksearch.study.config import load_config
+from ranksearch.train.loops import distillation_loss
 
 CONFIG = load_config(SMOKE_CONFIG, {})
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from plotly.io.json import to_json_plotly
 
-from ranksearch.report import pareto_figure, summary, trials_table, write_report
+from ranksearch.inspect.report import pareto_figure, summary, trials_table, write_report
 
 DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)
 MODULES = ["block1", "block2", "block3", "block4", "block5"]

@@ -67,13 +67,13 @@ def test_other_config_is_refused_and_the_study_left_intact(tmp_path, tiny_imagef
 
 def diverge(*args, **kwargs):
     """A fine-tune whose loss became NaN (a finetune_lr of 1e12 did it before rates were bounded to 10)."""
-    from ranksearch.train import TrainingDiverged
+    from ranksearch.train.loops import TrainingDiverged
 
     raise TrainingDiverged("training loss became nan (try a lower learning rate)")
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, tiny_imagefolder, monkeypatch):
-    monkeypatch.setattr("ranksearch.trial.finetune", diverge)
+    monkeypatch.setattr("ranksearch.search.trial.finetune", diverge)
     config = yaml.safe_load(SMOKE_CONFIG.read_text()) | {"study_name": "diverges"}
     (tmp_path / "diverges.yaml").write_text(yaml.safe_dump(config))
     result = run_cli("run", "--config", "diverges.yaml", "--data-dir", str(tiny_imagefolder), cwd=tmp_path)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import SMOKE_CONFIG, run_cli
-from ranksearch.config import Config
-from ranksearch.costs import cost_table
 from ranksearch.decompose import DecomposedLayer
 from ranksearch.models import RANK_STEPS, build_model, rank_modules, set_ranks
-from ranksearch.sensitivity import Point, allocate, ladder, module_options, wanted_points
+from ranksearch.objectives.cost_table import cost_table
+from ranksearch.search.sensitivity import Point, allocate, ladder, module_options, wanted_points
+from ranksearch.study.config import Config
 
 
 def _fake_curves(table, rng, monotone=True):
@@ -71,7 +71,7 @@ def test_the_ladder_skips_ranks_that_leave_a_module_as_it_is():
 
 
 def test_a_point_decomposes_its_module_alone():
-    from ranksearch.trial import decomposed_model
+    from ranksearch.search.trial import decomposed_model
 
     model = build_model("vgg16", width=0.25, num_classes=10)
     only = {name for name, _ in rank_modules(model)["block3"]}
@@ -148,6 +148,6 @@ def test_run_with_workers_measures_the_points_with_its_workers_then_warm_starts(
 
 
 def test_the_point_ladder_steps_are_on_the_grid():
-    from ranksearch.sensitivity import BUDGETS, LADDER_STEPS
+    from ranksearch.search.sensitivity import BUDGETS, LADDER_STEPS
 
     assert all(1 <= k <= RANK_STEPS for k in LADDER_STEPS) and list(BUDGETS) == sorted(BUDGETS, reverse=True)

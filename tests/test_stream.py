@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import SMOKE_CONFIG, run_cli
-from ranksearch.config import Config
-from ranksearch.data import DeviceData, device_data, load_dataset
-from ranksearch.errors import UserError
-from ranksearch.stream import MAPPED_NAME, MappedImages, StreamedData, memory_limit
+from ranksearch.data.datasets import DeviceData, device_data, load_dataset
+from ranksearch.data.stream import MAPPED_NAME, MappedImages, StreamedData, memory_limit
+from ranksearch.study.config import Config
+from ranksearch.utils.errors import UserError
 
 
 @pytest.fixture

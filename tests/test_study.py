@@ -114,7 +114,7 @@ def test_a_corrupt_image_is_named(tmp_path):
 def test_the_exit_code_judges_the_enqueued_trials_too(workdir, tiny_imagefolder, monkeypatch):
     from test_search import diverge
 
-    monkeypatch.setattr("ranksearch.trial.finetune", diverge)
+    monkeypatch.setattr("ranksearch.search.trial.finetune", diverge)
     config = yaml.safe_load(SMOKE_CONFIG.read_text())
     (workdir / "diverges.yaml").write_text(yaml.safe_dump(config))
     result = run_cli(

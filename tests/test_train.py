@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from ranksearch import train as train_module
-from ranksearch.config import CHOICES, Config
-from ranksearch.data import DeviceData, load_dataset
-from ranksearch.train import distillation_loss, finetune, recalibrate_batchnorm
+from ranksearch.data.datasets import DeviceData, load_dataset
+from ranksearch.study.config import CHOICES, Config
+from ranksearch.train import loops as train_module
+from ranksearch.train.loops import distillation_loss, finetune, recalibrate_batchnorm
 
 
 def test_distillation_loss_is_zero_for_identical_logits_and_positive_otherwise():

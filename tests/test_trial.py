@@ -10,15 +10,17 @@ import pytest
 import torch
 
 from conftest import SMOKE_CONFIG
-from ranksearch import count_macs, trial
-from ranksearch.baseline import Baseline
-from ranksearch.config import load_config
-from ranksearch.data import DeviceData, load_dataset
-from ranksearch.latency import PAIRED_ROUNDS
+from ranksearch import count_macs
+from ranksearch.data.datasets import DeviceData, load_dataset
+from ranksearch.inspect.report import trials_table, write_report
 from ranksearch.models import vgg16_cifar
-from ranksearch.report import trials_table, write_report
-from ranksearch.search import make_sampler, sampler_seed
-from ranksearch.weights import WeightsStore
+from ranksearch.objectives import latency
+from ranksearch.objectives.latency import PAIRED_ROUNDS
+from ranksearch.search import trial
+from ranksearch.search.samplers import make_sampler, sampler_seed
+from ranksearch.study.config import load_config
+from ranksearch.study.weights import WeightsStore
+from ranksearch.train.baseline import Baseline
 
 DIRECTIONS = ["maximize", "minimize"]
 MODULES = ["block1", "block2", "block3", "block4", "block5"]
@@ -136,10 +138,11 @@ def test_latency_is_timed_beside_the_baseline_so_that_load_cancels(monkeypatch):
     def fake_measure(model, **kwargs):
         return types.SimpleNamespace(median_ms=true_ms[model.name] * load["factor"])
 
-    monkeypatch.setattr(trial, "measure_latency", fake_measure)
-    monkeypatch.setattr(trial, "deployed_form", lambda model, input_shape, device: model)
+    monkeypatch.setattr(latency, "measure_latency", fake_measure)
+    monkeypatch.setattr(latency, "deployed_form", lambda model, input_shape, device: model)
     config = load_config(SMOKE_CONFIG, {"objectives": ["accuracy", "latency"]})
-    meter = trial.LatencyMeter(config, torch.device("cpu"), types.SimpleNamespace(name="baseline"))
+    meter = latency.LatencyMeter(config.latency_batch, config.decomposition, torch.device("cpu"),
+                                 types.SimpleNamespace(name="baseline"))
     load["factor"] = 3.0
     assert meter.baseline_ms == 4.0 and meter.measure(types.SimpleNamespace(name="model")) == pytest.approx(2.0)
 
@@ -151,13 +154,13 @@ def test_latency_objective_is_measured_once_per_architecture(setup, trainings, m
     config, data, baseline = setup
     config = dataclasses.replace(config, objectives=["accuracy", "macs", "latency"])
     timed = []
-    real = trial.measure_latency
+    real = latency.measure_latency
 
     def counted(model, **kwargs):
         timed.append(model)
         return real(model, max_seconds=0.5, **kwargs)
 
-    monkeypatch.setattr(trial, "measure_latency", counted)
+    monkeypatch.setattr(latency, "measure_latency", counted)
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     first, same_layers, other = dict(RANKS), dict(RANKS), dict(RANKS)
     first["rank_block1"], same_layers["rank_block1"], other["rank_block5"] = 1 / 32, 3 / 32, 5 / 32

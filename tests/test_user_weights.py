@@ -14,13 +14,13 @@ from torchvision import transforms
 
 from conftest import SMOKE_CONFIG, run_cli
 from ranksearch import load_model
-from ranksearch.data import DeviceData, load_dataset
-from ranksearch.errors import UserError
-from ranksearch.inputs import CIFAR_MEAN, CIFAR_STD
+from ranksearch.data.datasets import DeviceData, load_dataset
+from ranksearch.data.inputs import CIFAR_MEAN, CIFAR_STD
 from ranksearch.models import build_model
-from ranksearch.study import other_weights
-from ranksearch.train import evaluate
-from ranksearch.user_weights import fitted, read_weights
+from ranksearch.models.user_weights import fitted, read_weights
+from ranksearch.study.storage import other_weights
+from ranksearch.train.loops import evaluate
+from ranksearch.utils.errors import UserError
 
 RESNET18 = ("--model", "torchvision:resnet18", "--width", "1")  # the smoke config's width is VGG's
 
@@ -214,7 +214,7 @@ def test_normalize_sets_the_inputs_mean_and_std_as_the_weights_were_trained(tmp_
 
 
 def test_a_study_records_a_normalization_other_than_auto():
-    from ranksearch.config import Config, baseline_key, search_fields
+    from ranksearch.study.config import Config, baseline_key, search_fields
 
     assert "normalize" not in search_fields(Config())  # studies before it resume
     assert search_fields(Config(normalize="imagenet"))["normalize"] == "imagenet"

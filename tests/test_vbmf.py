@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ranksearch.vbmf import evbmf, tucker2_vbmf_ranks
+from ranksearch.decompose.vbmf import evbmf, tucker2_vbmf_ranks
 
 SIGMA = 0.1  # noise standard deviation per entry
 

@@ -7,14 +7,11 @@ import pytest
 import torch
 
 from conftest import SMOKE_CONFIG, run_cli
-from ranksearch import warmstart
-from ranksearch.baseline import new_model
 from ranksearch.cli import _ranks_report, main
-from ranksearch.config import load_config
 from ranksearch.decompose import tucker2_ranks
-from ranksearch.errors import UserError
 from ranksearch.models import RANK_GRID, build_model, rank_modules
-from ranksearch.warmstart import (
+from ranksearch.search import warmstart
+from ranksearch.search.warmstart import (
     LayerEstimate,
     VBMFRanks,
     clip_ranks,
@@ -27,6 +24,9 @@ from ranksearch.warmstart import (
     vbmf_ranks,
     warm_start_vectors,
 )
+from ranksearch.study.config import load_config
+from ranksearch.train.baseline import new_model
+from ranksearch.utils.errors import UserError
 
 SMOKE = ("--config", str(SMOKE_CONFIG))
 MODULES = ["block1", "block2", "block3", "block4", "block5"]

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from torch import nn
 
-from ranksearch.weights import WeightsStore, dominated
+from ranksearch.study.weights import WeightsStore, dominated
 
 DIRECTIONS = ["maximize", "minimize"]
 DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)

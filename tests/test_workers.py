@@ -11,8 +11,8 @@ import pytest
 from test_study import SMOKE, load
 
 from conftest import REPO
-from ranksearch.attrs import INTERRUPTED, RETRY_OF
-from ranksearch.workers import Worker, _env, done_in_run, requeue_interrupted, shares, worker_threads
+from ranksearch.search.workers import Worker, _env, done_in_run, requeue_interrupted, shares, worker_threads
+from ranksearch.study.attrs import INTERRUPTED, RETRY_OF
 
 MODULES = ["block1", "block2", "block3", "block4", "block5"]
 DIST = optuna.distributions.FloatDistribution(1 / 32, 1, step=1 / 32)
@@ -152,7 +152,7 @@ def test_a_queued_trial_another_worker_took_at_the_same_instant_is_not_counted(c
     """SQLite's queue can hand one WAITING trial to two workers; the one that tells second goes on with the next,
     whether the other told before its tell began (Optuna: "Cannot tell a COMPLETE trial") or while it ran
     (UpdateFinishedTrialError: in CI this killed a sensitivity worker, and its share of the points went unmeasured)."""
-    from ranksearch.workers import Worker, optimize_share
+    from ranksearch.search.workers import Worker, optimize_share
 
     study = optuna.create_study()
     for x in (1.0, 2.0, 3.0):
@@ -186,7 +186,7 @@ def test_trials_still_owed_when_the_workers_ended_get_one_more_worker(monkeypatc
     """A worker that crashed with an error (exit 1), or trials left queued when both ended well (two workers told
     one queued trial, and it was counted twice), leave trials owed: one more worker runs them. A user's mistake
     (exit 2) is the same in every worker, so none is started for it."""
-    from ranksearch import workers
+    from ranksearch.search import workers
 
     quotas = []
 

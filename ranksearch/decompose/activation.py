@@ -1,5 +1,5 @@
 """Data-aware factors (the ``activation`` method): chosen to reproduce a layer's outputs on real inputs, not its
-weights, from the second moments of its input and output channels (``ranksearch.activations``).
+weights, from the second moments of its input and output channels (``ranksearch.decompose.statistics``).
 
 With Sigma = E[x x^T] over the layer's input channels and S its symmetric square root, the output error of an input
 projection P, E ||W (x - P x)||^2, is ||G (I - P) S||_F^2 where G^T G = the weight's input-mode Gram matrix (exact for

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..plugins import same_definition
+from ..utils.plugins import same_definition
 
 
 class DecompositionError(ValueError):
@@ -139,7 +139,7 @@ class DecomposedLayer(nn.Module):
     @classmethod
     def data_aware_basis(cls, layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor):
         """What the ``activation`` method truncates for ``layer``, from the second moments of its input and output
-        channels (``ranksearch.activations``); computed once per layer of the baseline."""
+        channels (``ranksearch.decompose.statistics``); computed once per layer of the baseline."""
         raise NotImplementedError
 
     @classmethod

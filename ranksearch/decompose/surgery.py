@@ -78,7 +78,7 @@ def decompose(
 
 def data_aware_bases(model: nn.Module, statistics: dict, decomposition: str = "tucker2") -> dict:
     """What the "activation" method truncates, by layer name: each undecomposed rank-carrying layer's method's
-    ``data_aware_basis`` from its ``statistics`` (``ranksearch.activations.layer_statistics``)."""
+    ``data_aware_basis`` from its ``statistics`` (``ranksearch.decompose.statistics.layer_statistics``)."""
     bases = {}
     for name, layer in rank_layers(model):
         method = None if isinstance(layer, DecomposedLayer) else method_for(layer, decomposition)
@@ -164,3 +164,14 @@ def decomposed_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Ten
     _check_fits(model, state_dict)
     model.load_state_dict(state_dict)
     return model
+
+
+def conv_ranks(model: nn.Module, decomposition: str = "tucker2") -> tuple[dict[str, int], list[str]]:
+    """Integer rank of every rank-carrying layer (Tucker-2's R, CP's or SVD's rank), and the layers kept
+    undecomposed, of a decomposed ``model``."""
+    ranks, kept = {}, []
+    for name, layer in rank_layers(model):
+        ranks[name] = integer_rank(layer, decomposition)
+        if not isinstance(layer, DecomposedLayer):
+            kept.append(name)
+    return ranks, kept

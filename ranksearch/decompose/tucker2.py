@@ -124,7 +124,8 @@ def factorize(
         return tucker2_factors(weight, rank_in, rank_out)
     if method == "activation":
         if not isinstance(bases, Tucker2Basis):
-            raise ValueError("the activation method needs the conv's data-aware basis (ranksearch.activations)")
+            raise ValueError("the activation method needs the conv's data-aware basis "
+                             "(ranksearch.decompose.statistics)")
         return tucker2_truncated(weight, bases, min(rank_in, weight.shape[1]), min(rank_out, weight.shape[0]))
     if method not in METHODS:
         raise ValueError(f"unknown decomposition method {method!r}; choose one of {', '.join(METHODS)}")

@@ -7,7 +7,8 @@ its registry name (``ranksearch_name``) and grouping rule (``ranksearch_grouping
 decomposed copies keep; a model rebuilt from a state_dict is built here first.
 
 A family file registers its models when imported: the package's own are imported in one place
-(``ranksearch/models/__init__.py``); a user's is a plugin file (``--plugin my_models.py``, see ``ranksearch.plugins``).
+(``ranksearch/models/__init__.py``); a user's is a plugin file (``--plugin my_models.py``, see
+``ranksearch.utils.plugins``).
 """
 
 import difflib
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..plugins import same_definition
+from ..utils.plugins import same_definition
 from .ranks import Grouping, attach_rank_buffers, top_level_children
 
 
