@@ -44,6 +44,7 @@ def run_search(
     with contextlib.ExitStack() as on_exit:
         return _run_search(config, argv, worker, on_exit)
 
+
 def _run_search(
     config: Config, argv: list[str] | None, worker: Worker | None, on_exit: contextlib.ExitStack
 ) -> tuple[optuna.Study, list[optuna.trial.FrozenTrial]]:

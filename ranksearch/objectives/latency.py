@@ -220,20 +220,21 @@ def measured_speed(model: nn.Module, baseline: nn.Module | None, input_shape: tu
     return speed
 
 
-COMPLETE = optuna.trial.TrialState.COMPLETE
-
-
 # ----- the trials' latency: measured once per architecture, beside the baseline -----
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
 
 # Trial system attrs (user attrs before 0.13.0): every conv's integer rank (conv name -> R) and the convs kept
 # undecomposed. They are system attrs because optuna-dashboard lists a trial's user attrs one to a line, unwrapped:
 # VGG16's 13 ranks made that line 330 characters, wider than a 1400-pixel window.
 CONV_RANKS, KEPT_CONVS = "conv_ranks", "kept_convs"
 
+
 def record_conv_ranks(trial: optuna.Trial, integer_ranks: dict[str, int], kept: list[str]) -> None:
     """Record a trial's ``conv_ranks`` (``CONV_RANKS``, ``KEPT_CONVS``) as its system attrs."""
     for key, value in ((CONV_RANKS, integer_ranks), (KEPT_CONVS, kept)):
         trial.storage.set_trial_system_attr(trial._trial_id, key, value)
+
 
 def recorded_conv_ranks(trial: optuna.trial.FrozenTrial) -> tuple[dict[str, int], list[str]] | None:
     """The ``conv_ranks`` a finished trial recorded: in its system attrs, or its user attrs (before 0.13.0); None
@@ -243,10 +244,12 @@ def recorded_conv_ranks(trial: optuna.trial.FrozenTrial) -> tuple[dict[str, int]
             return attrs[CONV_RANKS], attrs[KEPT_CONVS]
     return None
 
+
 def architecture(model: nn.Module, decomposition: str = "tucker2") -> str:
     """What a model's latency depends on: every conv's integer rank and which convs are kept (rank vectors that
     round to the same integer ranks give the same layers)."""
     return json.dumps(conv_ranks(model, decomposition), sort_keys=True)
+
 
 def recorded_latency(study: optuna.Study | None, key: str) -> float | None:
     """The latency a COMPLETE trial of ``study`` (None: a study not written yet) measured for the architecture
@@ -259,8 +262,10 @@ def recorded_latency(study: optuna.Study | None, key: str) -> float | None:
             return t.user_attrs["latency_ms"]
     return None
 
+
 def _say(line: str) -> None:
     print(line, flush=True)
+
 
 class LatencyMeter:
     """Median latency (ms) at ``latency_batch`` on the trial device of a model's deployed form (BatchNorm folded,

@@ -36,6 +36,7 @@ def nsga2_population(trials: int) -> int:
     (at Optuna's 50, a 40-trial run never leaves its random first one)."""
     return min(50, max(8, trials // 5))
 
+
 def make_sampler(
     config: Config, fit: Callable[[list[float]], list[float]] | None = None, space: dict | None = None
 ) -> optuna.samplers.BaseSampler:
@@ -59,6 +60,7 @@ def make_sampler(
 
     seeded = TrialSeeded(base, config.seed)
     return BudgetSampler(seeded, space or {}, fit or list, seed=config.seed)
+
 
 class TrialSeeded(optuna.samplers.BaseSampler):
     """Draws trial ``n`` with a new sampler seeded by (seed, n). The storage numbers a study's trials one by one, so
@@ -92,6 +94,7 @@ class TrialSeeded(optuna.samplers.BaseSampler):
     def reseed_rng(self):
         self.base.reseed_rng()
 
+
 def sampler_seed(seed: int, trial_number: int) -> int:
     """A seed in 0..2**32-1 from sha256 (stable across processes and Python versions, unlike ``hash``)."""
     text = json.dumps([seed, trial_number])
@@ -102,8 +105,10 @@ def on_grid(value: float, low: float, high: float) -> float:
     """``value`` rounded down to the 1/32 grid, within [low, high]."""
     return min(high, max(low, math.floor(value * RANK_STEPS + 1e-9) / RANK_STEPS))
 
+
 def scaled(shares: Sequence[float], factor: float, low: float, high: float) -> list[float]:
     return [on_grid(share * factor, low, high) for share in shares]
+
 
 def step_factors(shares: Sequence[float], low: float, high: float) -> list[float]:
     """The multiples at which some module's rank steps up, in order (from all at ``low`` to all at ``high``)."""
@@ -113,11 +118,13 @@ def step_factors(shares: Sequence[float], low: float, high: float) -> list[float
             factors |= {k / RANK_STEPS / share for k in range(1, RANK_STEPS + 1) if low <= k / RANK_STEPS <= high}
     return sorted(factors)
 
+
 def within_spread(ranks: Sequence[float], spread: float, low: float, high: float) -> list[float]:
     """``ranks`` with each raised to at least 1/``spread`` of the largest (rounded up to the grid), within [low,
     high]: no module starved while the others are high (``rank_spread``; ``RANK_STEPS`` or more: no limit)."""
     floor = math.ceil(max(ranks) / spread * RANK_STEPS - 1e-9) / RANK_STEPS
     return [min(high, max(rank, floor, low)) for rank in ranks]
+
 
 def fit_to_budget(shares: Sequence[float], ratio_of: Callable[[list[float]], float], budget: float, low: float,
                   high: float, spread: float = RANK_STEPS) -> list[float] | None:  # fmt: skip
@@ -136,8 +143,10 @@ def fit_to_budget(shares: Sequence[float], ratio_of: Callable[[list[float]], flo
             hi = middle - 1
     return candidates[lo]
 
+
 TAKEN = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.COMPLETE,
          optuna.trial.TrialState.PRUNED)  # a vector in one of these is being trained, queued or known
+
 
 REDRAWS = 16  # random redraws of a vector another trial has, before the proposal is kept (a space nearly used up)
 
@@ -186,9 +195,11 @@ class BudgetSampler(optuna.samplers.BaseSampler):
     def reseed_rng(self):
         self.base.reseed_rng()
 
+
 def grid_key(ranks: Sequence[float]) -> tuple[int, ...]:
     """A rank vector as its grid steps (k of k/32): equal vectors compare equal however their floats were made."""
     return tuple(round(r * RANK_STEPS) for r in ranks)
+
 
 def taken_vectors(study: optuna.Study, trial: optuna.trial.FrozenTrial, names: list[str]) -> set[tuple[int, ...]]:
     """The rank vectors (``grid_key``) of the study's other trials that are running, queued or finished."""
@@ -199,10 +210,12 @@ def taken_vectors(study: optuna.Study, trial: optuna.trial.FrozenTrial, names: l
             taken.add(grid_key([params[name] for name in names]))
     return taken
 
+
 def random_on_grid(distribution: optuna.distributions.FloatDistribution, rng: np.random.Generator) -> float:
     """A value drawn uniformly from ``distribution``'s grid (low, low + step, ..., high)."""
     count = round((distribution.high - distribution.low) / distribution.step) + 1
     return distribution.low + distribution.step * int(rng.integers(count))
+
 
 class RungPruner(optuna.pruners.BasePruner):
     """Successive halving over the rungs (asynchronous, as ASHA): at the end of a rung but the last, a trial goes
@@ -228,6 +241,7 @@ class RungPruner(optuna.pruners.BasePruner):
                   if t.number != trial.number and step in t.intermediate_values]  # fmt: skip
         allowed = max(self.keep, (len(others) + 1) // self.factor)
         return sum(sign * other > sign * value for other in others) >= allowed
+
 
 def make_pruner(
     name: str, marks: list[int], factor: int = REDUCTION_FACTOR, keep: int = 2
