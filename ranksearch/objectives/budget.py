@@ -6,6 +6,7 @@ trials: ``ranksearch.search.samplers``."""
 import math
 
 from ..utils.errors import UserError
+from .registry import BUILT_IN
 
 REDUCTION_FACTOR = 3  # each rung has this many times the steps of the one before; about 1/3 of trials go on
 RUNGS = 3  # rungs by default: finetune_steps x 1, 3, 9 (max_finetune_steps unset)
@@ -13,8 +14,6 @@ RUNGS = 3  # rungs by default: finetune_steps x 1, 3, 9 (max_finetune_steps unse
 
 def parse_budget(text: str) -> tuple[str, float]:
     """``macs=0.1`` as ("macs", 0.1): a cost and a fraction of the baseline's, in (0, 1]."""
-    from .registry import BUILT_IN
-
     name, sep, value = text.partition("=")
     try:
         ratio = float(value)

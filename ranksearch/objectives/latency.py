@@ -1,7 +1,9 @@
 """Inference latency of a model, measured until its median settles: warm-up, then rounds of timed forward passes.
 
 ``measure_latency`` gives milliseconds per forward pass of a whole batch; ``latency_device`` says where it was
-measured (latencies from different machines or thread counts do not compare).
+measured (latencies from different machines or thread counts do not compare). ``speed_against`` times a model
+beside the baseline for an export or a delivery; ``LatencyMeter`` times each trial's architecture once, beside the
+baseline, for the search.
 """
 
 import contextlib
@@ -232,7 +234,7 @@ CONV_RANKS, KEPT_CONVS = "conv_ranks", "kept_convs"
 
 def record_conv_ranks(trial: optuna.Trial, integer_ranks: dict[str, int], kept: list[str]) -> None:
     """Record a trial's ``conv_ranks`` (``CONV_RANKS``, ``KEPT_CONVS``) as its system attrs."""
-    for key, value in ((CONV_RANKS, integer_ranks), (KEPT_CONVS, kept)):
+    for key, value in ((CONV_RANKS, integer_ranks), (KEPT_CONVS, kept)):  # Optuna 5 has no Trial.set_system_attr
         trial.storage.set_trial_system_attr(trial._trial_id, key, value)
 
 

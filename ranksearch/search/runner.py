@@ -99,7 +99,7 @@ def budget_ratio_of(config: Config, baseline: Baseline, table: CostTable, meter:
 
 
 def spread_fit(config: Config) -> Callable[[list[float]], list[float]]:
-    """A drawn vector -> the same within the config's rank spread (``budget.within_spread``)."""
+    """A drawn vector -> the same within the config's rank spread (``samplers.within_spread``)."""
     return lambda ranks: within_spread(ranks, config.rank_spread, config.rank_min, config.rank_max)
 
 

@@ -46,7 +46,7 @@ def make_sampler(
     workers' running trials as bad, so that workers spread out rather than crowd one region. In budget mode
     (``fit``: a vector scaled to the budget; ``space``: the rank params), every draw is fitted to the budget, and
     otherwise brought within the rank spread; either way a vector another trial has (running, queued or finished)
-    is redrawn (``budget.BudgetSampler``)."""
+    is redrawn (``BudgetSampler``)."""
 
     def base(seed: int) -> optuna.samplers.BaseSampler:
         if config.sampler == "nsga2":

@@ -15,7 +15,8 @@ failed, waiting for those another process holds; allocations come from a complet
 An **allocation** for a budget (a fraction of the baseline's MACs or params) is the rank vector, one ladder rank
 per module, that loses the least val accuracy under the additive model (the sum of the modules' single drops)
 with its cost within the budget: a multiple-choice knapsack, solved exactly by dynamic programming over the
-modules (``allocate``). Costs come from the exact cost table (``costs``).
+modules (``allocate``). Costs come from the exact cost table
+(``ranksearch.objectives.cost_table``).
 """
 
 import dataclasses
@@ -44,7 +45,7 @@ from ..utils.errors import UserError, shown_url
 from ..utils.files import atomic_write, check_writable
 from ..utils.interrupts import Signals
 from ..utils.steps import clock_text
-from .trial import trial_model
+from .trial import trial_model, with_fail_reason
 from .workers import Worker, new_run, optimize_share, run_workers
 
 LADDER_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24)  # the ranks k/32 each module is measured at (then rank_max)
@@ -129,13 +130,7 @@ class PointObjective:
         self.layers = {module: {name for name, _ in pairs} for module, pairs in modules.items()}
 
     def __call__(self, trial: optuna.Trial) -> float:
-        try:
-            return self._measure(trial)
-        except optuna.TrialPruned:
-            raise
-        except Exception as error:
-            trial.set_user_attr(FAIL_REASON, f"{type(error).__name__}: {error}")
-            raise
+        return with_fail_reason(trial, self._measure)
 
     def _measure(self, trial: optuna.Trial) -> float:
         config, table = self.config, self.table

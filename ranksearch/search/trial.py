@@ -1,5 +1,5 @@
 """What one trial does: decompose the baseline at the trial's ranks, fine-tune briefly, measure (val accuracy, MACs).
-In budget mode the fine-tune goes on in rungs, the pruner deciding after each whether it goes on (``budget``).
+In budget mode the fine-tune goes on in rungs, the pruner deciding after each whether it goes on (``samplers``).
 
 Ranks that a COMPLETE trial of the study already has are not trained again: the trial copies that trial's result.
 Export re-runs a trial through the same functions (``trial_model``, ``trial_seed``).
@@ -69,6 +69,18 @@ def copy_result(trial: optuna.Trial, original: optuna.trial.FrozenTrial) -> list
     trial.set_user_attr(COPIED_FROM, original.number)
     trial.set_user_attr(TRAINED_STEPS, 0)  # what the search paid for it
     return list(original.values)
+
+
+def with_fail_reason(trial: optuna.Trial, measure):
+    """``measure(trial)``; an error other than pruning is recorded as the trial's ``FAIL_REASON``, then raised (the
+    trial fails and the study goes on)."""
+    try:
+        return measure(trial)
+    except optuna.TrialPruned:
+        raise
+    except Exception as error:
+        trial.set_user_attr(FAIL_REASON, f"{type(error).__name__}: {error}")
+        raise
 
 
 def decomposed_model(
@@ -196,13 +208,7 @@ class Objective:
                   "writable to keep those of later trials", file=sys.stderr, flush=True)  # fmt: skip
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
-        try:
-            return self._measure(trial)
-        except optuna.TrialPruned:
-            raise
-        except Exception as error:
-            trial.set_user_attr(FAIL_REASON, f"{type(error).__name__}: {error}")
-            raise
+        return with_fail_reason(trial, self._measure)
 
     def _measure(self, trial: optuna.Trial) -> list[float]:
         config, base, device = self.config, self.baseline, self.data.device

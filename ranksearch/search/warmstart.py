@@ -20,7 +20,7 @@ An estimate of 0 (VBMF found only noise) never reaches a layer: it counts as 1, 
 **Sensitivity allocations.** The least-loss rank vector under the additive model for each of a ladder of budgets
 (``ranksearch.search.sensitivity``), measured first when the study's points are missing.
 
-In budget mode every vector is scaled to the budget's boundary (``budget.fit_to_budget``).
+In budget mode every vector is scaled to the budget's boundary (``samplers.fit_to_budget``).
 
 Both are clipped into the config's [rank_min, rank_max] (the VBMF point) or skipped outside it (the sweep), and
 ``enqueue_warm_starts`` queues the vectors the study does not hold yet.

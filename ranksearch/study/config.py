@@ -148,8 +148,8 @@ class Config:
         return parse_budget(self.budget)[0]
 
     def rung_steps(self) -> list[int]:
-        """The fine-tune's step counts at the end of each rung (``budget.rungs``): budget mode's rungs, else the
-        fine-tune alone."""
+        """The fine-tune's step counts at the end of each rung (``objectives.budget.rungs``): budget mode's rungs, else
+        the fine-tune alone."""
         if self.budget is None:
             return [self.finetune_steps]
         return rungs(self.finetune_steps, self.max_finetune_steps, self.reduction_factor)
