@@ -393,3 +393,8 @@ def test_a_latency_is_reused_from_a_trial_that_recorded_its_conv_ranks_either_wa
     study.add_trial(new)
     assert recorded_latency(study, key) == 4.0
     assert recorded_latency(study, json.dumps(({"features.0": 3, "features.3": 1}, ["features.0"]))) is None
+    study = optuna.create_study()  # a stranger's record without kept_convs first: compared, never a KeyError
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"latency_ms": 1.0},
+                                              system_attrs={"conv_ranks": "x"}))  # fmt: skip
+    study.add_trial(new)
+    assert recorded_latency(study, key) == 4.0

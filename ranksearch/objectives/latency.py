@@ -240,10 +240,10 @@ def record_conv_ranks(trial: optuna.Trial, integer_ranks: dict[str, int], kept: 
 
 def recorded_conv_ranks(trial: optuna.trial.FrozenTrial) -> tuple[dict[str, int], list[str]] | None:
     """The ``conv_ranks`` a finished trial recorded: in its system attrs, or its user attrs (before 0.13.0); None
-    if it recorded none (a failed trial)."""
+    if it recorded none (a failed trial). A stranger's study may hold anything there: it is only compared."""
     for attrs in (trial.system_attrs, trial.user_attrs):
         if CONV_RANKS in attrs:
-            return attrs[CONV_RANKS], attrs[KEPT_CONVS]
+            return attrs[CONV_RANKS], attrs.get(KEPT_CONVS)
     return None
 
 
